@@ -1,0 +1,223 @@
+"""One typed settings object for every gokiq process.
+
+Values come from defaults, then `gokiq.yml` (path from `--config` or `GOKIQ_CONFIG`), then the
+environment. Each field's environment variable is `GOKIQ_<FIELD>` except the three that other
+tools already name (`REDIS_URL`, `CELERY_BROKER_URL`, and Sidekiq's `REDIS_URL` is shared).
+Everything is validated at start-up; a bad value raises `ConfigError` naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A setting is missing or has a value gokiq cannot use."""
+
+
+@dataclass(frozen=True)
+class QueueSpec:
+    """One Sidekiq queue and its weight, as in `sidekiq -q name,weight`."""
+
+    name: str
+    weight: int = 0
+
+
+# Fields whose environment variable is not simply GOKIQ_<NAME>.
+_ENV_NAMES = {"redis_url": "REDIS_URL", "celery_broker_url": "CELERY_BROKER_URL"}
+
+
+@dataclass(frozen=True)
+class Settings:
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    celery_broker_url: str = ""  # empty: Sidekiq's Redis server, next db number
+    sidecar_url: str = "http://127.0.0.1:7433"
+    sidecar_token: str = field(default="", repr=False)
+    sidecar_connect_timeout: float = 2.0
+    job_timeout: float = 600.0  # read timeout of one /jobs/execute call
+    queues: tuple[QueueSpec, ...] = (QueueSpec("default"),)
+    strict: bool = False
+    queue_map: Mapping[str, str] = field(default_factory=dict)  # Sidekiq queue -> Celery queue
+    sidekiq_version: int = 7
+    max_retries: int = 25
+    max_celery_countdown: float = 300.0
+    dead_max_jobs: int = 10_000
+    dead_timeout_in_seconds: int = 15_552_000
+    breaker_fail_max: int = 5
+    breaker_reset_timeout: float = 30.0
+    worker_concurrency: int = 20
+    max_pending: int = 0  # 0: derived from worker_concurrency
+    publish_batch_size: int = 100
+    scheduler_poll_interval: float = 0.25
+    bridge_heartbeat_ttl: float = 30.0
+    bridge_recovery_interval: float = 30.0
+    bridge_metrics_port: int = 9478
+    bridge_bind: str = "127.0.0.1"
+    log_level: str = "INFO"
+    log_format: str = "json"
+
+    @property
+    def broker_url(self) -> str:
+        return self.celery_broker_url or _next_db(self.redis_url)
+
+    @property
+    def pending_limit(self) -> int:
+        return self.max_pending or 2 * self.worker_concurrency
+
+    def celery_queue(self, sidekiq_queue: str) -> str:
+        return self.queue_map.get(sidekiq_queue, sidekiq_queue)
+
+    def __post_init__(self) -> None:
+        _validate(self)
+
+
+def load_settings(
+    config_path: str | os.PathLike[str] | None = None,
+    environ: Mapping[str, str] | None = None,
+    **overrides: Any,
+) -> Settings:
+    """Defaults < YAML file < environment < explicit overrides (command-line flags)."""
+    environ = os.environ if environ is None else environ
+    path = config_path or environ.get("GOKIQ_CONFIG")
+    values: dict[str, Any] = _read_yaml(Path(path)) if path else {}
+    for f in dataclasses.fields(Settings):
+        env_name = _ENV_NAMES.get(f.name, f"GOKIQ_{f.name.upper()}")
+        if environ.get(env_name, "") != "":
+            values[f.name] = environ[env_name]
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return Settings(**{name: _coerce(name, raw) for name, raw in values.items()})
+
+
+def parse_queues(text: str | list[Any]) -> tuple[QueueSpec, ...]:
+    """`"critical,3 default,1"` (or a YAML list of `name` / `[name, weight]`) -> QueueSpecs."""
+    items = text.replace(";", " ").split() if isinstance(text, str) else text
+    specs = []
+    for item in items:
+        if isinstance(item, list | tuple):
+            name, weight = (item[0], item[1] if len(item) > 1 else 0)
+        else:
+            name, _, weight = str(item).partition(",")
+        name = str(name).strip()
+        if not name or ":" in name or " " in name:
+            raise ConfigError(f"queues: bad queue name {name!r} in {text!r}")
+        try:
+            weight = int(weight or 0)
+        except ValueError:
+            raise ConfigError(f"queues: weight of {name!r} must be an integer") from None
+        if weight < 0:
+            raise ConfigError(f"queues: weight of {name!r} must be >= 0")
+        specs.append(QueueSpec(name, weight))
+    if not specs:
+        raise ConfigError("queues: at least one queue is required")
+    return tuple(specs)
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except OSError as exc:
+        raise ConfigError(f"config file {path}: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path}: not valid YAML ({exc})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path}: must be a mapping of setting: value")
+    known = {f.name for f in dataclasses.fields(Settings)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"config file {path}: unknown setting(s) {', '.join(unknown)}")
+    return data
+
+
+def _coerce(name: str, raw: Any) -> Any:
+    kind = Settings.__dataclass_fields__[name].type
+    try:
+        if name == "queues":
+            return raw if _is_queue_specs(raw) else parse_queues(raw)
+        if name == "queue_map":
+            return _parse_queue_map(raw)
+        if kind == "bool":
+            return _parse_bool(raw)
+        if kind == "int":
+            return int(raw)
+        if kind == "float":
+            return float(raw)
+        return str(raw)
+    except (TypeError, ValueError) as exc:
+        if isinstance(exc, ConfigError):
+            raise
+        raise ConfigError(f"{name}: expected {kind}, got {raw!r}") from None
+
+
+def _is_queue_specs(raw: Any) -> bool:
+    return isinstance(raw, tuple) and all(isinstance(q, QueueSpec) for q in raw)
+
+
+def _parse_bool(raw: Any) -> bool:
+    if isinstance(raw, bool):
+        return raw
+    text = str(raw).strip().lower()
+    if text in {"1", "true", "yes", "on"}:
+        return True
+    if text in {"0", "false", "no", "off"}:
+        return False
+    raise ValueError(raw)
+
+
+def _parse_queue_map(raw: Any) -> dict[str, str]:
+    """A mapping, or `"sidekiq_q=celery_q,other=celery_other"` from the environment."""
+    if isinstance(raw, Mapping):
+        return {str(k): str(v) for k, v in raw.items()}
+    pairs = [p for p in str(raw).replace(" ", ",").split(",") if p]
+    if not all("=" in p for p in pairs):
+        raise ConfigError(f"queue_map: expected 'sidekiq_queue=celery_queue,...', got {raw!r}")
+    return dict(p.split("=", 1) for p in pairs)
+
+
+_LOG_LEVELS = {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}
+
+
+def _validate(s: Settings) -> None:
+    for name in ("redis_url",):
+        if urlsplit(getattr(s, name)).scheme not in {"redis", "rediss", "unix"}:
+            raise ConfigError(f"{name}: must be a redis://, rediss:// or unix:// URL")
+    if s.celery_broker_url and urlsplit(s.celery_broker_url).scheme not in {
+        "redis", "rediss", "amqp", "amqps", "pyamqp", "memory",
+    }:
+        raise ConfigError("celery_broker_url: must be a redis:// or amqp:// URL")
+    if urlsplit(s.sidecar_url).scheme not in {"http", "https"}:
+        raise ConfigError("sidecar_url: must be an http:// or https:// URL")
+    if s.sidekiq_version not in (6, 7, 8):
+        raise ConfigError(f"sidekiq_version: must be 6, 7 or 8, got {s.sidekiq_version}")
+    if s.log_level.upper() not in _LOG_LEVELS:
+        raise ConfigError(f"log_level: must be one of {', '.join(sorted(_LOG_LEVELS))}")
+    if s.log_format not in {"json", "text"}:
+        raise ConfigError("log_format: must be 'json' or 'text'")
+    positive = (
+        "sidecar_connect_timeout", "job_timeout", "max_celery_countdown", "dead_max_jobs",
+        "dead_timeout_in_seconds", "breaker_fail_max", "breaker_reset_timeout",
+        "worker_concurrency", "publish_batch_size", "scheduler_poll_interval",
+        "bridge_heartbeat_ttl", "bridge_recovery_interval",
+    )
+    for name in positive:
+        if getattr(s, name) <= 0:
+            raise ConfigError(f"{name}: must be > 0, got {getattr(s, name)}")
+    for name in ("max_retries", "max_pending", "bridge_metrics_port"):
+        if getattr(s, name) < 0:
+            raise ConfigError(f"{name}: must be >= 0, got {getattr(s, name)}")
+
+
+def _next_db(redis_url: str) -> str:
+    """Celery's default broker: the same Redis server as Sidekiq, one db number higher."""
+    parts = urlsplit(redis_url)
+    if parts.scheme == "unix":
+        return redis_url
+    db = int(parts.path.strip("/") or 0)
+    return urlunsplit(parts._replace(path=f"/{(db + 1) % 16}"))

@@ -1,0 +1,186 @@
+"""The Sidekiq job payload as a value object.
+
+A `Job` keeps the exact text it was read from: Redis removes list and sorted-set members by
+their bytes, so whoever removes a job must hand back what it read. `Job.replace` writes a new
+payload in which every field it did not change keeps its original text, byte for byte, so
+fields gokiq does not know (Pro's `bid`, `cattr`, a user's own options) travel untouched.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator, Mapping
+from functools import cached_property
+from typing import Any
+
+ACTIVE_JOB_WRAPPERS = frozenset(
+    {"ActiveJob::QueueAdapters::SidekiqAdapter::JobWrapper", "Sidekiq::ActiveJob::Wrapper"}
+)
+
+_decoder = json.JSONDecoder()
+_WHITESPACE = " \t\n\r"
+
+
+class InvalidJob(ValueError):
+    """The bytes are not a Sidekiq job. `reason` says why, for logs and metrics."""
+
+    def __init__(self, reason: str, raw: bytes | str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.raw = raw
+
+
+def dumps(value: Any) -> str:
+    """JSON as Ruby's Sidekiq writes it: compact, non-ASCII left raw."""
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+class Job:
+    """One Sidekiq payload: the text read from Redis plus its decoded fields."""
+
+    def __init__(self, text: str, fields: dict[str, Any]) -> None:
+        self.text = text
+        self.fields = fields
+
+    @classmethod
+    def parse(cls, raw: bytes | str) -> Job:
+        """Decode and validate a payload; raise `InvalidJob` for anything Sidekiq could not run."""
+        try:
+            text = raw.decode("utf-8") if isinstance(raw, bytes) else raw
+            fields = json.loads(text)
+        except (UnicodeDecodeError, ValueError):
+            raise InvalidJob("not JSON", raw) from None
+        if not isinstance(fields, dict):
+            raise InvalidJob("not a JSON object", raw)
+        if not isinstance(fields.get("class"), str) or not fields["class"]:
+            raise InvalidJob("no class", raw)
+        if not isinstance(fields.get("args"), list):
+            raise InvalidJob("args is not an array", raw)
+        if "jid" in fields and not isinstance(fields["jid"], str):
+            raise InvalidJob("jid is not a string", raw)
+        return cls(text, fields)
+
+    @classmethod
+    def build(cls, fields: Mapping[str, Any]) -> Job:
+        """A new payload from fields (tests, demos); validated like a parsed one."""
+        return cls.parse(dumps(dict(fields)))
+
+    # -- what gokiq reads -------------------------------------------------------------------
+
+    @property
+    def raw(self) -> bytes:
+        return self.text.encode("utf-8")
+
+    @property
+    def jid(self) -> str:
+        return self.fields.get("jid") or ""
+
+    @property
+    def class_name(self) -> str:
+        return self.fields["class"]
+
+    @property
+    def args(self) -> list[Any]:
+        return self.fields["args"]
+
+    @property
+    def queue(self) -> str:
+        return str(self.fields.get("queue") or "default")
+
+    @property
+    def retry(self) -> Any:
+        """The raw `retry` option: True, False, None (absent) or an integer."""
+        return self.fields.get("retry")
+
+    @property
+    def is_active_job(self) -> bool:
+        return self.class_name in ACTIVE_JOB_WRAPPERS
+
+    @property
+    def display_class(self) -> str:
+        """The name Sidekiq's logs and Web UI show: `display_class`, `wrapped`, then `class`."""
+        for key in ("display_class", "wrapped"):
+            value = self.fields.get(key)
+            if isinstance(value, str) and value:
+                return value
+        return self.class_name
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.fields.get(key, default)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.fields
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Job) and other.text == self.text
+
+    def __hash__(self) -> int:
+        return hash(self.text)
+
+    def __repr__(self) -> str:
+        return f"<Job {self.display_class} jid={self.jid}>"
+
+    # -- writing a changed payload ----------------------------------------------------------
+
+    def replace(self, changes: Mapping[str, Any] = (), remove: tuple[str, ...] = ()) -> Job:
+        """A copy with `changes` applied and `remove` dropped; other fields keep their text."""
+        changes = dict(changes)
+        parts = []
+        for key_text, key, value_text in self._members:
+            if key in remove:
+                continue
+            if key in changes:
+                value_text = dumps(changes.pop(key))
+            parts.append(f"{key_text}:{value_text}")
+        parts.extend(f"{dumps(k)}:{dumps(v)}" for k, v in changes.items() if k not in remove)
+        return Job.parse("{" + ",".join(parts) + "}")
+
+    @cached_property
+    def _members(self) -> list[tuple[str, str, str]]:
+        return list(_scan_members(self.text))
+
+
+def _scan_members(text: str) -> Iterator[tuple[str, str, str]]:
+    """Yield (key text, key, value text) for each member of a top-level JSON object."""
+    pos = _skip(text, 0)
+    assert text[pos] == "{"
+    pos = _skip(text, pos + 1)
+    if text[pos] == "}":
+        return
+    while True:
+        key, end = _decoder.raw_decode(text, pos)
+        key_text = text[pos:end]
+        pos = _skip(text, end)
+        assert text[pos] == ":"
+        pos = _skip(text, pos + 1)
+        _, end = _decoder.raw_decode(text, pos)
+        yield key_text, key, text[pos:end]
+        pos = _skip(text, end)
+        if text[pos] == "}":
+            return
+        pos = _skip(text, pos + 1)  # the comma
+
+
+def _skip(text: str, pos: int) -> int:
+    while text[pos] in _WHITESPACE:
+        pos += 1
+    return pos
+
+
+# -- timestamps: float seconds for Sidekiq 6/7, integer milliseconds for 8 --------------------
+
+
+def timestamp(version: int, now: float | None = None) -> float | int:
+    """A payload timestamp (`enqueued_at`, `failed_at`, ...) as Sidekiq `version` writes it."""
+    now = time.time() if now is None else now
+    return int(now * 1000) if version >= 8 else now
+
+
+def epoch_seconds(value: Any) -> float | None:
+    """Read either timestamp form: a float is seconds, a large integer is milliseconds."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    if isinstance(value, int) and value > 100_000_000_000:
+        return value / 1000.0
+    return float(value)

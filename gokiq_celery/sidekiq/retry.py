@@ -1,0 +1,145 @@
+"""Sidekiq's retry semantics (reference §3), decided in one place.
+
+Given a failed job, `RetryPolicy.decide` writes the error fields Sidekiq would write and says
+what happens next: retry after a delay, go to the dead set, or be dropped. Who carries the
+decision out (Celery's retry, the `retry` set, the dead set) is the task's business.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import random
+import time
+import zlib
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+from .job import Job, epoch_seconds, timestamp
+
+MAX_ERROR_MESSAGE = 10_000
+
+
+@dataclass(frozen=True)
+class Failure:
+    """How one run of a job failed, as the sidecar reported it."""
+
+    error_class: str
+    error_message: str
+    backtrace: tuple[str, ...] = ()
+    retry_in: int | float | str | None = None  # from `sidekiq_retry_in`: seconds, discard, kill
+    class_retry: Any = None  # the class's `retry` option, used when the payload has none
+
+
+class Outcome(Enum):
+    RETRY = "retry"  # run again after `delay`
+    DEAD = "dead"  # exhausted: hook, dead set (unless `dead: false`), death handlers
+    DROP = "drop"  # `retry: false`: not retried, not dead; death handlers only
+    DISCARD = "discard"  # `sidekiq_retry_in` said :discard: gone, no hook, no dead set
+
+
+@dataclass(frozen=True)
+class Decision:
+    outcome: Outcome
+    job: Job  # the payload with Sidekiq's error fields, ready to store
+    delay: float = 0.0
+    limit: int = 0  # the job's retry limit (Celery's max_retries)
+
+    @property
+    def goes_to_dead_set(self) -> bool:
+        return self.outcome is Outcome.DEAD and self.job.get("dead") is not False
+
+
+class RetryPolicy:
+    """Maps a job's `retry` field and a failure onto Sidekiq's next step."""
+
+    def __init__(self, max_retries: int = 25, sidekiq_version: int = 7, rng: random.Random | None = None):
+        self.max_retries = max_retries
+        self.sidekiq_version = sidekiq_version
+        self.rng = rng or random.Random()
+
+    def limit(self, retry: Any) -> int:
+        """`retry: n` (an Integer in Ruby's sense) is n; any other truthy value is the default."""
+        if isinstance(retry, int) and not isinstance(retry, bool):
+            return retry
+        return self.max_retries
+
+    def decide(self, job: Job, failure: Failure, queue: str, now: float | None = None) -> Decision:
+        now = time.time() if now is None else now
+        retry = job.retry if "retry" in job else failure.class_retry
+        if retry is False or retry is None:
+            return Decision(Outcome.DROP, job)
+        failed = job.replace(self._error_fields(job, failure, queue, now))
+        limit = self.limit(retry)
+        count = failed.get("retry_count")
+        if failure.retry_in == "discard":
+            return Decision(Outcome.DISCARD, self._discarded(failed, now), limit=limit)
+        if failure.retry_in == "kill" or self._exhausted(failed, count, limit, now):
+            return Decision(Outcome.DEAD, failed, limit=limit)
+        return Decision(Outcome.RETRY, failed, self.delay(count, failure.retry_in), limit)
+
+    def delay(self, count: int, custom: Any = None) -> float:
+        """`count⁴ + 15` or the custom delay, plus Sidekiq's jitter for this version."""
+        base = count**4 + 15
+        if isinstance(custom, int | float) and not isinstance(custom, bool) and custom > 0:
+            base = int(custom)
+        if self.sidekiq_version >= 8:
+            return base + self.rng.randrange(10 * (count + 1))
+        return base + self.rng.randrange(10) * (count + 1)
+
+    def _error_fields(self, job: Job, failure: Failure, queue: str, now: float) -> dict[str, Any]:
+        stamp = timestamp(self.sidekiq_version, now)
+        fields: dict[str, Any] = {
+            "queue": job.get("retry_queue") or queue,
+            "error_message": _scrub(failure.error_message)[:MAX_ERROR_MESSAGE],
+            "error_class": failure.error_class,
+        }
+        if "retry_count" in job:
+            fields["retry_count"] = int(job.get("retry_count") or 0) + 1
+            fields["retried_at"] = stamp
+        else:
+            fields["retry_count"] = 0
+            fields["failed_at"] = stamp
+        lines = _backtrace_lines(job.get("backtrace"), failure.backtrace)
+        if lines is not None:
+            fields["error_backtrace"] = encode_backtrace(lines)
+        return fields
+
+    def _exhausted(self, job: Job, count: int, limit: int, now: float) -> bool:
+        retry_for = job.get("retry_for")
+        if isinstance(retry_for, int | float) and not isinstance(retry_for, bool):
+            started = epoch_seconds(job.get("failed_at")) or now
+            out_of_time = started + retry_for < now
+            if self.sidekiq_version >= 8:  # 8.1: the window replaces the count
+                return out_of_time
+            if out_of_time:
+                return True
+        return count >= limit
+
+    def _discarded(self, job: Job, now: float) -> Job:
+        if self.sidekiq_version >= 8:
+            return job.replace({"discarded_at": int(now * 1000)})
+        return job
+
+
+def encode_backtrace(lines: list[str]) -> str:
+    """Sidekiq's `error_backtrace`: strict base64 of zlib of a JSON array (every reader takes it)."""
+    return base64.b64encode(zlib.compress(json.dumps(lines).encode())).decode()
+
+
+def decode_backtrace(value: str) -> list[str]:
+    """Read either base64 form (strict, or MIME with newlines from Sidekiq ≤ 7.2.0)."""
+    return json.loads(zlib.decompress(base64.b64decode(value)))
+
+
+def _backtrace_lines(option: Any, lines: tuple[str, ...]) -> list[str] | None:
+    if option is None or option is False:
+        return None
+    if isinstance(option, int) and not isinstance(option, bool):
+        return list(lines[:option])
+    return list(lines)
+
+
+def _scrub(text: str) -> str:
+    return text.encode("utf-8", "replace").decode("utf-8")

@@ -1,0 +1,8 @@
+class NoRetryJob
+  include Sidekiq::Worker
+  sidekiq_options retry: false
+
+  def perform(*)
+    raise "no retry"
+  end
+end

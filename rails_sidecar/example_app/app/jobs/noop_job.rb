@@ -1,0 +1,6 @@
+class NoopJob
+  include Sidekiq::Worker
+
+  def perform(*)
+  end
+end

@@ -1,0 +1,2 @@
+class FlakyAttempt < ApplicationRecord
+end
