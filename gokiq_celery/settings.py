@@ -61,6 +61,8 @@ class Settings:
     bridge_recovery_interval: float = 30.0
     bridge_metrics_port: int = 9478
     bridge_bind: str = "127.0.0.1"
+    worker_metrics_port: int = 9479  # 0: no /metrics from the worker
+    worker_metrics_bind: str = "127.0.0.1"
     log_level: str = "INFO"
     log_format: str = "json"
 
@@ -189,7 +191,12 @@ def _validate(s: Settings) -> None:
         if urlsplit(getattr(s, name)).scheme not in {"redis", "rediss", "unix"}:
             raise ConfigError(f"{name}: must be a redis://, rediss:// or unix:// URL")
     if s.celery_broker_url and urlsplit(s.celery_broker_url).scheme not in {
-        "redis", "rediss", "amqp", "amqps", "pyamqp", "memory",
+        "redis",
+        "rediss",
+        "amqp",
+        "amqps",
+        "pyamqp",
+        "memory",
     }:
         raise ConfigError("celery_broker_url: must be a redis:// or amqp:// URL")
     if urlsplit(s.sidecar_url).scheme not in {"http", "https"}:
@@ -201,15 +208,23 @@ def _validate(s: Settings) -> None:
     if s.log_format not in {"json", "text"}:
         raise ConfigError("log_format: must be 'json' or 'text'")
     positive = (
-        "sidecar_connect_timeout", "job_timeout", "max_celery_countdown", "dead_max_jobs",
-        "dead_timeout_in_seconds", "breaker_fail_max", "breaker_reset_timeout",
-        "worker_concurrency", "publish_batch_size", "scheduler_poll_interval",
-        "bridge_heartbeat_ttl", "bridge_recovery_interval",
+        "sidecar_connect_timeout",
+        "job_timeout",
+        "max_celery_countdown",
+        "dead_max_jobs",
+        "dead_timeout_in_seconds",
+        "breaker_fail_max",
+        "breaker_reset_timeout",
+        "worker_concurrency",
+        "publish_batch_size",
+        "scheduler_poll_interval",
+        "bridge_heartbeat_ttl",
+        "bridge_recovery_interval",
     )
     for name in positive:
         if getattr(s, name) <= 0:
             raise ConfigError(f"{name}: must be > 0, got {getattr(s, name)}")
-    for name in ("max_retries", "max_pending", "bridge_metrics_port"):
+    for name in ("max_retries", "max_pending", "bridge_metrics_port", "worker_metrics_port"):
         if getattr(s, name) < 0:
             raise ConfigError(f"{name}: must be >= 0, got {getattr(s, name)}")
 

@@ -54,7 +54,9 @@ class Decision:
 class RetryPolicy:
     """Maps a job's `retry` field and a failure onto Sidekiq's next step."""
 
-    def __init__(self, max_retries: int = 25, sidekiq_version: int = 7, rng: random.Random | None = None):
+    def __init__(
+        self, max_retries: int = 25, sidekiq_version: int = 7, rng: random.Random | None = None
+    ):
         self.max_retries = max_retries
         self.sidekiq_version = sidekiq_version
         self.rng = rng or random.Random()
@@ -124,7 +126,7 @@ class RetryPolicy:
 
 
 def encode_backtrace(lines: list[str]) -> str:
-    """Sidekiq's `error_backtrace`: strict base64 of zlib of a JSON array (every reader takes it)."""
+    """Sidekiq's `error_backtrace`: strict base64 of zlib of a JSON array (all readers take it)."""
     return base64.b64encode(zlib.compress(json.dumps(lines).encode())).decode()
 
 

@@ -9,9 +9,11 @@ Nothing outside this module spells a key.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
+import pybreaker
 import redis
 
 from .job import Job
@@ -27,11 +29,40 @@ STAT_DAILY_TTL = 157_680_000  # five years, as Sidekiq sets it
 # pybreaker's CircuitRedisStorage prefixes this with "pybreaker:".
 BREAKER_NAMESPACE = "gokiq:sidecar"
 
+# gokiq-bridge's own keys. A bridge registers its id in BRIDGES and keeps its heartbeat key
+# alive; the jobs it holds live in its in-flight lists (one per queue, so recovery knows where
+# each job came from) and its moving lists (due jobs on their way out of schedule/retry).
+BRIDGES = "gokiq:bridges"
+SCHEDULED_SETS = (RETRY, SCHEDULE)  # the poller's order: retries first, as Sidekiq does
+
 _LUA_DIR = Path(__file__).with_name("lua")
 
 
 def queue_key(queue: str) -> str:
     return f"queue:{queue}"
+
+
+def bridge_key(bridge_id: str) -> str:
+    """The bridge's heartbeat: a string with a TTL; once it is gone, the bridge is dead."""
+    return f"gokiq:bridge:{bridge_id}"
+
+
+def bridge_queues_key(bridge_id: str) -> str:
+    """The queues the bridge fetches from, i.e. where its in-flight lists may be."""
+    return f"gokiq:bridge:{bridge_id}:queues"
+
+
+def _inflight_prefix(bridge_id: str) -> str:
+    return f"gokiq:inflight:{bridge_id}:"
+
+
+def inflight_key(bridge_id: str, queue: str) -> str:
+    return _inflight_prefix(bridge_id) + queue
+
+
+def moving_key(bridge_id: str, set_name: str) -> str:
+    """Due jobs the bridge took out of `set_name` and has not pushed onto a queue yet."""
+    return f"gokiq:moving:{bridge_id}:{set_name}"
 
 
 def _score(epoch: float) -> str:
@@ -118,12 +149,15 @@ class SidekiqStore:
 
     def add_dead(self, payload: str | bytes, now: float | None = None) -> None:
         """Sidekiq's `DeadSet#kill`: ZADD now, then trim by age and to `dead_max_jobs` - 1."""
-        now = time.time() if now is None else now
         with self.redis.pipeline(transaction=True) as pipe:
-            pipe.zadd(DEAD, {payload: _score(now)})
-            pipe.zremrangebyscore(DEAD, "-inf", f"({now - self.dead_timeout_in_seconds!r}")
-            pipe.zremrangebyrank(DEAD, 0, -self.dead_max_jobs)
+            self._add_dead(pipe, payload, now)
             pipe.execute()
+
+    def _add_dead(self, pipe, payload: str | bytes, now: float | None = None) -> None:
+        now = time.time() if now is None else now
+        pipe.zadd(DEAD, {payload: _score(now)})
+        pipe.zremrangebyscore(DEAD, "-inf", f"({now - self.dead_timeout_in_seconds!r}")
+        pipe.zremrangebyrank(DEAD, 0, -self.dead_max_jobs)
 
     def dead_set(self) -> list[tuple[bytes, float]]:
         return self.redis.zrange(DEAD, 0, -1, withscores=True)
@@ -144,3 +178,173 @@ class SidekiqStore:
     def stats(self) -> dict[str, int]:
         processed, failed = self.redis.mget(STAT_PROCESSED, STAT_FAILED)
         return {"processed": int(processed or 0), "failed": int(failed or 0)}
+
+    def set_sizes(self) -> dict[str, int]:
+        """ZCARD of `schedule`, `retry` and `dead`, as `Sidekiq::Stats` shows them."""
+        with self.redis.pipeline(transaction=False) as pipe:
+            for name in (SCHEDULE, RETRY, DEAD):
+                pipe.zcard(name)
+            return dict(zip((SCHEDULE, RETRY, DEAD), pipe.execute(), strict=True))
+
+    # -- gokiq-bridge: registry and heartbeat --------------------------------------------------
+
+    def register_bridge(self, bridge_id: str, queues: Iterable[str], ttl: float) -> None:
+        """Announce (or re-announce, as a heartbeat) a live bridge and the queues it fetches.
+
+        Re-adding the id each time means a bridge that was presumed dead after a long stall
+        (and whose jobs were recovered) is registered again, so its next jobs are protected.
+        """
+        queues = list(queues)
+        with self.redis.pipeline(transaction=True) as pipe:
+            pipe.sadd(BRIDGES, bridge_id)
+            pipe.set(bridge_key(bridge_id), str(time.time()), px=max(int(ttl * 1000), 1))
+            if queues:
+                pipe.sadd(bridge_queues_key(bridge_id), *queues)
+            pipe.execute()
+
+    def bridge_ids(self) -> list[str]:
+        return sorted(member.decode() for member in self.redis.smembers(BRIDGES))
+
+    def bridge_alive(self, bridge_id: str) -> bool:
+        return bool(self.redis.exists(bridge_key(bridge_id)))
+
+    def release_bridge(self, bridge_id: str, *, only_if_dead: bool = False) -> int:
+        """Give back all a bridge holds (in-flight jobs to the tail of their queue, moving jobs to
+        their set, due now) and forget the bridge. Returns the number of jobs given back, or -1
+        when `only_if_dead` and the bridge's heartbeat still exists."""
+        args: list[str] = [
+            bridge_id,
+            _inflight_prefix(bridge_id),
+            queue_key(""),
+            _score(time.time()),
+            "1" if only_if_dead else "0",
+        ]
+        for set_name in SCHEDULED_SETS:
+            args += [set_name, moving_key(bridge_id, set_name)]
+        keys = [BRIDGES, QUEUES, bridge_key(bridge_id), bridge_queues_key(bridge_id)]
+        return int(self.script("release_bridge")(keys=keys, args=args))
+
+    def recover_dead_bridges(self) -> dict[str, int]:
+        """Release every registered bridge whose heartbeat has expired: {bridge id: jobs}."""
+        recovered = {}
+        for bridge_id in self.bridge_ids():
+            if self.bridge_alive(bridge_id):
+                continue
+            count = self.release_bridge(bridge_id, only_if_dead=True)
+            if count >= 0:
+                recovered[bridge_id] = count
+        return recovered
+
+    # -- gokiq-bridge: reliable fetch ------------------------------------------------------
+
+    def fetch_jobs(
+        self, bridge_id: str, queues: Sequence[str], limit: int
+    ) -> tuple[str, list[bytes]] | None:
+        """Atomically move up to `limit` jobs from the first non-empty queue (in the given
+        order) into the bridge's in-flight list for it. Returns (queue, jobs in run order)."""
+        keys = []
+        for queue in queues:
+            keys += [queue_key(queue), inflight_key(bridge_id, queue)]
+        if not keys:
+            return None
+        result = self.script("fetch_jobs")(keys=keys, args=[limit])
+        if not result:
+            return None
+        return queues[int(result[0]) - 1], list(result[1:])
+
+    def ack_inflight(self, bridge_id: str, queue: str, jobs: Iterable[bytes]) -> None:
+        """Forget jobs the broker has accepted: LREM each one's exact bytes, once."""
+        key = inflight_key(bridge_id, queue)
+        with self.redis.pipeline(transaction=False) as pipe:
+            for job in jobs:
+                pipe.lrem(key, 1, job)
+            pipe.execute()
+
+    def bury_inflight(self, bridge_id: str, queue: str, raw: bytes, reason: str = "") -> None:
+        """A fetched payload that is not a job: into the dead set as the exact bytes read, and
+        out of the in-flight list, in one transaction."""
+        with self.redis.pipeline(transaction=True) as pipe:
+            self._add_dead(pipe, raw)
+            pipe.lrem(inflight_key(bridge_id, queue), 1, raw)
+            pipe.execute()
+
+    def inflight_jobs(self, bridge_id: str, queue: str) -> list[bytes]:
+        return self.redis.lrange(inflight_key(bridge_id, queue), 0, -1)
+
+    def inflight_count(self, bridge_id: str, queues: Iterable[str]) -> int:
+        """Jobs the bridge holds: in-flight lists plus its moving lists."""
+        with self.redis.pipeline(transaction=False) as pipe:
+            for queue in queues:
+                pipe.llen(inflight_key(bridge_id, queue))
+            for set_name in SCHEDULED_SETS:
+                pipe.llen(moving_key(bridge_id, set_name))
+            return sum(pipe.execute())
+
+    def queue_sizes_and_oldest(self, queues: Sequence[str]) -> dict[str, tuple[int, bytes | None]]:
+        """LLEN and the next-to-run job of each queue, in one round trip (for metrics)."""
+        with self.redis.pipeline(transaction=False) as pipe:
+            for queue in queues:
+                pipe.llen(queue_key(queue))
+                pipe.lindex(queue_key(queue), -1)
+            replies = pipe.execute()
+        return {q: (replies[2 * i], replies[2 * i + 1]) for i, q in enumerate(queues)}
+
+    # -- gokiq-bridge: the scheduler (schedule and retry sets) -----------------------------
+
+    def take_due(self, set_name: str, bridge_id: str, now: float, limit: int) -> list[bytes]:
+        """Atomically take up to `limit` members due at `now` out of `set_name` into the bridge's
+        moving list. Safe with many bridges: each member is taken by exactly one."""
+        if set_name not in SCHEDULED_SETS:
+            raise ValueError(f"not a scheduled set: {set_name!r}")
+        keys = [set_name, moving_key(bridge_id, set_name)]
+        return list(self.script("take_due")(keys=keys, args=[_score(now), limit]))
+
+    def enqueue_moved(
+        self, set_name: str, bridge_id: str, moves: Sequence[tuple[str, str | bytes, bytes]]
+    ) -> None:
+        """Push due jobs onto their queues and drop them from the moving list, in one MULTI.
+
+        `moves` holds (queue, payload to push, the bytes taken out of the set)."""
+        key = moving_key(bridge_id, set_name)
+        with self.redis.pipeline(transaction=True) as pipe:
+            for queue in dict.fromkeys(queue for queue, _, _ in moves):
+                pipe.sadd(QUEUES, queue)
+            for queue, payload, _ in moves:
+                pipe.lpush(queue_key(queue), payload)
+            for _, _, original in moves:
+                pipe.lrem(key, 1, original)
+            pipe.execute()
+
+    def bury_moved(self, set_name: str, bridge_id: str, raw: bytes) -> None:
+        """A set member that is not a job: dead set, exact bytes, out of the moving list."""
+        with self.redis.pipeline(transaction=True) as pipe:
+            self._add_dead(pipe, raw)
+            pipe.lrem(moving_key(bridge_id, set_name), 1, raw)
+            pipe.execute()
+
+    # -- the sidecar's circuit breaker, as the workers share it --------------------------------
+
+    def breaker_storage(self) -> pybreaker.CircuitRedisStorage:
+        """pybreaker's shared state for the sidecar breaker (creates its keys if missing)."""
+        return pybreaker.CircuitRedisStorage(
+            pybreaker.STATE_CLOSED, self.redis, namespace=BREAKER_NAMESPACE
+        )
+
+    def breaker_open(
+        self,
+        storage: pybreaker.CircuitRedisStorage | None = None,
+        reset_timeout: float | None = None,
+    ) -> bool:
+        """Whether the workers' sidecar breaker is open.
+
+        With `reset_timeout`, an open breaker older than that counts as closed: pybreaker only
+        moves to half-open when a worker makes a call, and a worker only calls when it gets a
+        job, so a bridge that waited for "closed" forever would wait forever.
+        """
+        storage = storage or self.breaker_storage()
+        if storage.state != pybreaker.STATE_OPEN:
+            return False
+        if reset_timeout is None:
+            return True
+        opened_at = storage.opened_at
+        return opened_at is None or time.time() < opened_at.timestamp() + reset_timeout

@@ -1,0 +1,46 @@
+"""Celery settings for `celery -A gokiq_celery`, read from gokiq's settings (gokiq.yml + env).
+
+Only Celery's settings live here; what a job means is in gokiq_celery.
+"""
+
+from kombu import Queue
+
+from gokiq_celery.settings import load_settings
+
+_settings = load_settings()
+
+broker_url = _settings.broker_url
+broker_connection_retry_on_startup = True
+# A countdown retry waits unacked in the worker; the broker must not hand it to another worker
+# before it is due and has run: keep the visibility timeout well above the longest wait + run.
+broker_transport_options = {
+    "visibility_timeout": max(3600, 2 * int(_settings.job_timeout + _settings.max_celery_countdown))
+}
+
+# At-least-once: ack after the job ran, redeliver if the worker dies, take one at a time.
+task_acks_late = True
+task_reject_on_worker_lost = True
+worker_prefetch_multiplier = 1
+worker_cancel_long_running_tasks_on_connection_loss = True
+
+task_ignore_result = True
+result_backend = None
+task_serializer = "json"
+accept_content = ["json"]
+timezone = "UTC"
+
+# Flower reads these events.
+worker_send_task_events = True
+task_send_sent_event = True
+
+# A worker started without -Q consumes every queue gokiq is configured to hand over.
+task_queues = [Queue(_settings.celery_queue(q.name)) for q in _settings.queues]
+task_default_queue = task_queues[0].name
+task_create_missing_queues = True
+
+# Each task waits on one HTTP call to the sidecar; the work happens in Ruby. Threads keep 20
+# waiting calls in one process. bench/worker.py measures the pools side by side: prefork at
+# concurrency 20 costs ~20 processes of RSS for no more throughput.
+worker_pool = "threads"
+worker_concurrency = _settings.worker_concurrency
+worker_hijack_root_logger = False

@@ -1,0 +1,39 @@
+"""The one Celery message gokiq sends: `gokiq.perform(payload_text, sidekiq_queue)`.
+
+The bridge publishes it and the task re-publishes it on retry; both take their message
+options from here so that Flower shows a job the same way however it got there.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .sidekiq.job import Job
+
+TASK_NAME = "gokiq.perform"
+ARGSREPR_LIMIT = 200
+
+
+def argsrepr(job: Job, queue: str) -> str:
+    """What Flower shows as the task's arguments: the job's args, cut short."""
+    text = repr(job.args)
+    if len(text) > ARGSREPR_LIMIT:
+        text = text[: ARGSREPR_LIMIT - 3] + "..."
+    return f"{text} queue={queue}"
+
+
+def celery_retries(job: Job) -> int:
+    """Celery's retry counter for a job: runs that failed so far (Sidekiq's retry_count + 1)."""
+    count = job.get("retry_count")
+    return count + 1 if isinstance(count, int) and not isinstance(count, bool) else 0
+
+
+def publish_options(job: Job, queue: str) -> dict[str, Any]:
+    """`send_task`/`apply_async` options: task id = jid, shown under the job's class name."""
+    return {
+        "task_id": job.jid or None,
+        "shadow": job.display_class,
+        "argsrepr": argsrepr(job, queue),
+        "kwargsrepr": "{}",
+        "retries": celery_retries(job),
+    }

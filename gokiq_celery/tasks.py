@@ -1,0 +1,224 @@
+"""The one task, `gokiq.perform`: run a Sidekiq job in the sidecar, then ack, retry, park or bury.
+
+A failure's fate is Sidekiq's (`RetryPolicy`); Celery carries it out. A short retry is Celery's
+own (`autoretry_for` on `JobFailed`, countdown and `max_retries` from the job's `retry` field).
+A retry due later than `max_celery_countdown` is parked in Sidekiq's `retry` set, where the
+bridge picks it up when due, because a broker cannot hold an unacked message for days.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any
+
+from celery import Task
+from celery.exceptions import Ignore, Reject
+
+from . import metrics
+from .celery_app import app
+from .messages import TASK_NAME, argsrepr
+from .settings import Settings, load_settings
+from .sidecar import Execution, SidecarClient, SidecarUnavailable
+from .sidekiq.job import InvalidJob, Job
+from .sidekiq.retry import Decision, Failure, Outcome, RetryPolicy
+from .sidekiq.store import SidekiqStore
+
+log = logging.getLogger("gokiq.worker")
+
+
+class JobFailed(Exception):
+    """The job raised and Sidekiq would retry it soon: Celery's autoretry re-sends it."""
+
+    def __init__(self, decision: Decision, failure: Failure) -> None:
+        super().__init__(f"{failure.error_class}: {failure.error_message}"[:500])
+        self.decision = decision
+
+
+@dataclass
+class Worker:
+    """What a worker process needs to run jobs, built once per process (after a fork)."""
+
+    settings: Settings
+    store: SidekiqStore
+    sidecar: SidecarClient
+    policy: RetryPolicy
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Worker:
+        store = SidekiqStore.from_settings(settings)
+        return cls(
+            settings,
+            store,
+            SidecarClient(settings, store.redis),
+            RetryPolicy(settings.max_retries, settings.sidekiq_version),
+        )
+
+    def perform(self, payload: str, queue: str) -> str:
+        """Run one job; return its outcome, or raise `JobFailed` for a Celery retry."""
+        started = time.monotonic()
+        try:
+            job = Job.parse(payload)
+        except InvalidJob as exc:
+            self.store.add_dead(payload)
+            log.error(
+                "invalid job payload sent to the dead set: %s", exc.reason, extra={"queue": queue}
+            )
+            metrics.JOBS.labels(queue, "(invalid)", "invalid").inc()
+            return "invalid"
+        outcome = "retry"
+        try:
+            outcome = self._run(job, queue)
+            return outcome
+        finally:
+            metrics.JOBS.labels(queue, job.display_class, outcome).inc()
+            metrics.DURATION.observe(time.monotonic() - started)
+
+    def _run(self, job: Job, queue: str) -> str:
+        try:
+            execution = self.sidecar.execute(job, queue)
+        except SidecarUnavailable as exc:
+            # Not the job's fault: back to the tail of its queue (it runs next), no retry spent.
+            self.store.requeue(queue, job.text)
+            log.warning(
+                "sidecar unavailable, job put back on its queue: %s",
+                exc,
+                extra=_context(job, queue),
+            )
+            return "unavailable"
+        finally:
+            metrics.observe_breaker(self.sidecar.breaker.current_state)
+        return self._settle(job, queue, execution)
+
+    def _settle(self, job: Job, queue: str, execution: Execution) -> str:
+        if execution.status == "duplicate":
+            log.info(
+                "job already running in the sidecar, this delivery dropped",
+                extra=_context(job, queue),
+            )
+            return "duplicate"
+        if execution.succeeded:
+            self.store.record_stats(processed=1)
+            log.info("done", extra={**_context(job, queue), "elapsed": execution.execution_time})
+            return "ok"
+        self.store.record_stats(processed=1, failed=1)
+        failure = execution.failure
+        decision = self.policy.decide(job, failure, queue)
+        log.info(
+            "fail: %s: %s",
+            failure.error_class,
+            failure.error_message[:200],
+            extra={
+                **_context(job, queue),
+                "elapsed": execution.execution_time,
+                "outcome": decision.outcome.value,
+            },
+        )
+        return self._carry_out(job, queue, failure, decision)
+
+    def _carry_out(self, job: Job, queue: str, failure: Failure, decision: Decision) -> str:
+        outcome = decision.outcome
+        if outcome is Outcome.RETRY:
+            if decision.delay <= self.settings.max_celery_countdown:
+                raise JobFailed(decision, failure)
+            self.park(decision)
+            return "parked"
+        if outcome is Outcome.DEAD:
+            self._bury(decision, failure)
+            return "dead"
+        if outcome is Outcome.DROP or self.settings.sidekiq_version >= 8:
+            # `retry: false` (and 8.x's :discard) still runs the app's death handlers.
+            self._exhausted_hooks(decision.job, failure, run_hook=False)
+        return "dropped" if outcome is Outcome.DROP else "discarded"
+
+    def park(self, decision: Decision) -> None:
+        """Hold a retry in Sidekiq's `retry` set; the bridge re-enqueues it when due."""
+        self.store.schedule_retry(decision.job, time.time() + decision.delay)
+        log.info(
+            "retry parked in the retry set for %.0fs",
+            decision.delay,
+            extra=_context(decision.job, decision.job.queue),
+        )
+
+    def _bury(self, decision: Decision, failure: Failure) -> None:
+        discard = self._exhausted_hooks(decision.job, failure, run_hook=True)
+        if decision.goes_to_dead_set and not discard:
+            self.store.add_dead(decision.job.text)
+            log.warning(
+                "Adding dead %s job %s",
+                decision.job.display_class,
+                decision.job.jid,
+                extra=_context(decision.job, decision.job.queue),
+            )
+
+    def _exhausted_hooks(self, job: Job, failure: Failure, run_hook: bool) -> bool:
+        try:
+            return self.sidecar.exhausted(job, failure, run_hook)
+        except SidecarUnavailable as exc:
+            # The job is still kept (dead set or as its retry field says); only the hook is lost.
+            log.error(
+                "sidecar unavailable: retries-exhausted hook and death handlers not run: %s",
+                exc,
+                extra=_context(job, job.queue),
+            )
+            return False
+
+
+class PerformTask(Task):
+    """Celery's retry machinery, driven by Sidekiq's count: `request.retries` = failures so far."""
+
+    autoretry_for = (JobFailed,)
+    retry_backoff = False  # the delay is Sidekiq's curve (count⁴ + 15 + jitter), set per retry
+    retry_jitter = False
+    acks_late = True
+    typing = False
+
+    @cached_property
+    def worker(self) -> Worker:
+        return Worker.from_settings(load_settings())
+
+    def retry(
+        self,
+        args=None,
+        kwargs=None,
+        exc=None,
+        throw=True,
+        eta=None,
+        countdown=None,
+        max_retries=None,
+        **options: Any,
+    ):
+        if not isinstance(exc, JobFailed):
+            return super().retry(args, kwargs, exc, throw, eta, countdown, max_retries, **options)
+        decision = exc.decision
+        queue = decision.job.queue  # `retry_queue` when the job has one, as Sidekiq moves it
+        # Sidekiq's retry_count is the truth (it survives parking and "Retry now"); make Celery
+        # count from it so its max_retries check agrees with Sidekiq's.
+        self.request.retries = decision.job.get("retry_count")
+        try:
+            return super().retry(
+                args=(decision.job.text, queue),
+                kwargs={},
+                exc=exc,
+                throw=throw,
+                countdown=decision.delay,
+                # Always explicit: Celery 5.7 keeps a per-call override on the shared task object.
+                max_retries=decision.limit,
+                argsrepr=argsrepr(decision.job, queue),
+                queue=self.worker.settings.celery_queue(queue),
+            )
+        except Reject:
+            # Re-publishing failed (broker down): keep the job in Sidekiq's retry set instead.
+            self.worker.park(decision)
+            return Ignore()
+
+
+@app.task(bind=True, base=PerformTask, name=TASK_NAME)
+def perform(self: PerformTask, payload: str, queue: str) -> str:
+    return self.worker.perform(payload, queue)
+
+
+def _context(job: Job, queue: str) -> dict[str, str]:
+    return {"jid": job.jid, "class": job.display_class, "queue": queue}

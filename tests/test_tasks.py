@@ -1,0 +1,207 @@
+"""The task end to end on the Python side: a real embedded Celery worker (threads pool), a real
+redis-server as Sidekiq's Redis and as the broker, and a real HTTP server for the sidecar."""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+
+import pytest
+
+os.environ.setdefault("GOKIQ_QUEUES", "default critical low")
+os.environ.setdefault("GOKIQ_WORKER_METRICS_PORT", "0")
+
+from celery.contrib.testing.worker import start_worker  # noqa: E402
+
+from gokiq_celery.celery_app import app  # noqa: E402
+from gokiq_celery.messages import TASK_NAME, publish_options  # noqa: E402
+from gokiq_celery.settings import load_settings  # noqa: E402
+from gokiq_celery.sidecar import SidecarClient  # noqa: E402
+from gokiq_celery.sidekiq import Job, RetryPolicy, SidekiqStore  # noqa: E402
+from gokiq_celery.sidekiq.retry import decode_backtrace  # noqa: E402
+from gokiq_celery.tasks import Worker, perform  # noqa: E402
+
+from .conftest import free_port, wait_for  # noqa: E402
+from .stand_in_sidecar import TOKEN, StandInSidecar  # noqa: E402
+
+
+class NoJitter(random.Random):
+    """Sidekiq's jitter is random; these tests want the base delay exactly."""
+
+    def randrange(self, *args, **kwargs) -> int:
+        return 0
+
+
+@pytest.fixture(scope="module")
+def stack(redis_server):
+    """One worker for the module; each test gets the Sidekiq db and broker db flushed."""
+    sidekiq_db, broker_db = 60, 61
+    app.conf.broker_url = redis_server.url(broker_db)
+    with StandInSidecar() as sidecar:
+        settings = load_settings(
+            redis_url=redis_server.url(sidekiq_db),
+            sidecar_url=sidecar.url,
+            sidecar_token=TOKEN,
+            breaker_reset_timeout=1,
+            breaker_fail_max=3,
+        )
+        store = SidekiqStore.from_settings(settings)
+        perform.worker = Worker(
+            settings, store, SidecarClient(settings, store.redis),
+            RetryPolicy(settings.max_retries, settings.sidekiq_version, rng=NoJitter()),
+        )
+        with start_worker(app, pool="threads", concurrency=8, perform_ping_check=False,
+                          shutdown_timeout=10):
+            yield sidecar, store, redis_server.client(broker_db)
+
+
+@pytest.fixture
+def env(stack):
+    sidecar, store, broker = stack
+    store.redis.flushdb()
+    return sidecar, store
+
+
+def send(job: Job, queue: str = "default") -> None:
+    app.send_task(TASK_NAME, args=(job.text, queue), queue=queue, **publish_options(job, queue))
+
+
+def make_job(cls: str, args: list, **fields) -> Job:
+    jid = "%024x" % random.getrandbits(96)
+    return Job.build({"retry": True, "queue": "default", "class": cls, "args": args, "jid": jid,
+                      "created_at": time.time(), **fields})
+
+
+def settle(broker) -> None:
+    """Wait until the worker acked every message (acks are late: only after the task ran)."""
+    wait_for(lambda: not any(broker.llen(q) for q in ("default", "critical", "low"))
+             and not broker.hlen("unacked"), message="messages never acked")
+
+
+def dead_jobs(store: SidekiqStore) -> list[Job]:
+    return [Job.parse(raw) for raw, _ in store.dead_set()]
+
+
+def test_success_counts_processed_and_leaves_no_trace(env):
+    sidecar, store = env
+    job = make_job("OkJob", [1, "two", {"three": 3}], extra_field={"kept": True})
+    send(job, "critical")
+    wait_for(lambda: store.stats()["processed"] == 1, message="job did not run")
+    [seen] = sidecar.executed(job.jid)
+    assert seen == job.fields
+    assert sidecar.calls["execute"][-1]["queue"] == "critical"
+    assert store.stats() == {"processed": 1, "failed": 0}
+    assert store.dead_set() == [] and store.retry_set() == []
+
+
+def test_raise_then_succeed_carries_sidekiq_error_fields(env):
+    sidecar, store = env
+    job = make_job("FlakyJob", [2, 1], backtrace=2)
+    send(job)
+    wait_for(lambda: len(sidecar.executed(job.jid)) == 3, timeout=20, message="not retried")
+    wait_for(lambda: store.stats()["processed"] == 3)
+    first, second, third = sidecar.executed(job.jid)
+    assert "retry_count" not in first
+    assert second["retry_count"] == 0 and second["error_message"] == "flaky 1"
+    assert second["error_class"] == "RuntimeError" and isinstance(second["failed_at"], float)
+    assert third["retry_count"] == 1 and "retried_at" in third
+    assert decode_backtrace(third["error_backtrace"]) == ["app/jobs/x.rb:1:in `perform'"] * 2
+    assert store.stats() == {"processed": 3, "failed": 2}
+    assert store.dead_set() == []
+
+
+def test_exhausted_job_lands_in_dead_set_with_sidekiq_fields(env):
+    sidecar, store = env
+    job = make_job("FailJob", [1], retry=2, queue="default", retry_queue="low")
+    send(job)
+    wait_for(lambda: dead_jobs(store), timeout=20, message="job never reached the dead set")
+    [dead] = dead_jobs(store)
+    assert len(sidecar.executed(job.jid)) == 3
+    assert dead.jid == job.jid and dead.get("retry_count") == 2
+    assert dead.get("error_class") == "ArgumentError" and dead.get("error_message") == "boom"
+    assert dead.queue == "low" and dead.get("created_at") == job.get("created_at")
+    assert "failed_at" in dead and "retried_at" in dead
+    [hook] = sidecar.exhausted_calls(job.jid)
+    assert hook["run_hook"] is True and hook["error_class"] == "ArgumentError"
+    # The last two runs were sent to the retry queue, as Sidekiq's retry_queue says.
+    assert [c["queue"] for c in sidecar.calls["execute"] if c["job"]["jid"] == job.jid] == [
+        "default", "low", "low"]
+
+
+@pytest.mark.parametrize(
+    ("fields", "dead", "hook"),
+    [({"retry": 0}, True, True), ({"retry": False}, False, False),
+     ({"retry": 0, "dead": False}, False, True)],
+    ids=["retry-0", "retry-false", "dead-false"],
+)
+def test_no_retry_variants(env, stack, fields, dead, hook):
+    sidecar, store = env
+    job = make_job("FailJob", [], **fields)
+    send(job)
+    wait_for(lambda: sidecar.exhausted_calls(job.jid), message="death handlers never called")
+    settle(stack[2])
+    assert len(sidecar.executed(job.jid)) == 1
+    assert sidecar.exhausted_calls(job.jid)[0]["run_hook"] is hook
+    assert [d.jid for d in dead_jobs(store)] == ([job.jid] if dead else [])
+    assert store.retry_set() == []
+
+
+def test_long_delay_is_parked_in_the_retry_set(env, stack):
+    sidecar, store = env
+    job = make_job("FailJob", [1000])
+    send(job)
+    wait_for(lambda: store.retry_set(), message="retry not parked")
+    [(raw, score)] = store.retry_set()
+    parked = Job.parse(raw)
+    assert parked.get("retry_count") == 0 and parked.get("error_class") == "ArgumentError"
+    assert time.time() + 990 < score < time.time() + 1001
+    assert stack[2].llen("default") == 0  # the Celery message was acked, not held
+    assert len(sidecar.executed(job.jid)) == 1
+
+
+def test_unknown_class_follows_its_retry_field(env):
+    sidecar, store = env
+    job = make_job("UnknownJob", [], retry=0)
+    send(job)
+    wait_for(lambda: dead_jobs(store), message="unknown class did not fail like a raising job")
+    assert dead_jobs(store)[0].get("error_class") == "NameError"
+
+
+def test_invalid_payload_goes_to_dead_set_verbatim(env):
+    _, store = env
+    app.send_task(TASK_NAME, args=("{not json", "default"), queue="default")
+    wait_for(lambda: store.dead_set(), message="invalid payload not buried")
+    assert store.dead_set()[0][0] == b"{not json"
+
+
+def test_sidecar_down_spends_no_retry(env, stack):
+    sidecar, store = env
+    settings = load_settings(redis_url=perform.worker.settings.redis_url, sidecar_token=TOKEN,
+                             sidecar_url=f"http://127.0.0.1:{free_port()}", breaker_fail_max=50)
+    healthy = perform.worker
+    perform.worker = Worker(settings, store, SidecarClient(settings, store.redis),
+                            healthy.policy)
+    try:
+        job = make_job("OkJob", [7])
+        send(job, "critical")
+        wait_for(lambda: store.queue_size("critical") == 1, message="job not put back")
+    finally:
+        perform.worker = healthy
+    [raw] = store.queue_jobs("critical")
+    assert raw == job.raw  # the same bytes, no retry_count, no error fields
+    assert store.stats() == {"processed": 0, "failed": 0}
+    assert store.retry_set() == [] and store.dead_set() == []
+
+
+def test_each_message_keeps_its_own_retry_limit(env):
+    """Celery 5.7 leaks a per-call max_retries into later messages of the same task."""
+    sidecar, store = env
+    one = make_job("FailJob", [1], retry=1)
+    three = make_job("FailJob", [1], retry=3)
+    send(one)
+    send(three)
+    wait_for(lambda: len(dead_jobs(store)) == 2, timeout=30, message="jobs not exhausted")
+    counts = {d.jid: d.get("retry_count") for d in dead_jobs(store)}
+    assert counts == {one.jid: 1, three.jid: 3}
+    assert len(sidecar.executed(one.jid)) == 2 and len(sidecar.executed(three.jid)) == 4
