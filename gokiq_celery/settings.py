@@ -92,7 +92,7 @@ def load_settings(
     values: dict[str, Any] = _read_yaml(Path(path)) if path else {}
     for f in dataclasses.fields(Settings):
         env_name = _ENV_NAMES.get(f.name, f"GOKIQ_{f.name.upper()}")
-        if environ.get(env_name, "") != "":
+        if environ.get(env_name, "").strip():
             values[f.name] = environ[env_name]
     values.update({k: v for k, v in overrides.items() if v is not None})
     return Settings(**{name: _coerce(name, raw) for name, raw in values.items()})

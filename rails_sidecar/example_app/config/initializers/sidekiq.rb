@@ -2,6 +2,10 @@ require "sidekiq/middleware/current_attributes"
 # Required, not autoloaded: initializers must not autoload app constants.
 require Rails.root.join("lib", "example_server_middleware").to_s
 
+# Sidekiq 6.4 calls Redis#sadd in a way redis-rb 4.8 warns about on every
+# push; the warning is noise for anyone enqueueing from a shell.
+Redis.silence_deprecations = true if Redis.respond_to?(:silence_deprecations=)
+
 # Only runs in a Sidekiq server process - or in gokiq-sidecar, which makes
 # Sidekiq believe it is one. Evidence of both lands in the job_runs table.
 Sidekiq.configure_server do |config|

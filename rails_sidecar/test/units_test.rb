@@ -1,0 +1,51 @@
+require_relative "test_helper"
+
+class UnitsTest < Minitest::Test
+  def test_auth
+    auth = GokiqSidecar::Auth.new("s3cret")
+    assert auth.allowed?("HTTP_AUTHORIZATION" => "Bearer s3cret")
+    refute auth.allowed?("HTTP_AUTHORIZATION" => "Bearer s3cre")
+    refute auth.allowed?("HTTP_AUTHORIZATION" => "bearer s3cret")
+    refute auth.allowed?("HTTP_AUTHORIZATION" => "s3cret")
+    refute auth.allowed?({})
+    assert GokiqSidecar::Auth.insecure.allowed?({})
+  end
+
+  def test_resolver_never_evaluates
+    r = GokiqSidecar::Resolver.new
+    assert_equal HardJob, r.job_class("HardJob")
+    assert_equal ActiveJob::QueueAdapters::SidekiqAdapter::JobWrapper, r.job_class("Sidekiq::ActiveJob::Wrapper")
+    ["`touch /tmp/x`", "HardJob; exit", "eval(1)", "Kernel", "File", "IO", "Object", "BasicObject",
+     "ActiveRecord::Base", "Rails", "A::", "::", "HardJob::"].each do |name|
+      assert_raises(GokiqSidecar::Resolver::InvalidClass, name) { r.job_class(name) }
+    end
+    refute defined?(Sidekiq::ActiveJob), "no global Sidekiq::ActiveJob constant shadowing ::ActiveJob"
+  end
+
+  def test_metrics_escape_labels
+    m = GokiqSidecar::Metrics.new
+    m.job_started
+    m.job_finished("A\"B\\C", "ok", 0.2)
+    text = m.to_prometheus
+    assert_includes text, %(gokiq_sidecar_jobs_total{class="A\\"B\\\\C",outcome="ok"} 1)
+    assert_includes text, %(gokiq_sidecar_job_duration_seconds_bucket{le="0.1"} 0)
+    assert_includes text, %(gokiq_sidecar_job_duration_seconds_bucket{le="0.25"} 1)
+  end
+
+  def test_json_logger_one_line_per_event
+    io = StringIO.new
+    log = GokiqSidecar::JsonLogger.new(io, level: "info")
+    log.debug("hidden")
+    log.info("job done", jid: "j", outcome: "ok")
+    lines = io.string.lines
+    assert_equal 1, lines.size
+    assert_equal "job done", JSON.parse(lines[0])["msg"]
+  end
+
+  def test_cli_parse
+    o = GokiqSidecar::CLI.parse(%w[--port 9000 --threads 2:8 --workers 2 --max-body-bytes 100 --drain-timeout 3 --rails-root /tmp])
+    assert_equal [9000, 2, 8, 2, 100, 3.0, "/tmp", "127.0.0.1"],
+                 [o.port, o.min_threads, o.max_threads, o.workers, o.max_body_bytes, o.drain_timeout, o.rails_root, o.bind]
+    assert_raises(OptionParser::InvalidArgument) { GokiqSidecar::CLI.parse(%w[--tls-cert a]) }
+  end
+end

@@ -1,0 +1,67 @@
+"""Settings: YAML < environment < flags, and a clear error naming the bad key."""
+
+from __future__ import annotations
+
+import pytest
+
+from gokiq_celery.settings import ConfigError, QueueSpec, load_settings, parse_queues
+
+
+def test_defaults_and_derived_values():
+    s = load_settings(environ={})
+    assert s.redis_url == "redis://127.0.0.1:6379/0"
+    assert s.broker_url == "redis://127.0.0.1:6379/1"
+    assert s.pending_limit == 40 and s.max_retries == 25 and s.sidekiq_version == 7
+    assert s.queues == (QueueSpec("default"),)
+    assert "sidecar_token" not in repr(load_settings(environ={"GOKIQ_SIDECAR_TOKEN": "s3cret"}))
+
+
+def test_yaml_then_environment_then_overrides(tmp_path):
+    path = tmp_path / "gokiq.yml"
+    path.write_text("queues: [[critical, 3], default]\nmax_retries: 5\njob_timeout: 30\n"
+                    "queue_map: {default: sidekiq-default}\n")
+    env = {"GOKIQ_MAX_RETRIES": "7", "REDIS_URL": "redis://r:6379/4"}
+    s = load_settings(path, environ=env, job_timeout=12)
+    assert s.queues == (QueueSpec("critical", 3), QueueSpec("default", 0))
+    assert (s.max_retries, s.job_timeout, s.redis_url) == (7, 12.0, "redis://r:6379/4")
+    assert s.broker_url == "redis://r:6379/5"
+    assert s.celery_queue("default") == "sidekiq-default" and s.celery_queue("x") == "x"
+
+
+def test_queue_strings_like_sidekiqs_command_line():
+    assert parse_queues("critical,3 default,1 low") == (
+        QueueSpec("critical", 3), QueueSpec("default", 1), QueueSpec("low", 0))
+
+
+@pytest.mark.parametrize(("env", "key"), [
+    ({"GOKIQ_MAX_RETRIES": "many"}, "max_retries"),
+    ({"GOKIQ_SIDEKIQ_VERSION": "5"}, "sidekiq_version"),
+    ({"GOKIQ_QUEUES": "critical,x"}, "queues"),
+    ({"GOKIQ_QUEUES": " "}, None),  # blank means unset: the default applies
+    ({"REDIS_URL": "http://x"}, "redis_url"),
+    ({"CELERY_BROKER_URL": "kafka://x"}, "celery_broker_url"),
+    ({"GOKIQ_JOB_TIMEOUT": "0"}, "job_timeout"),
+    ({"GOKIQ_STRICT": "maybe"}, "strict"),
+    ({"GOKIQ_QUEUE_MAP": "nonsense"}, "queue_map"),
+    ({"GOKIQ_LOG_LEVEL": "chatty"}, "log_level"),
+])
+def test_bad_values_name_the_key(env, key):
+    if key is None:
+        assert load_settings(environ=env).queues == (QueueSpec("default"),)
+        return
+    with pytest.raises(ConfigError) as info:
+        load_settings(environ=env)
+    assert str(info.value).startswith(key)
+
+
+def test_bad_config_files(tmp_path):
+    unknown = tmp_path / "a.yml"
+    unknown.write_text("max_retry: 3\n")
+    with pytest.raises(ConfigError, match="unknown setting.*max_retry"):
+        load_settings(unknown, environ={})
+    with pytest.raises(ConfigError, match="config file .*missing.yml"):
+        load_settings(tmp_path / "missing.yml", environ={})
+    broken = tmp_path / "b.yml"
+    broken.write_text("queues: [\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_settings(broken, environ={})

@@ -1,0 +1,65 @@
+"""The Redis side of the Sidekiq model against a real redis-server."""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime
+
+from gokiq_celery.sidekiq import Job, SidekiqStore
+
+
+def make(jid: str, **fields) -> Job:
+    return Job.build({"class": "HardJob", "args": [], "jid": jid, "queue": "default", **fields})
+
+
+def test_push_is_fifo_and_registers_the_queue(redis_client):
+    store = SidekiqStore(redis_client)
+    store.push("critical", make("a").text, make("b").text)
+    store.push("critical", make("c").text)
+    assert store.queue_names() == ["critical"]
+    assert Job.parse(store.oldest_in_queue("critical")).jid == "a"
+    assert [Job.parse(j).jid for j in reversed(store.queue_jobs("critical"))] == ["a", "b", "c"]
+
+
+def test_requeue_puts_the_exact_bytes_at_the_tail(redis_client):
+    store = SidekiqStore(redis_client)
+    store.push("default", make("waiting").text)
+    store.requeue("default", b'{"class":"X",  "args":[]}')
+    assert store.oldest_in_queue("default") == b'{"class":"X",  "args":[]}'
+    assert store.queue_size("default") == 2
+
+
+def test_dead_set_trims_like_sidekiq(redis_client):
+    store = SidekiqStore(redis_client, dead_max_jobs=3, dead_timeout_in_seconds=100)
+    now = time.time()
+    store.add_dead(make("old").text, now=now - 200)
+    for n in range(4):
+        store.add_dead(make(f"j{n}").text, now=now + n)
+    # at most max - 1 entries survive, and the one older than the timeout went first
+    assert [Job.parse(raw).jid for raw, _ in store.dead_set()] == ["j2", "j3"]
+
+
+def test_dead_set_keeps_unparseable_payloads_verbatim(redis_client):
+    store = SidekiqStore(redis_client)
+    store.add_dead(b"{not json", now=1795415930.8556859)
+    assert store.dead_set() == [(b"{not json", 1795415930.8556859)]
+
+
+def test_retry_and_schedule_scores_are_float_seconds(redis_client):
+    store = SidekiqStore(redis_client)
+    store.schedule_retry(make("r"), 1795419503.1287122)
+    store.schedule(make("s"), 1795419504.5)
+    assert store.retry_set()[0][1] == 1795419503.1287122
+    assert store.scheduled_set()[0][1] == 1795419504.5
+
+
+def test_stats_totals_and_daily_keys(redis_client):
+    store = SidekiqStore(redis_client)
+    now = time.time()
+    store.record_stats(processed=3, failed=1, now=now)
+    store.record_stats(processed=1, now=now)
+    day = datetime.fromtimestamp(now, UTC).strftime("%Y-%m-%d")
+    assert store.stats() == {"processed": 4, "failed": 1}
+    assert redis_client.get(f"stat:processed:{day}") == b"4"
+    assert 157_679_000 < redis_client.ttl(f"stat:failed:{day}") <= 157_680_000
+    assert redis_client.ttl("stat:processed") == -1
