@@ -18,6 +18,7 @@ import redis
 import requests
 from requests.adapters import HTTPAdapter
 
+from . import metrics
 from .settings import Settings
 from .sidekiq.job import Job, dumps
 from .sidekiq.retry import Failure
@@ -105,14 +106,17 @@ class SidecarClient:
                 reset_timeout=self.settings.breaker_reset_timeout,
                 state_storage=storage,
                 exclude=[SidecarTimeout],
+                listeners=[_BreakerMetrics()],
                 name="sidecar",
             )
+            metrics.observe_breaker(self._local.breaker.current_state)
         return self._local.breaker
 
     @property
     def session(self) -> requests.Session:
         if not hasattr(self._local, "session"):
             session = requests.Session()
+            session.trust_env = False  # no proxy/netrc lookups per call: the sidecar is local
             adapter = HTTPAdapter(pool_connections=1, pool_maxsize=4, max_retries=0)
             session.mount("http://", adapter)
             session.mount("https://", adapter)
@@ -143,6 +147,14 @@ class SidecarClient:
                 log.error("sidecar refused gokiq's token (401): check GOKIQ_SIDECAR_TOKEN")
             raise SidecarUnavailable(f"{self.base_url}{path}: HTTP {response.status_code}")
         return response
+
+
+class _BreakerMetrics(pybreaker.CircuitBreakerListener):
+    def state_change(self, cb, old_state, new_state) -> None:
+        metrics.observe_breaker(new_state.name)
+        log.warning(
+            "sidecar circuit breaker %s -> %s", old_state and old_state.name, new_state.name
+        )
 
 
 def _failure(response: requests.Response, body: dict[str, Any]) -> Failure:

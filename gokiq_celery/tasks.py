@@ -88,8 +88,6 @@ class Worker:
                 extra=_context(job, queue),
             )
             return "unavailable"
-        finally:
-            metrics.observe_breaker(self.sidecar.breaker.current_state)
         return self._settle(job, queue, execution)
 
     def _settle(self, job: Job, queue: str, execution: Execution) -> str:

@@ -64,6 +64,7 @@ class StandInSidecar:
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            disable_nagle_algorithm = True  # headers and body go out in two writes
 
             def do_POST(self) -> None:
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
@@ -99,11 +100,30 @@ def _behaviour(job: dict, run: int) -> tuple[int, dict]:
         return 500, _failed("RuntimeError", f"flaky {run}", args[1])
     if cls == "FlakyJob":
         return 200, {"status": "ok", "execution_time": 0.001}
-    return 422, {"status": "invalid_class", "error_class": "NameError",
-                 "error_message": f"uninitialized constant {cls}"}
+    return 422, {
+        "status": "invalid_class",
+        "error_class": "NameError",
+        "error_message": f"uninitialized constant {cls}",
+    }
 
 
 def _failed(error_class: str, message: str, retry_in) -> dict:
-    return {"status": "failed", "execution_time": 0.001, "error_class": error_class,
-            "error_message": message, "backtrace": ["app/jobs/x.rb:1:in `perform'"] * 3,
-            "retry_in": retry_in, "class_retry": None}
+    return {
+        "status": "failed",
+        "execution_time": 0.001,
+        "error_class": error_class,
+        "error_message": message,
+        "backtrace": ["app/jobs/x.rb:1:in `perform'"] * 3,
+        "retry_in": retry_in,
+        "class_retry": None,
+    }
+
+
+if __name__ == "__main__":  # a stand-in in its own process, for bench/
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Serve the stand-in sidecar until killed.")
+    parser.add_argument("--port", type=int, required=True)
+    port = parser.parse_args().port
+    with StandInSidecar(port) as sidecar:
+        sidecar.thread.join()

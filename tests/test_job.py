@@ -23,7 +23,10 @@ ACTIVE_JOB_PAYLOAD = (
 )
 
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False)
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=False, allow_infinity=False)
     | st.text(),
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
     max_leaves=10,
@@ -39,16 +42,23 @@ def test_parse_keeps_the_exact_text_and_reads_fields():
     job = Job.parse(SIDEKIQ_PAYLOAD.encode())
     assert job.raw == SIDEKIQ_PAYLOAD.encode()
     assert (job.class_name, job.jid, job.queue, job.retry) == (
-        "HardJob", "f480c497440052e0f83cbf1a", "default", True)
+        "HardJob",
+        "f480c497440052e0f83cbf1a",
+        "default",
+        True,
+    )
     assert job.args == [1, "two", {"three": 3}]
     assert job.display_class == "HardJob" and not job.is_active_job
 
 
-@pytest.mark.parametrize("wrapper", [
-    "ActiveJob::QueueAdapters::SidekiqAdapter::JobWrapper", "Sidekiq::ActiveJob::Wrapper"])
+@pytest.mark.parametrize(
+    "wrapper",
+    ["ActiveJob::QueueAdapters::SidekiqAdapter::JobWrapper", "Sidekiq::ActiveJob::Wrapper"],
+)
 def test_active_job_shows_the_wrapped_class_for_both_wrapper_names(wrapper):
-    job = Job.parse(ACTIVE_JOB_PAYLOAD.replace(
-        "ActiveJob::QueueAdapters::SidekiqAdapter::JobWrapper", wrapper))
+    job = Job.parse(
+        ACTIVE_JOB_PAYLOAD.replace("ActiveJob::QueueAdapters::SidekiqAdapter::JobWrapper", wrapper)
+    )
     assert job.is_active_job and job.display_class == "AjJob"
 
 
@@ -57,13 +67,21 @@ def test_display_class_wins_over_wrapped():
     assert job.display_class == "Z"
 
 
-@pytest.mark.parametrize(("raw", "reason"), [
-    (b"", "not JSON"), (b"{not json", "not JSON"), (b"\xff\xfe", "not JSON"),
-    (b"[1,2]", "not a JSON object"), (b'"x"', "not a JSON object"),
-    (b'{"args":[]}', "no class"), (b'{"class":"","args":[]}', "no class"),
-    (b'{"class":"A","args":{}}', "args is not an array"), (b'{"class":"A"}', "args is not an array"),
-    (b'{"class":"A","args":[],"jid":5}', "jid is not a string"),
-])
+@pytest.mark.parametrize(
+    ("raw", "reason"),
+    [
+        (b"", "not JSON"),
+        (b"{not json", "not JSON"),
+        (b"\xff\xfe", "not JSON"),
+        (b"[1,2]", "not a JSON object"),
+        (b'"x"', "not a JSON object"),
+        (b'{"args":[]}', "no class"),
+        (b'{"class":"","args":[]}', "no class"),
+        (b'{"class":"A","args":{}}', "args is not an array"),
+        (b'{"class":"A"}', "args is not an array"),
+        (b'{"class":"A","args":[],"jid":5}', "jid is not a string"),
+    ],
+)
 def test_invalid_payloads_say_why(raw, reason):
     with pytest.raises(InvalidJob) as info:
         Job.parse(raw)

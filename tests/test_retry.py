@@ -17,9 +17,17 @@ BOOM = Failure("ArgumentError", "boom", ("a.rb:1", "b.rb:2", "c.rb:3"))
 
 
 def job(**fields) -> Job:
-    return Job.build({"class": "FailJob", "args": [1], "jid": "1f07" * 6, "queue": "default",
-                      "retry": True,
-                      "created_at": NOW - 10, **fields})
+    return Job.build(
+        {
+            "class": "FailJob",
+            "args": [1],
+            "jid": "1f07" * 6,
+            "queue": "default",
+            "retry": True,
+            "created_at": NOW - 10,
+            **fields,
+        }
+    )
 
 
 class Fixed(random.Random):
@@ -31,11 +39,18 @@ class Fixed(random.Random):
         return self.value
 
 
-@pytest.mark.parametrize(("retry", "outcome", "limit"), [
-    (True, Outcome.RETRY, 25), (3, Outcome.RETRY, 3), ("5", Outcome.RETRY, 25),
-    (5.0, Outcome.RETRY, 25), (0, Outcome.DEAD, 0), (False, Outcome.DROP, 0),
-    (None, Outcome.DROP, 0),
-])
+@pytest.mark.parametrize(
+    ("retry", "outcome", "limit"),
+    [
+        (True, Outcome.RETRY, 25),
+        (3, Outcome.RETRY, 3),
+        ("5", Outcome.RETRY, 25),
+        (5.0, Outcome.RETRY, 25),
+        (0, Outcome.DEAD, 0),
+        (False, Outcome.DROP, 0),
+        (None, Outcome.DROP, 0),
+    ],
+)
 def test_retry_values_resolve_as_sidekiq(retry, outcome, limit):
     decision = RetryPolicy().decide(job(retry=retry), BOOM, "default", NOW)
     assert decision.outcome is outcome
@@ -57,16 +72,19 @@ def test_retry_n_runs_n_plus_one_times_then_dies_with_count_n():
         decision = policy.decide(current, BOOM, "default", NOW)
         outcomes.append((decision.outcome, decision.job.get("retry_count")))
         current = decision.job
-    assert outcomes == [(Outcome.RETRY, 0), (Outcome.RETRY, 1), (Outcome.RETRY, 2),
-                        (Outcome.DEAD, 3)]
+    assert outcomes == [
+        (Outcome.RETRY, 0),
+        (Outcome.RETRY, 1),
+        (Outcome.RETRY, 2),
+        (Outcome.DEAD, 3),
+    ]
 
 
 def test_error_fields_first_and_later_failures():
     first = RetryPolicy().decide(job(retry=True), BOOM, "default", NOW).job
     assert first.get("retry_count") == 0 and first.get("failed_at") == NOW
     assert "retried_at" not in first and "error_backtrace" not in first
-    second = RetryPolicy().decide(first, Failure("KeyError", "x" * 20_000), "default",
-                                  NOW + 20).job
+    second = RetryPolicy().decide(first, Failure("KeyError", "x" * 20_000), "default", NOW + 20).job
     assert second.get("retry_count") == 1 and second.get("retried_at") == NOW + 20
     assert second.get("failed_at") == NOW and second.get("error_class") == "KeyError"
     assert len(second.get("error_message")) == 10_000
@@ -83,8 +101,10 @@ def test_retry_queue_is_where_the_retry_goes():
     assert RetryPolicy().decide(job(queue="x"), BOOM, "popped", NOW).job.queue == "popped"
 
 
-@pytest.mark.parametrize(("count", "base"), [(0, 15), (1, 16), (2, 31), (3, 96), (4, 271),
-                                              (5, 640), (10, 10015), (24, 331791)])
+@pytest.mark.parametrize(
+    ("count", "base"),
+    [(0, 15), (1, 16), (2, 31), (3, 96), (4, 271), (5, 640), (10, 10015), (24, 331791)],
+)
 def test_delay_curve_without_jitter(count, base):
     assert RetryPolicy(rng=Fixed(0)).delay(count) == base
 
@@ -109,8 +129,9 @@ def test_retry_in_kill_and_discard():
     assert kill.outcome is Outcome.DEAD and kill.goes_to_dead_set
     discard = RetryPolicy().decide(job(), Failure("E", "m", retry_in="discard"), "q", NOW)
     assert discard.outcome is Outcome.DISCARD and not discard.goes_to_dead_set
-    v8 = RetryPolicy(sidekiq_version=8).decide(job(), Failure("E", "m", retry_in="discard"),
-                                               "q", NOW)
+    v8 = RetryPolicy(sidekiq_version=8).decide(
+        job(), Failure("E", "m", retry_in="discard"), "q", NOW
+    )
     assert v8.job.get("discarded_at") == int(NOW * 1000)
 
 

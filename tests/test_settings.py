@@ -18,8 +18,10 @@ def test_defaults_and_derived_values():
 
 def test_yaml_then_environment_then_overrides(tmp_path):
     path = tmp_path / "gokiq.yml"
-    path.write_text("queues: [[critical, 3], default]\nmax_retries: 5\njob_timeout: 30\n"
-                    "queue_map: {default: sidekiq-default}\n")
+    path.write_text(
+        "queues: [[critical, 3], default]\nmax_retries: 5\njob_timeout: 30\n"
+        "queue_map: {default: sidekiq-default}\n"
+    )
     env = {"GOKIQ_MAX_RETRIES": "7", "REDIS_URL": "redis://r:6379/4"}
     s = load_settings(path, environ=env, job_timeout=12)
     assert s.queues == (QueueSpec("critical", 3), QueueSpec("default", 0))
@@ -30,21 +32,27 @@ def test_yaml_then_environment_then_overrides(tmp_path):
 
 def test_queue_strings_like_sidekiqs_command_line():
     assert parse_queues("critical,3 default,1 low") == (
-        QueueSpec("critical", 3), QueueSpec("default", 1), QueueSpec("low", 0))
+        QueueSpec("critical", 3),
+        QueueSpec("default", 1),
+        QueueSpec("low", 0),
+    )
 
 
-@pytest.mark.parametrize(("env", "key"), [
-    ({"GOKIQ_MAX_RETRIES": "many"}, "max_retries"),
-    ({"GOKIQ_SIDEKIQ_VERSION": "5"}, "sidekiq_version"),
-    ({"GOKIQ_QUEUES": "critical,x"}, "queues"),
-    ({"GOKIQ_QUEUES": " "}, None),  # blank means unset: the default applies
-    ({"REDIS_URL": "http://x"}, "redis_url"),
-    ({"CELERY_BROKER_URL": "kafka://x"}, "celery_broker_url"),
-    ({"GOKIQ_JOB_TIMEOUT": "0"}, "job_timeout"),
-    ({"GOKIQ_STRICT": "maybe"}, "strict"),
-    ({"GOKIQ_QUEUE_MAP": "nonsense"}, "queue_map"),
-    ({"GOKIQ_LOG_LEVEL": "chatty"}, "log_level"),
-])
+@pytest.mark.parametrize(
+    ("env", "key"),
+    [
+        ({"GOKIQ_MAX_RETRIES": "many"}, "max_retries"),
+        ({"GOKIQ_SIDEKIQ_VERSION": "5"}, "sidekiq_version"),
+        ({"GOKIQ_QUEUES": "critical,x"}, "queues"),
+        ({"GOKIQ_QUEUES": " "}, None),  # blank means unset: the default applies
+        ({"REDIS_URL": "http://x"}, "redis_url"),
+        ({"CELERY_BROKER_URL": "kafka://x"}, "celery_broker_url"),
+        ({"GOKIQ_JOB_TIMEOUT": "0"}, "job_timeout"),
+        ({"GOKIQ_STRICT": "maybe"}, "strict"),
+        ({"GOKIQ_QUEUE_MAP": "nonsense"}, "queue_map"),
+        ({"GOKIQ_LOG_LEVEL": "chatty"}, "log_level"),
+    ],
+)
 def test_bad_values_name_the_key(env, key):
     if key is None:
         assert load_settings(environ=env).queues == (QueueSpec("default"),)

@@ -48,11 +48,14 @@ def stack(redis_server):
         )
         store = SidekiqStore.from_settings(settings)
         perform.worker = Worker(
-            settings, store, SidecarClient(settings, store.redis),
+            settings,
+            store,
+            SidecarClient(settings, store.redis),
             RetryPolicy(settings.max_retries, settings.sidekiq_version, rng=NoJitter()),
         )
-        with start_worker(app, pool="threads", concurrency=8, perform_ping_check=False,
-                          shutdown_timeout=10):
+        with start_worker(
+            app, pool="threads", concurrency=8, perform_ping_check=False, shutdown_timeout=10
+        ):
             yield sidecar, store, redis_server.client(broker_db)
 
 
@@ -69,14 +72,28 @@ def send(job: Job, queue: str = "default") -> None:
 
 def make_job(cls: str, args: list, **fields) -> Job:
     jid = "%024x" % random.getrandbits(96)
-    return Job.build({"retry": True, "queue": "default", "class": cls, "args": args, "jid": jid,
-                      "created_at": time.time(), **fields})
+    return Job.build(
+        {
+            "retry": True,
+            "queue": "default",
+            "class": cls,
+            "args": args,
+            "jid": jid,
+            "created_at": time.time(),
+            **fields,
+        }
+    )
 
 
 def settle(broker) -> None:
     """Wait until the worker acked every message (acks are late: only after the task ran)."""
-    wait_for(lambda: not any(broker.llen(q) for q in ("default", "critical", "low"))
-             and not broker.hlen("unacked"), message="messages never acked")
+    wait_for(
+        lambda: (
+            not any(broker.llen(q) for q in ("default", "critical", "low"))
+            and not broker.hlen("unacked")
+        ),
+        message="messages never acked",
+    )
 
 
 def dead_jobs(store: SidekiqStore) -> list[Job]:
@@ -126,13 +143,19 @@ def test_exhausted_job_lands_in_dead_set_with_sidekiq_fields(env):
     assert hook["run_hook"] is True and hook["error_class"] == "ArgumentError"
     # The last two runs were sent to the retry queue, as Sidekiq's retry_queue says.
     assert [c["queue"] for c in sidecar.calls["execute"] if c["job"]["jid"] == job.jid] == [
-        "default", "low", "low"]
+        "default",
+        "low",
+        "low",
+    ]
 
 
 @pytest.mark.parametrize(
     ("fields", "dead", "hook"),
-    [({"retry": 0}, True, True), ({"retry": False}, False, False),
-     ({"retry": 0, "dead": False}, False, True)],
+    [
+        ({"retry": 0}, True, True),
+        ({"retry": False}, False, False),
+        ({"retry": 0, "dead": False}, False, True),
+    ],
     ids=["retry-0", "retry-false", "dead-false"],
 )
 def test_no_retry_variants(env, stack, fields, dead, hook):
@@ -177,11 +200,14 @@ def test_invalid_payload_goes_to_dead_set_verbatim(env):
 
 def test_sidecar_down_spends_no_retry(env, stack):
     sidecar, store = env
-    settings = load_settings(redis_url=perform.worker.settings.redis_url, sidecar_token=TOKEN,
-                             sidecar_url=f"http://127.0.0.1:{free_port()}", breaker_fail_max=50)
+    settings = load_settings(
+        redis_url=perform.worker.settings.redis_url,
+        sidecar_token=TOKEN,
+        sidecar_url=f"http://127.0.0.1:{free_port()}",
+        breaker_fail_max=50,
+    )
     healthy = perform.worker
-    perform.worker = Worker(settings, store, SidecarClient(settings, store.redis),
-                            healthy.policy)
+    perform.worker = Worker(settings, store, SidecarClient(settings, store.redis), healthy.policy)
     try:
         job = make_job("OkJob", [7])
         send(job, "critical")

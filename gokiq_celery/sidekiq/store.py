@@ -268,6 +268,15 @@ class SidekiqStore:
             pipe.lrem(inflight_key(bridge_id, queue), 1, raw)
             pipe.execute()
 
+    def held_by_bridges(self) -> dict[str, int]:
+        """Every bridge in-flight or moving list in Redis, with its length (SCAN: for
+        operators and tests, not for hot paths)."""
+        held = {}
+        for pattern in (_inflight_prefix("*"), moving_key("*", "*")):
+            for key in self.redis.scan_iter(match=pattern, count=1000):
+                held[key.decode()] = self.redis.llen(key)
+        return held
+
     def inflight_jobs(self, bridge_id: str, queue: str) -> list[bytes]:
         return self.redis.lrange(inflight_key(bridge_id, queue), 0, -1)
 

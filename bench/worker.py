@@ -1,0 +1,170 @@
+"""Worker throughput per Celery pool: gokiq.perform against a stand-in sidecar vs a task that
+makes no HTTP call, on the same worker command line, in the same run.
+
+    .venv/bin/python bench/worker.py [--n 3000] [--pools threads,prefork]
+
+Prints tasks/s for both, their ratio, and the worker's RSS (the main process plus its pool
+children). Targets from the issue: the default pool keeps >= 70% of the no-HTTP rate with
+RSS <= 150 MB. Nothing here asserts; it measures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import redis
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from gokiq_celery.messages import TASK_NAME, publish_options  # noqa: E402
+from gokiq_celery.sidekiq import Job  # noqa: E402
+from tests.conftest import free_port, start_redis  # noqa: E402
+from tests.stand_in_sidecar import TOKEN  # noqa: E402
+
+QUEUE = "bench"
+
+
+def rss_mb(pid: int) -> float:
+    """RSS of a process and its children, in MB."""
+    pids = [pid, *_children(pid)]
+    total = 0
+    for p in pids:
+        try:
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+        except FileNotFoundError:
+            pass
+    return total / 1024
+
+
+def _children(pid: int) -> list[int]:
+    found = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
+    kids = [int(k) for k in found.split()]
+    return kids + [grandchild for kid in kids for grandchild in _children(kid)]
+
+
+def publish(app, task_name: str, n: int) -> None:
+    with app.producer_or_acquire() as producer:
+        for i in range(n):
+            job = Job.build(
+                {
+                    "class": "OkJob",
+                    "args": [i],
+                    "jid": f"{i:024x}",
+                    "retry": True,
+                    "queue": QUEUE,
+                    "created_at": time.time(),
+                }
+            )
+            options = publish_options(job, QUEUE) if task_name == TASK_NAME else {}
+            app.send_task(
+                task_name, args=(job.text, QUEUE), queue=QUEUE, producer=producer, **options
+            )
+
+
+def drained(broker: redis.Redis) -> bool:
+    return broker.llen(QUEUE) == 0 and broker.hlen("unacked") == 0
+
+
+def run_one(pool: str, task_name: str, n: int, server, sidecar_url: str) -> tuple[float, float]:
+    from celery import Celery
+
+    broker_db = 3
+    broker = server.client(broker_db)
+    broker.flushdb()
+    server.client(2).flushdb()
+    client_app = Celery("bench-client", broker=server.url(broker_db))
+    env = {
+        **os.environ,
+        "REDIS_URL": server.url(2),
+        "CELERY_BROKER_URL": server.url(broker_db),
+        "GOKIQ_SIDECAR_URL": sidecar_url,
+        "GOKIQ_SIDECAR_TOKEN": TOKEN,
+        "GOKIQ_QUEUES": QUEUE,
+        "GOKIQ_WORKER_METRICS_PORT": "0",
+        "GOKIQ_LOG_LEVEL": "WARNING",
+        "PYTHONPATH": str(REPO),
+    }
+    worker = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "bench.noop_app",
+            "worker",
+            f"--pool={pool}",
+            "--concurrency=20",
+            "-Q",
+            QUEUE,
+            "--loglevel=WARNING",
+            "--without-heartbeat",
+            "--without-mingle",
+            "--without-gossip",
+        ],
+        env=env,
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        publish(client_app, task_name, 200)  # warm up: connections, imports, pool children
+        _wait(lambda: drained(broker), 120)
+        publish(client_app, task_name, n)
+        started = time.monotonic()
+        peak = 0.0
+        while not drained(broker):
+            peak = max(peak, rss_mb(worker.pid))
+            time.sleep(0.05)
+        elapsed = time.monotonic() - started
+        return n / elapsed, max(peak, rss_mb(worker.pid))
+    finally:
+        worker.terminate()
+        worker.wait(30)
+
+
+def _wait(predicate, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise SystemExit("the worker did not drain its queue: is it failing? run it by hand")
+        time.sleep(0.05)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--n", type=int, default=3000, help="tasks per measurement")
+    parser.add_argument("--pools", default="threads,prefork", help="Celery pools to compare")
+    args = parser.parse_args()
+    import tempfile
+
+    server = start_redis(Path(tempfile.mkdtemp(prefix="gokiq-bench-")))
+    port = free_port()
+    sidecar = subprocess.Popen(
+        [sys.executable, "-m", "tests.stand_in_sidecar", "--port", str(port)], cwd=REPO
+    )
+    try:
+        time.sleep(0.5)
+        print(f"{'pool':8} {'task':14} {'tasks/s':>9} {'RSS MB':>8}")
+        for pool in args.pools.split(","):
+            rates = {}
+            for task in ("bench.noop", TASK_NAME):
+                rate, rss = run_one(pool, task, args.n, server, f"http://127.0.0.1:{port}")
+                rates[task] = rate
+                print(f"{pool:8} {task:14} {rate:9.0f} {rss:8.1f}", flush=True)
+            ratio = rates[TASK_NAME] / rates["bench.noop"]
+            print(f"{pool:8} gokiq.perform keeps {ratio:.0%} of the no-HTTP rate", flush=True)
+    finally:
+        sidecar.terminate()
+        server.process.terminate()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,173 @@
+"""Reliable fetch against a real Redis: queue order (weighted and strict), the in-flight
+list, recovery of a dead bridge's jobs, and bad payloads."""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+import urllib.request
+
+from gokiq_celery.settings import QueueSpec, parse_queues
+from gokiq_celery.sidekiq.store import DEAD, QUEUES, RETRY, SCHEDULE, queue_key
+
+from bridge.fetch import QueueOrder, ReliableFetcher
+
+from .conftest import free_port
+from .test_bridge_support import BridgeProcess, bridge_env, bridge_redis, make_job, wait_for
+
+__all__ = ["bridge_env", "bridge_redis"]  # fixtures used below
+
+
+def test_weighted_order_matches_sidekiq_first_choice_odds():
+    order = QueueOrder(parse_queues("critical,3 default,1"), rng=random.Random(7))
+    firsts = [order.next()[0] for _ in range(20_000)]
+    share = firsts.count("critical") / len(firsts)
+    assert 0.73 < share < 0.77
+    assert all(sorted(order.next()) == ["critical", "default"] for _ in range(100))
+
+
+def test_no_weights_or_strict_means_the_declared_order():
+    assert QueueOrder(parse_queues("a b c")).next() == ["a", "b", "c"]
+    strict = QueueOrder(parse_queues("a,1 b,5 c,9"), strict=True)
+    assert all(strict.next() == ["a", "b", "c"] for _ in range(50))
+    # 7.0+: every weight 1 is "random", not strict
+    assert not QueueOrder([QueueSpec("a", 1), QueueSpec("b", 1)]).strict
+
+
+def test_weighted_fetch_serves_queues_in_proportion(bridge_env):
+    store = bridge_env.store()
+    bridge_env.push("critical", [make_job(i, "critical") for i in range(3000)])
+    bridge_env.push("default", [make_job(i, "default") for i in range(3000)])
+    order = QueueOrder(parse_queues("critical,3 default,1"), rng=random.Random(1))
+    fetcher = ReliableFetcher(store, "b1", ["critical", "default"])
+    served = [fetcher.fetch(order.next(), 1).queue for _ in range(2000)]  # both stay non-empty
+    assert 0.71 < served.count("critical") / len(served) < 0.79
+
+
+def test_strict_fetch_drains_the_first_queue_first(bridge_env):
+    store = bridge_env.store()
+    bridge_env.push("critical", [make_job(i, "critical") for i in range(250)])
+    bridge_env.push("default", [make_job(i, "default") for i in range(50)])
+    order = QueueOrder(parse_queues("critical default"))
+    fetcher = ReliableFetcher(store, "b1", ["critical", "default"])
+    served = []
+    while (batch := fetcher.fetch(order.next(), 100)) is not None:
+        served.append((batch.queue, len(batch)))
+    assert served == [("critical", 100), ("critical", 100), ("critical", 50), ("default", 50)]
+
+
+def test_fetch_moves_exact_bytes_into_the_inflight_list_in_run_order(bridge_env):
+    store = bridge_env.store()
+    payloads = [make_job(1), make_job(2), "{not json", make_job(3, extra="é")]
+    bridge_env.push("default", payloads)  # LPUSH: payloads[0] is the tail, runs first
+    fetcher = ReliableFetcher(store, "b1", ["default"])
+    batch = fetcher.fetch(["default"], 10)
+    assert batch.raws == [p.encode() for p in payloads]
+    assert store.queue_size("default") == 0
+    assert sorted(store.inflight_jobs("b1", "default")) == sorted(batch.raws)
+    assert [raw for raw, _ in batch.poison] == [b"{not json"]
+    fetcher.ack(batch)  # the jobs, not the poison, which the bridge buries
+    assert store.inflight_jobs("b1", "default") == [b"{not json"]
+    fetcher.bury("default", b"{not json")
+    assert store.inflight_jobs("b1", "default") == []
+    assert [m for m, _ in store.dead_set()] == [b"{not json"]
+
+
+def test_release_puts_jobs_back_at_the_tail_in_their_original_order(bridge_env):
+    store = bridge_env.store()
+    bridge_env.push("default", [make_job(i) for i in range(10)])
+    store.register_bridge("gone", ["default"], ttl=0.2)
+    fetched = store.fetch_jobs("gone", ["default"], 4)[1]
+    store.redis.zadd(SCHEDULE, {make_job(99): time.time() + 3600})
+    moving = store.take_due(SCHEDULE, "gone", time.time() + 7200, 10)
+    assert len(moving) == 1
+    assert store.recover_dead_bridges() == {}  # heartbeat still there
+    time.sleep(0.3)
+    assert store.recover_dead_bridges() == {"gone": 5}
+    # The four fetched jobs run next again, in the same order as before.
+    assert store.queue_jobs("default")[-4:] == list(reversed(fetched))
+    assert [m for m, _ in store.scheduled_set()] == moving
+    assert store.bridge_ids() == []
+    assert bridge_env.held_by_bridges() == 0
+
+
+def test_recovery_never_touches_live_bridges_or_pro_private_queues(bridge_env):
+    store = bridge_env.store()
+    pro = queue_key("sq|host:1:abc|default")
+    store.redis.rpush(pro, make_job(1))
+    bridge_env.push("default", [make_job(i) for i in range(3)])
+    store.register_bridge("alive", ["default"], ttl=30)
+    store.fetch_jobs("alive", ["default"], 2)
+    assert store.recover_dead_bridges() == {}
+    assert len(store.inflight_jobs("alive", "default")) == 2
+    assert store.redis.llen(pro) == 1
+
+
+def test_poison_payloads_go_to_the_dead_set_raw_and_the_bridge_carries_on(bridge_env):
+    port = free_port()
+    garbage = bytes(random.Random(3).getrandbits(8) for _ in range(5 * 1024 * 1024))
+    poison = [
+        b"",
+        b"{not json",
+        b"[1,2]",
+        json.dumps({"args": [1], "jid": "x" * 24}).encode(),  # no class
+        json.dumps({"class": "HardJob", "args": "nope"}).encode(),
+        garbage,
+    ]
+    bridge_env.push("default", [*poison, make_job(1)])
+    with BridgeProcess(bridge_env, "--metrics-port", str(port), "--max-pending", "1000") as bridge:
+        wait_for(lambda: bridge_env.broker_count("default") == 1, timeout=20)
+        wait_for(lambda: bridge_env.redis.zcard(DEAD) == len(poison), timeout=10)
+        assert bridge.alive()
+        assert sorted(m for m, _ in bridge_env.store().dead_set()) == sorted(poison)
+        assert bridge_env.published_jids("default") == [f"{1:024x}"]
+        metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read().decode()
+        counted = sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in metrics.splitlines()
+            if line.startswith("gokiq_bridge_poison_total{")
+        )
+        assert counted == len(poison)
+        assert 'reason="not JSON"' in metrics and 'reason="no class"' in metrics
+        warnings = [line for line in bridge.log_lines() if line.get("reason")]
+        assert len(warnings) == len(poison)
+        assert all(line["queue"] == "default" for line in warnings)
+        assert bridge.terminate() == 0
+    assert bridge_env.held_by_bridges() == 0
+
+
+def test_status_endpoints(bridge_env):
+    port = free_port()
+    bridge_env.push("default", [make_job(1, enqueued_at=time.time() - 60)])
+    bridge_env.redis.zadd(RETRY, {make_job(2): time.time() + 3600})
+    url = f"http://127.0.0.1:{port}"
+    # --max-pending 0 with worker_concurrency 1: limit 2; the one job is published at once
+    with BridgeProcess(bridge_env, "--metrics-port", str(port), "--queues", "default") as bridge:
+        wait_for(lambda: _get(url + "/health") == (200, "ok\n"), timeout=20)
+        wait_for(lambda: _get(url + "/ready")[0] == 200, timeout=10)
+        wait_for(lambda: bridge_env.broker_count("default") == 1, timeout=10)
+        metrics = _get(url + "/metrics")[1]
+        for name in (
+            "gokiq_bridge_jobs_moved_total",
+            "gokiq_bridge_queue_size",
+            "gokiq_bridge_queue_latency_seconds",
+            "gokiq_bridge_inflight",
+            "gokiq_bridge_paused",
+            "gokiq_bridge_breaker_open",
+            "gokiq_bridge_set_size",
+        ):
+            assert name in metrics
+        wait_for(lambda: 'gokiq_bridge_set_size{set="retry"} 1.0' in _get(url + "/metrics")[1])
+        assert bridge_env.redis.sismember(QUEUES, "default")
+        assert bridge.terminate() == 0
+
+
+def _get(url: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+    except OSError:
+        return 0, ""
