@@ -8,10 +8,9 @@ import random
 import time
 import urllib.request
 
+from bridge.fetch import QueueOrder, ReliableFetcher
 from gokiq_celery.settings import QueueSpec, parse_queues
 from gokiq_celery.sidekiq.store import DEAD, QUEUES, RETRY, SCHEDULE, queue_key
-
-from bridge.fetch import QueueOrder, ReliableFetcher
 
 from .conftest import free_port
 from .test_bridge_support import BridgeProcess, bridge_env, bridge_redis, make_job, wait_for

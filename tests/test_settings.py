@@ -65,9 +65,9 @@ def test_bad_values_name_the_key(env, key):
 def test_bad_config_files(tmp_path):
     unknown = tmp_path / "a.yml"
     unknown.write_text("max_retry: 3\n")
-    with pytest.raises(ConfigError, match="unknown setting.*max_retry"):
+    with pytest.raises(ConfigError, match=r"unknown setting.*max_retry"):
         load_settings(unknown, environ={})
-    with pytest.raises(ConfigError, match="config file .*missing.yml"):
+    with pytest.raises(ConfigError, match=r"config file .*missing\.yml"):
         load_settings(tmp_path / "missing.yml", environ={})
     broken = tmp_path / "b.yml"
     broken.write_text("queues: [\n")

@@ -12,18 +12,18 @@ import pytest
 os.environ.setdefault("GOKIQ_QUEUES", "default critical low")
 os.environ.setdefault("GOKIQ_WORKER_METRICS_PORT", "0")
 
-from celery.contrib.testing.worker import start_worker  # noqa: E402
+from celery.contrib.testing.worker import start_worker
 
-from gokiq_celery.celery_app import app  # noqa: E402
-from gokiq_celery.messages import TASK_NAME, publish_options  # noqa: E402
-from gokiq_celery.settings import load_settings  # noqa: E402
-from gokiq_celery.sidecar import SidecarClient  # noqa: E402
-from gokiq_celery.sidekiq import Job, RetryPolicy, SidekiqStore  # noqa: E402
-from gokiq_celery.sidekiq.retry import decode_backtrace  # noqa: E402
-from gokiq_celery.tasks import Worker, perform  # noqa: E402
+from gokiq_celery.celery_app import app
+from gokiq_celery.messages import TASK_NAME, publish_options
+from gokiq_celery.settings import load_settings
+from gokiq_celery.sidecar import SidecarClient
+from gokiq_celery.sidekiq import Job, RetryPolicy, SidekiqStore
+from gokiq_celery.sidekiq.retry import decode_backtrace
+from gokiq_celery.tasks import Worker, perform
 
-from .conftest import free_port, wait_for  # noqa: E402
-from .stand_in_sidecar import TOKEN, StandInSidecar  # noqa: E402
+from .conftest import free_port, wait_for
+from .stand_in_sidecar import TOKEN, StandInSidecar
 
 
 class NoJitter(random.Random):
@@ -61,7 +61,7 @@ def stack(redis_server):
 
 @pytest.fixture
 def env(stack):
-    sidecar, store, broker = stack
+    sidecar, store, _broker = stack
     store.redis.flushdb()
     return sidecar, store
 
@@ -71,7 +71,7 @@ def send(job: Job, queue: str = "default") -> None:
 
 
 def make_job(cls: str, args: list, **fields) -> Job:
-    jid = "%024x" % random.getrandbits(96)
+    jid = f"{random.getrandbits(96):024x}"
     return Job.build(
         {
             "retry": True,
@@ -184,7 +184,7 @@ def test_long_delay_is_parked_in_the_retry_set(env, stack):
 
 
 def test_unknown_class_follows_its_retry_field(env):
-    sidecar, store = env
+    _sidecar, store = env
     job = make_job("UnknownJob", [], retry=0)
     send(job)
     wait_for(lambda: dead_jobs(store), message="unknown class did not fail like a raising job")
@@ -199,7 +199,7 @@ def test_invalid_payload_goes_to_dead_set_verbatim(env):
 
 
 def test_sidecar_down_spends_no_retry(env, stack):
-    sidecar, store = env
+    _sidecar, store = env
     settings = load_settings(
         redis_url=perform.worker.settings.redis_url,
         sidecar_token=TOKEN,
