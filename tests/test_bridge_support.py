@@ -169,7 +169,8 @@ class BridgeProcess:
         return code
 
     def log(self) -> str:
-        self.log_file.flush()
+        if not self.log_file.closed:
+            self.log_file.flush()
         return self.log_path.read_text(errors="replace")
 
     def log_lines(self) -> list[dict]:

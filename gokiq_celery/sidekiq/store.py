@@ -254,11 +254,9 @@ class SidekiqStore:
 
     def ack_inflight(self, bridge_id: str, queue: str, jobs: Iterable[bytes]) -> None:
         """Forget jobs the broker has accepted: LREM each one's exact bytes, once."""
-        key = inflight_key(bridge_id, queue)
-        with self.redis.pipeline(transaction=False) as pipe:
-            for job in jobs:
-                pipe.lrem(key, 1, job)
-            pipe.execute()
+        jobs = list(jobs)
+        if jobs:
+            self.script("ack_inflight")(keys=[inflight_key(bridge_id, queue)], args=jobs)
 
     def bury_inflight(self, bridge_id: str, queue: str, raw: bytes, reason: str = "") -> None:
         """A fetched payload that is not a job: into the dead set as the exact bytes read, and
@@ -272,7 +270,7 @@ class SidekiqStore:
         """Every bridge in-flight or moving list in Redis, with its length (SCAN: for
         operators and tests, not for hot paths)."""
         held = {}
-        for pattern in (_inflight_prefix("*"), moving_key("*", "*")):
+        for pattern in (inflight_key("*", "*"), moving_key("*", "*")):
             for key in self.redis.scan_iter(match=pattern, count=1000):
                 held[key.decode()] = self.redis.llen(key)
         return held

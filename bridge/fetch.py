@@ -1,0 +1,107 @@
+"""Reliable fetch: jobs move atomically from `queue:<q>` into this bridge's in-flight list, and
+leave it only once the broker has accepted them. A bridge that dies leaves its in-flight lists
+behind; any other bridge gives them back to their queues once the dead one's heartbeat expires.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from gokiq_celery.settings import QueueSpec
+from gokiq_celery.sidekiq.job import InvalidJob, Job
+from gokiq_celery.sidekiq.store import SidekiqStore
+
+
+class QueueOrder:
+    """The order in which queues are tried on each fetch, as Sidekiq does it (reference §6).
+
+    Strict (`--strict`, or no queue has a weight): always the declared order, so a busy first
+    queue starves the others. Weighted: each queue appears max(weight, 1) times, the list is
+    shuffled on every fetch and only the first occurrence of each name is kept, so a queue
+    comes first with probability weight / total weight.
+    """
+
+    def __init__(
+        self, specs: Sequence[QueueSpec], strict: bool = False, rng: random.Random | None = None
+    ) -> None:
+        self.names = list(dict.fromkeys(spec.name for spec in specs))
+        self.strict = strict or all(spec.weight == 0 for spec in specs)
+        self.expanded = [spec.name for spec in specs for _ in range(max(spec.weight, 1))]
+        self.rng = rng or random.Random()
+
+    def next(self) -> list[str]:
+        if self.strict:
+            return list(self.names)
+        shuffled = list(self.expanded)
+        self.rng.shuffle(shuffled)
+        return list(dict.fromkeys(shuffled))
+
+
+@dataclass
+class Batch:
+    """Jobs fetched from one queue together; they sit in the in-flight list until acked."""
+
+    queue: str
+    raws: list[bytes]
+    jobs: list[Job] = field(default_factory=list)
+    job_raws: list[bytes] = field(default_factory=list)  # the exact bytes of each job, to ack
+    poison: list[tuple[bytes, str]] = field(default_factory=list)  # (raw, reason)
+    published: bool = False
+
+    def __post_init__(self) -> None:
+        for raw in self.raws:
+            try:
+                self.jobs.append(Job.parse(raw))
+                self.job_raws.append(raw)
+            except InvalidJob as exc:
+                self.poison.append((raw, exc.reason))
+
+    def __len__(self) -> int:
+        return len(self.raws)
+
+
+class ReliableFetcher:
+    """Moves jobs from Sidekiq's queues into (and out of) one bridge's in-flight lists."""
+
+    def __init__(self, store: SidekiqStore, bridge_id: str, queues: Sequence[str]) -> None:
+        self.store = store
+        self.bridge_id = bridge_id
+        self.queues = list(queues)
+
+    def fetch(self, order: Sequence[str], limit: int) -> Batch | None:
+        """Up to `limit` jobs from the first non-empty queue of `order`; None when all are empty.
+
+        Never blocks: a Lua script cannot block, and BLMOVE only watches one list. The caller
+        sleeps briefly when nothing came back (see `Bridge.IDLE_SLEEP`).
+        """
+        found = self.store.fetch_jobs(self.bridge_id, order, limit)
+        if found is None:
+            return None
+        queue, raws = found
+        return Batch(queue, raws)
+
+    def ack(self, batch: Batch) -> None:
+        """The broker holds the batch's jobs now: drop their exact bytes from in-flight."""
+        self.store.ack_inflight(self.bridge_id, batch.queue, batch.job_raws)
+
+    def bury(self, queue: str, raw: bytes) -> None:
+        """Not a job: to the dead set, raw, and out of the in-flight list, atomically."""
+        self.store.bury_inflight(self.bridge_id, queue, raw)
+
+    def inflight_count(self) -> int:
+        return self.store.inflight_count(self.bridge_id, self.queues)
+
+    def register(self, ttl: float) -> None:
+        """Announce this bridge (also its heartbeat: call it well within `ttl`)."""
+        self.store.register_bridge(self.bridge_id, self.queues, ttl)
+
+    def release(self) -> int:
+        """Clean shutdown: every job this bridge still holds goes back (in-flight ones to the
+        tail of their queue, so they run next), and the bridge is forgotten."""
+        return self.store.release_bridge(self.bridge_id)
+
+    def recover_dead_bridges(self) -> dict[str, int]:
+        """Give back the jobs of every bridge whose heartbeat has expired: {bridge id: jobs}."""
+        return self.store.recover_dead_bridges()

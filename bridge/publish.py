@@ -1,0 +1,265 @@
+"""Publishing jobs to Celery, and holding back while Celery cannot keep up.
+
+Each job becomes one `gokiq.perform(payload_text, queue)` task message (Celery protocol 2,
+JSON), with task id = jid and shown under the job's class name. The bridge has its own small
+Celery app so it never imports the workers' `celeryconfig.py`.
+
+Why not `app.send_task`: it routes every message through an exchange lookup (one Redis round
+trip per message on the Redis transport) and tops out near 6,000 messages/s. Building the
+message with `app.amqp.as_task_v2` and publishing it to the default exchange ("", routing key =
+queue name, which both Redis and AMQP deliver straight to the queue of that name) inside
+kombu's `Producer.batch()` sends a whole batch in one pipeline (see bench/bridge.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import socket
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from urllib.parse import urlsplit
+
+from celery import Celery
+from kombu import Connection, Producer, Queue, serialization
+from kombu.exceptions import ChannelError
+from kombu.transport import redis as kombu_redis
+from kombu.utils import json as kombu_json
+
+from gokiq_celery.messages import TASK_NAME, argsrepr, celery_retries
+from gokiq_celery.settings import Settings
+from gokiq_celery.sidekiq.job import Job
+from gokiq_celery.sidekiq.store import SidekiqStore
+
+from .metrics import BridgeMetrics
+
+log = logging.getLogger(__name__)
+
+PERSISTENT = 2  # AMQP delivery mode: the broker keeps the message on disk
+
+
+def bridge_celery_app() -> Celery:
+    """A Celery app that only builds task messages: protocol 2, JSON, as the workers expect."""
+    app = Celery("gokiq-bridge", set_as_current=False)
+    app.conf.update(task_serializer="json", accept_content=["json"], task_protocol=2)
+    return app
+
+
+def broker_connection(broker_url: str) -> Connection:
+    """A kombu connection to exactly `broker_url`.
+
+    Not `app.connection_for_write()`: Celery lets the CELERY_BROKER_URL environment variable
+    win over the configured broker, which would make `--broker-url` silently ignored.
+    """
+    scheme = urlsplit(broker_url).scheme
+    options = {}
+    if scheme in {"redis", "rediss"}:
+        # A stalled broker must raise (and be retried), not hang the bridge forever.
+        options = {"socket_timeout": 10, "socket_connect_timeout": 3}
+    elif scheme in {"amqp", "amqps", "pyamqp"}:
+        # Only a confirmed publish lets the bridge drop the job from its in-flight list.
+        options = {"confirm_publish": True}
+    return Connection(broker_url, transport_options=options, connect_timeout=3)
+
+
+class Publisher:
+    """Sends batches of jobs to their Celery queues over one reused connection."""
+
+    def __init__(self, settings: Settings, app: Celery | None = None) -> None:
+        self.settings = settings
+        self.app = app or bridge_celery_app()
+        self.origin = f"gokiq-bridge@{socket.gethostname()}"
+        self._connection: Connection | None = None
+        self._producer: Producer | None = None
+        self._declared: set[str] = set()
+        self.fast_path = True  # one LPUSH per batch on a Redis broker (see _publish_redis)
+
+    # -- connection -------------------------------------------------------------------------
+
+    def _ensure_producer(self) -> Producer:
+        if self._producer is None:
+            self._connection = broker_connection(self.settings.broker_url)
+            self._connection.ensure_connection(max_retries=1)
+            self._producer = Producer(self._connection.default_channel)
+            self._declared.clear()
+        return self._producer
+
+    def reset(self) -> None:
+        """Drop the connection after an error; the next call opens a fresh one."""
+        connection, self._connection, self._producer = self._connection, None, None
+        if connection is not None:
+            with contextlib.suppress(Exception):
+                connection.close()
+
+    def close(self) -> None:
+        self.reset()
+
+    def _declare(self, producer: Producer, celery_queue: str) -> None:
+        # Publishing to the default exchange drops messages for a queue that does not exist
+        # (AMQP), so declare it first, the way the workers' `task_queues` do.
+        if celery_queue not in self._declared:
+            Queue(celery_queue).bind(producer.channel).declare()
+            self._declared.add(celery_queue)
+
+    # -- publishing -------------------------------------------------------------------------
+
+    def publish(self, queue: str, jobs: Sequence[Job]) -> None:
+        """Publish jobs from Sidekiq `queue`; returns once the broker accepted all of them."""
+        if not jobs:
+            return
+        celery_queue = self.settings.celery_queue(queue)
+        producer = self._ensure_producer()
+        self._declare(producer, celery_queue)
+        if self.fast_path and _is_kombu_redis(producer.channel):
+            self._publish_redis(producer.channel, jobs, queue, celery_queue)
+            return
+        batch = producer.batch(max_size=2 * len(jobs) + 1) if hasattr(producer, "batch") else None
+        with batch or contextlib.nullcontext():
+            for job in jobs:
+                message = self.task_message(job, queue)
+                producer.publish(
+                    message.body,
+                    exchange="",
+                    routing_key=celery_queue,
+                    serializer="json",
+                    headers=message.headers,
+                    delivery_mode=PERSISTENT,
+                    retry=False,
+                    declare=None,
+                    **message.properties,
+                )
+
+    def task_message(self, job: Job, queue: str):
+        """Celery's protocol 2 message for one job: `gokiq.perform(payload_text, queue)`."""
+        return self.app.amqp.as_task_v2(
+            job.jid or uuid.uuid4().hex,
+            TASK_NAME,
+            args=(job.text, queue),
+            shadow=job.display_class,
+            argsrepr=argsrepr(job, queue),
+            kwargsrepr="{}",
+            retries=celery_retries(job),
+            origin=self.origin,
+        )
+
+    def _publish_redis(self, channel, jobs: Sequence[Job], queue: str, celery_queue: str) -> None:
+        """The Redis transport's publish, for a whole batch in one LPUSH.
+
+        kombu's Producer sends one LPUSH per message; here each message is prepared by the
+        same channel methods kombu's `basic_publish` uses (so the envelope is identical: see
+        tests/test_bridge_publish.py) and the batch goes in one command, in order.
+        """
+        envelopes = [self.redis_envelope(channel, job, queue, celery_queue) for job in jobs]
+        with channel.conn_or_acquire() as client:
+            client.lpush(channel._q_for_pri(celery_queue, 0), *envelopes)
+
+    def redis_envelope(self, channel, job: Job, queue: str, celery_queue: str) -> str:
+        message = self.task_message(job, queue)
+        content_type, content_encoding, body = serialization.dumps(message.body, "json")
+        envelope = channel.prepare_message(
+            body,
+            0,
+            content_type,
+            content_encoding,
+            message.headers,
+            {**message.properties, "delivery_mode": PERSISTENT},
+        )
+        channel._inplace_augment_message(envelope, "", celery_queue)
+        return kombu_json.dumps(envelope)
+
+    def pending(self, celery_queue: str) -> int:
+        """Messages waiting in a Celery queue (not yet taken by a worker)."""
+        producer = self._ensure_producer()
+        try:
+            return producer.channel.queue_declare(queue=celery_queue, passive=True).message_count
+        except ChannelError:
+            return 0  # Redis transport: the queue does not exist yet, so it is empty
+
+    def ping(self) -> None:
+        """Raise if the broker cannot be reached."""
+        self._ensure_producer()
+        self._connection.ensure_connection(max_retries=1)
+
+
+def _is_kombu_redis(channel) -> bool:
+    # Only kombu's own Redis channel, with the methods the fast path relies on; anything else
+    # (AMQP, a kombu that changed) takes the Producer path.
+    return isinstance(channel, kombu_redis.Channel) and all(
+        hasattr(channel, name)
+        for name in ("prepare_message", "_inplace_augment_message", "_q_for_pri", "conn_or_acquire")
+    )
+
+
+class Backpressure:
+    """Decides which queues the bridge may fetch from now, and how many jobs.
+
+    A Sidekiq queue is held back while its Celery queue holds `pending_limit` messages or
+    more; everything is held while the sidecar's circuit breaker is open. The jobs simply wait
+    in Sidekiq's queues. Counts are read at most every `REFRESH` seconds and estimated in
+    between (what was read plus what we published since), re-read sooner when near the limit.
+    """
+
+    REFRESH = 0.15
+    REFRESH_WHEN_FULL = 0.01
+
+    def __init__(
+        self,
+        settings: Settings,
+        publisher: Publisher,
+        store: SidekiqStore,
+        metrics: BridgeMetrics,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.settings = settings
+        self.publisher = publisher
+        self.store = store
+        self.metrics = metrics
+        self.clock = clock
+        self.limit = settings.pending_limit
+        self.pending: dict[str, int] = {}
+        self.breaker_is_open = False
+        self._checked_at = float("-inf")
+        self._breaker = None
+
+    def _celery_queues(self, queues: Sequence[str]) -> list[str]:
+        return list(dict.fromkeys(self.settings.celery_queue(q) for q in queues))
+
+    def refresh(self, queues: Sequence[str]) -> None:
+        """Read the pending counts and the breaker if the last reading is old enough."""
+        full = self.breaker_is_open or any(
+            self.pending.get(cq, 0) >= self.limit for cq in self._celery_queues(queues)
+        )
+        interval = self.REFRESH_WHEN_FULL if full else self.REFRESH
+        now = self.clock()
+        if now - self._checked_at < interval:
+            return
+        for cq in self._celery_queues(queues):
+            self.pending[cq] = self.publisher.pending(cq)
+        self._read_breaker()
+        self._checked_at = now
+
+    def _read_breaker(self) -> None:
+        if self._breaker is None:
+            self._breaker = self.store.breaker_storage()
+        raw_open = self._breaker.state == "open"
+        self.breaker_is_open = raw_open and self.store.breaker_open(
+            self._breaker, reset_timeout=self.settings.breaker_reset_timeout
+        )
+        self.metrics.breaker_open.set(1 if raw_open else 0)
+        self.metrics.paused.labels("breaker").set(1 if self.breaker_is_open else 0)
+
+    def room(self, queue: str) -> int:
+        return self.limit - self.pending.get(self.settings.celery_queue(queue), 0)
+
+    def allowed(self, order: Sequence[str]) -> list[str]:
+        """The queues of `order` the bridge may fetch from now, order kept."""
+        if self.breaker_is_open:
+            return []
+        allowed = [q for q in order if self.room(q) > 0]
+        self.metrics.paused.labels("pending").set(0 if len(allowed) == len(order) else 1)
+        return allowed
+
+    def note_published(self, queue: str, count: int) -> None:
+        cq = self.settings.celery_queue(queue)
+        self.pending[cq] = self.pending.get(cq, 0) + count

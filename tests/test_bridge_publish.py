@@ -1,0 +1,82 @@
+"""What the bridge sends to Celery: one `gokiq.perform(payload_text, queue)` message per job,
+task id = jid, shown as the job's class, Celery's retry counter = Sidekiq's retry_count + 1."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+from celery import Celery
+from celery.contrib.testing.worker import start_worker
+
+from bridge.publish import Publisher
+from gokiq_celery.sidekiq.job import Job
+
+from .test_bridge_support import bridge_env, bridge_redis, make_job
+
+__all__ = ["bridge_env", "bridge_redis"]  # fixtures used below
+
+WRAPPER = "ActiveJob::QueueAdapters::SidekiqAdapter::JobWrapper"
+
+
+def test_message_headers_and_body(bridge_env):
+    publisher = Publisher(bridge_env.settings(queue_map={"default": "celery_default"}))
+    big = make_job(1, args=["x" * 1_000_000])
+    active_job = make_job(2, **{"class": WRAPPER, "wrapped": "AjJob", "retry_count": 3})
+    publisher.publish("default", [Job.parse(big), Job.parse(active_job)])
+    first, second = bridge_env.messages("celery_default")
+    assert first["headers"]["task"] == "gokiq.perform"
+    assert first["headers"]["id"] == f"{1:024x}"
+    assert first["args"] == [big, "default"] and first["kwargs"] == {}
+    assert first["headers"]["shadow"] == "HardJob"
+    assert first["headers"]["retries"] == 0
+    assert len(first["headers"]["argsrepr"]) < 250
+    assert first["headers"]["kwargsrepr"] == "{}"
+    assert second["headers"]["shadow"] == "AjJob"
+    assert second["headers"]["retries"] == 4
+    assert second["args"][0] == active_job  # the exact text as read
+
+
+def test_the_one_lpush_fast_path_writes_what_kombus_producer_writes(bridge_env):
+    jobs = [Job.parse(make_job(n, retry_count=n)) for n in range(3)]
+    fast = Publisher(bridge_env.settings(queue_map={"default": "fast"}))
+    slow = Publisher(bridge_env.settings(queue_map={"default": "slow"}))
+    slow.fast_path = False
+    fast.publish("default", jobs)
+    slow.publish("default", jobs)
+
+    def envelopes(queue):
+        out = []
+        for raw in reversed(bridge_env.broker.lrange(queue, 0, -1)):
+            envelope = json.loads(raw)
+            del envelope["properties"]["delivery_tag"]  # a fresh uuid per message
+            envelope["properties"]["delivery_info"]["routing_key"] = "*"
+            out.append(envelope)
+        return out
+
+    assert envelopes("fast") == envelopes("slow")
+    assert [m["headers"]["id"] for m in bridge_env.messages("fast")] == [j.jid for j in jobs]
+
+
+def test_a_celery_worker_runs_what_the_bridge_published(bridge_env):
+    app = Celery("bridge-test", broker=bridge_env.broker_url, set_as_current=False)
+    app.conf.update(
+        task_serializer="json", accept_content=["json"], worker_hijack_root_logger=False
+    )
+    seen = []
+    done = threading.Event()
+
+    @app.task(name="gokiq.perform", bind=True)
+    def perform(self, payload_text, queue):
+        seen.append((self.request.id, self.request.retries, payload_text, queue))
+        if len(seen) == 2:
+            done.set()
+
+    jobs = [make_job(1), make_job(2, retry_count=0)]
+    Publisher(bridge_env.settings()).publish("default", [Job.parse(j) for j in jobs])
+    with start_worker(app, pool="solo", perform_ping_check=False, queues=["default"]):
+        assert done.wait(20)
+    assert sorted(seen) == [
+        (f"{1:024x}", 0, jobs[0], "default"),
+        (f"{2:024x}", 1, jobs[1], "default"),
+    ]

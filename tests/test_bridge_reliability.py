@@ -1,0 +1,192 @@
+"""No job lost, ever: real `gokiq-bridge` processes killed with SIGKILL, stopped with SIGTERM,
+run three at a time, cut off from their broker, and held back by backpressure."""
+
+from __future__ import annotations
+
+import collections
+import random
+import time
+from datetime import UTC, datetime
+
+import pybreaker
+
+from gokiq_celery.sidekiq.store import BREAKER_NAMESPACE
+
+from .conftest import free_port, start_redis
+from .test_bridge_support import BridgeProcess, bridge_env, bridge_redis, make_job, wait_for
+
+__all__ = ["bridge_env", "bridge_redis"]  # fixtures used below
+
+FAST_RECOVERY = ("--heartbeat-ttl", "1", "--recovery-interval", "0.5", "--max-pending", "10000000")
+
+
+def jids(n: int, start: int = 0) -> list[str]:
+    return [f"{i:024x}" for i in range(start, start + n)]
+
+
+def test_kill_9_repeatedly_while_draining_loses_nothing(bridge_env):
+    total, batch = 10_000, 50
+    bridge_env.push("default", [make_job(i) for i in range(total)])
+    args = (*FAST_RECOVERY, "--batch-size", str(batch))
+    rng = random.Random(5)
+    kills = 0
+    while kills < 5 and bridge_env.store().queue_size("default") > 0:
+        bridge = BridgeProcess(bridge_env, *args, name=f"killed-{kills}")
+        before = bridge_env.broker_count("default")
+        # Kill it while it publishes: wait for its first publish, then a little more.
+        wait_for(
+            lambda b=before, p=bridge: bridge_env.broker_count("default") > b or not p.alive(),
+            timeout=30,
+            interval=0.005,
+        )
+        time.sleep(rng.uniform(0, 0.05))
+        bridge.kill()
+        kills += 1
+    assert kills >= 3, "the bridge drained everything before it could be killed 3 times"
+
+    with BridgeProcess(bridge_env, *args, name="survivor") as survivor:
+        # The survivor recovers the dead bridges' in-flight lists once their heartbeats expire.
+        wait_for(
+            lambda: (
+                bridge_env.store().queue_size("default") == 0
+                and bridge_env.held_by_bridges() == 0
+                and set(bridge_env.published_jids("default")) == set(jids(total))
+            ),
+            timeout=60,
+            interval=0.2,
+        )
+        assert survivor.terminate() == 0
+
+    published = bridge_env.published_jids("default")
+    duplicates = len(published) - total
+    assert set(published) == set(jids(total))
+    assert duplicates <= kills * batch
+    assert bridge_env.store().bridge_ids() == []
+
+
+def test_three_bridges_at_once_publish_each_job_exactly_once(bridge_env):
+    per_queue = 6_000
+    bridge_env.push("critical", [make_job(i, "critical") for i in range(per_queue)])
+    bridge_env.push("default", [make_job(i, "default") for i in range(per_queue, 2 * per_queue)])
+    queues = ("--queues", "critical,3 default,1", "--max-pending", "10000000")
+    bridges = [BridgeProcess(bridge_env, *queues, name=f"b{i}") for i in range(3)]
+    try:
+        wait_for(
+            lambda: bridge_env.broker_count("critical", "default") >= 2 * per_queue,
+            timeout=60,
+            interval=0.1,
+        )
+        assert [b.terminate() for b in bridges] == [0, 0, 0]
+    finally:
+        for b in bridges:
+            b.__exit__()
+    critical = bridge_env.published_jids("critical")
+    default = bridge_env.published_jids("default")
+    assert sorted(critical) == jids(per_queue)
+    assert sorted(default) == jids(per_queue, per_queue)
+    assert bridge_env.held_by_bridges() == 0
+    # Each stopped cleanly, giving back nothing it should have kept.
+    assert all("gokiq-bridge stopped" in b.log() for b in bridges)
+
+
+def test_sigterm_stops_cleanly_and_gives_back_what_was_not_published(bridge_env):
+    total = 30_000
+    bridge_env.push("default", [make_job(i) for i in range(total)])
+    with BridgeProcess(bridge_env, "--max-pending", "10000000", "--batch-size", "200") as bridge:
+        wait_for(lambda: bridge_env.broker_count("default") > 0, timeout=30, interval=0.005)
+        assert bridge.terminate() == 0
+    published = bridge_env.published_jids("default")
+    left = bridge_env.store().queue_size("default")
+    assert bridge_env.held_by_bridges() == 0
+    assert len(published) == len(set(published))
+    assert len(published) + left == total
+    assert bridge_env.store().bridge_ids() == []
+    if left:  # what was not published is back, the next job to run first
+        assert bridge_env.store().oldest_in_queue("default") == make_job(len(published)).encode()
+
+
+def test_a_dead_bridges_inflight_jobs_are_recovered_and_published(bridge_env):
+    total = 20_000
+    bridge_env.push("default", [make_job(i) for i in range(total)])
+    held = 0
+    for attempt in range(5):  # kill it at a moment it holds jobs (nearly always, when busy)
+        with BridgeProcess(bridge_env, *FAST_RECOVERY, name=f"dying-{attempt}") as dying:
+            wait_for(lambda: bridge_env.broker_count("default") > 0, timeout=30, interval=0.005)
+            dying.kill()
+        held = bridge_env.held_by_bridges()
+        if held:
+            break
+    assert held > 0
+    # Started before the dead bridge's 1 s heartbeat expires: its periodic recovery finds it.
+    with BridgeProcess(bridge_env, *FAST_RECOVERY, name="healthy") as healthy:
+        wait_for(
+            lambda: set(bridge_env.published_jids("default")) == set(jids(total)),
+            timeout=60,
+            interval=0.2,
+        )
+        recovered = [line for line in healthy.log_lines() if "dead_bridge" in line]
+        assert sum(line["returned"] for line in recovered) >= held
+        assert healthy.terminate() == 0
+    assert bridge_env.held_by_bridges() == 0
+    assert bridge_env.store().bridge_ids() == []
+
+
+def test_broker_down_then_back_publishes_everything(bridge_env, tmp_path):
+    port = free_port()
+    brokers = [start_redis(tmp_path / "broker", port)]
+    bridge_env.push("default", [make_job(i) for i in range(100)])
+    try:
+        with BridgeProcess(
+            bridge_env, "--broker-url", brokers[0].url(0), "--max-pending", "100000"
+        ) as bridge:
+            wait_for(lambda: brokers[0].client(0).llen("default") == 100, timeout=30)
+            brokers[0].process.kill()
+            brokers[0].process.wait(10)
+            bridge_env.push("default", [make_job(i) for i in range(100, 300)])
+            time.sleep(1.5)
+            assert bridge.alive()
+            assert bridge_env.store().queue_size("default") + bridge_env.held_by_bridges() == 200
+            # A new, empty broker on the same port: the first 100 were lost with the old one.
+            brokers.append(start_redis(tmp_path / "broker", port))
+            wait_for(lambda: brokers[1].client(0).llen("default") == 200, timeout=30)
+            assert bridge.terminate() == 0
+        assert any("retrying in" in line.get("msg", "") for line in bridge.log_lines())
+    finally:
+        for broker in brokers:
+            broker.process.kill()
+            broker.process.wait(10)
+
+
+def test_backpressure_pauses_at_max_pending_and_resumes(bridge_env):
+    bridge_env.push("default", [make_job(i) for i in range(500)])
+    with BridgeProcess(bridge_env, "--max-pending", "50", "--batch-size", "100") as bridge:
+        wait_for(lambda: bridge_env.broker_count("default") == 50, timeout=30)
+        time.sleep(0.5)
+        assert bridge_env.broker_count("default") == 50
+        assert bridge_env.store().queue_size("default") == 450
+        seen = collections.Counter()
+        # A "worker" drains the Celery queue; the bridge refills it up to the limit.
+        deadline = time.monotonic() + 30
+        while len(seen) < 500 and time.monotonic() < deadline:
+            for jid in bridge_env.published_jids("default"):
+                seen[jid] += 1
+            bridge_env.broker.delete("default")
+            time.sleep(0.05)
+        assert sorted(seen) == jids(500)
+        assert bridge.terminate() == 0
+
+
+def test_an_open_sidecar_breaker_pauses_the_bridge(bridge_env):
+    storage = pybreaker.CircuitRedisStorage(
+        pybreaker.STATE_CLOSED, bridge_env.redis, namespace=BREAKER_NAMESPACE
+    )
+    storage.state = pybreaker.STATE_OPEN
+    storage.opened_at = datetime.now(UTC)
+    bridge_env.push("default", [make_job(i) for i in range(20)])
+    with BridgeProcess(bridge_env, "--max-pending", "1000") as bridge:
+        time.sleep(2.5)  # started and looked at the breaker
+        assert bridge_env.broker_count("default") == 0
+        assert bridge_env.store().queue_size("default") == 20
+        storage.state = pybreaker.STATE_CLOSED
+        wait_for(lambda: bridge_env.broker_count("default") == 20, timeout=10)
+        assert bridge.terminate() == 0
