@@ -224,6 +224,8 @@ def _validate(s: Settings) -> None:
     for name in positive:
         if getattr(s, name) <= 0:
             raise ConfigError(f"{name}: must be > 0, got {getattr(s, name)}")
+    if s.publish_batch_size > 1000:  # Lua's unpack() in the fetch script caps a batch
+        raise ConfigError(f"publish_batch_size: must be <= 1000, got {s.publish_batch_size}")
     for name in ("max_retries", "max_pending", "bridge_metrics_port", "worker_metrics_port"):
         if getattr(s, name) < 0:
             raise ConfigError(f"{name}: must be >= 0, got {getattr(s, name)}")

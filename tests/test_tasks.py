@@ -12,6 +12,7 @@ import pytest
 os.environ.setdefault("GOKIQ_QUEUES", "default critical low")
 os.environ.setdefault("GOKIQ_WORKER_METRICS_PORT", "0")
 
+from celery.canvas import Signature
 from celery.contrib.testing.worker import start_worker
 
 from gokiq_celery.celery_app import app
@@ -231,3 +232,20 @@ def test_each_message_keeps_its_own_retry_limit(env):
     counts = {d.jid: d.get("retry_count") for d in dead_jobs(store)}
     assert counts == {one.jid: 1, three.jid: 3}
     assert len(sidecar.executed(one.jid)) == 2 and len(sidecar.executed(three.jid)) == 4
+
+
+def test_a_retry_that_cannot_be_republished_is_parked_not_lost(env, monkeypatch):
+    """Celery turns a failed retry publish into a Reject (message dropped): gokiq parks it."""
+    sidecar, store = env
+
+    def broker_down(self, *args, **kwargs):
+        raise ConnectionError("broker unreachable")
+
+    monkeypatch.setattr(Signature, "apply_async", broker_down)  # used only by Task.retry here
+    job = make_job("FailJob", [1])
+    send(job)
+    wait_for(lambda: store.retry_set(), message="failed retry publish lost the job")
+    [(raw, score)] = store.retry_set()
+    assert Job.parse(raw).get("retry_count") == 0 and Job.parse(raw).jid == job.jid
+    assert time.time() < score <= time.time() + 2  # due after the job's own short delay
+    assert len(sidecar.executed(job.jid)) == 1
