@@ -32,6 +32,11 @@ test: deps
 	ruby rails_sidecar/test/run.rb
 	$(BIN)/pytest -p no:cacheprovider -q tests
 
+# The demo stack (scripts/run_demo.sh): Redis (an existing one is left untouched), the sidecar on
+# the example app, gokiq-bridge, a Celery worker, Flower, and a few demo jobs. Ctrl-C stops it.
+run: deps
+	@scripts/run_demo.sh
+
 lint: deps
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .

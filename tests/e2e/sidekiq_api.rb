@@ -1,0 +1,130 @@
+# Talks to Sidekiq's Redis through the example app's REAL Sidekiq client and Sidekiq's own Ruby
+# API, so the e2e tests see exactly what a Rails app and Sidekiq's tools see.
+#
+#   ruby tests/e2e/sidekiq_api.rb '<json: one op or a list of ops>'     (or the JSON on stdin)
+#
+# Run with REDIS_URL (Sidekiq's Redis) and GOKIQ_EXAMPLE_DB (the app's sqlite file) set. The
+# app root defaults to rails_sidecar/example_app (override with RAILS_ROOT). Rails boots once
+# per call (~1-2 s), so batch operations: the argument may be a JSON list of operations; the
+# answer is one line `GOKIQ_RESULT <json list of results>` on stdout, in the same order.
+#
+# Operations ({"op": name, ...}):
+#   perform_async  class, args=[], set={}, user_id? -> jid  (Class.set(set).perform_async; user_id
+#                  is set as Current.user_id, which the app persists into the job as `cattr`)
+#   perform_in     class, args=[], in=seconds, set={} -> jid
+#   push           item (hash; "class" may name an unknown class) -> jid  (Sidekiq::Client.push)
+#   push_bulk      class, args (list of arg lists), queue?, at? -> [jids]  (one LPUSH)
+#   trickle        class, n, interval, args=[] -> [{jid, at}] (perform_async, sleep; n times)
+#   perform_later  class, args=[], kwargs={}, set={} -> jid (ActiveJob; {"$person": name}
+#                  in args becomes Person.create!(name:), passed as a GlobalID)
+#   dead / retries / scheduled  jid?           -> [{jid, score, item, value}] (Sidekiq's sets)
+#   retry_dead     jid? (else the first entry) -> jid        (DeadSet entry .retry)
+#   stats                                      -> Sidekiq::Stats numbers
+#   job_runs       job_class?, jids?           -> [{job_class, jid, args, note, middleware, created_at}]
+#   flaky_attempts key                         -> [created_at floats]
+#   now                                        -> Time.now.to_f
+require "json"
+
+root = ENV["RAILS_ROOT"] || File.expand_path("../../rails_sidecar/example_app", __dir__)
+Dir.chdir(root)
+require File.join(root, "config", "environment")
+require "sidekiq/api"
+Sidekiq.logger.level = Logger::WARN
+
+module SidekiqApi
+  module_function
+
+  def klass(name)
+    name.to_s.split("::").reduce(Object) { |mod, part| mod.const_get(part, false) }
+  end
+
+  def entry(e)
+    {"jid" => e.jid, "score" => e.score, "item" => e.item, "value" => e.value}
+  end
+
+  def set_entries(set, jid)
+    entries = set.to_a
+    entries = entries.select { |e| e.jid == jid } if jid
+    entries.map { |e| entry(e) }
+  end
+
+  def aj_arg(value)
+    if value.is_a?(Hash) && value.key?("$person")
+      Person.create!(name: value["$person"])
+    else
+      value
+    end
+  end
+
+  def time_f(value)
+    value&.to_f
+  end
+
+  def run(op)
+    case op.fetch("op")
+    when "perform_async"
+      Current.user_id = op["user_id"] # persisted into the job's `cattr` by Sidekiq's middleware
+      begin
+        klass(op["class"]).set(op["set"] || {}).perform_async(*(op["args"] || []))
+      ensure
+        Current.reset
+      end
+    when "perform_in"
+      klass(op["class"]).set(op["set"] || {}).perform_in(op.fetch("in"), *(op["args"] || []))
+    when "push"
+      Sidekiq::Client.push(op.fetch("item"))
+    when "push_bulk"
+      item = {"class" => klass(op["class"]), "args" => op.fetch("args")}
+      item["queue"] = op["queue"] if op["queue"]
+      item["at"] = op["at"] if op["at"]
+      Sidekiq::Client.push_bulk(item)
+    when "trickle"
+      args = op["args"] || []
+      Array.new(op.fetch("n")) do
+        at = Time.now.to_f
+        jid = klass(op["class"]).perform_async(*args)
+        sleep op.fetch("interval")
+        {"jid" => jid, "at" => at}
+      end
+    when "perform_later"
+      args = (op["args"] || []).map { |a| aj_arg(a) }
+      kwargs = (op["kwargs"] || {}).transform_keys(&:to_sym)
+      job = klass(op["class"]).set((op["set"] || {}).transform_keys(&:to_sym))
+      job = job.perform_later(*args, **kwargs)
+      job.provider_job_id
+    when "dead" then set_entries(Sidekiq::DeadSet.new, op["jid"])
+    when "retries" then set_entries(Sidekiq::RetrySet.new, op["jid"])
+    when "scheduled" then set_entries(Sidekiq::ScheduledSet.new, op["jid"])
+    when "retry_dead"
+      dead = Sidekiq::DeadSet.new
+      e = op["jid"] ? dead.find_job(op["jid"]) : dead.first
+      raise "no such dead job #{op["jid"].inspect}" unless e
+      e.retry
+      e.jid
+    when "stats"
+      s = Sidekiq::Stats.new
+      {"processed" => s.processed, "failed" => s.failed, "enqueued" => s.enqueued,
+       "scheduled_size" => s.scheduled_size, "retry_size" => s.retry_size,
+       "dead_size" => s.dead_size, "queues" => s.queues}
+    when "job_runs"
+      rel = JobRun.order(:id)
+      rel = rel.where(job_class: op["job_class"]) if op["job_class"]
+      rel = rel.where(jid: op["jids"]) if op["jids"]
+      rel.map do |r|
+        {"job_class" => r.job_class, "jid" => r.jid, "args" => r.args, "note" => r.note,
+         "middleware" => r.middleware, "created_at" => time_f(r.created_at)}
+      end
+    when "flaky_attempts"
+      FlakyAttempt.where(key: op.fetch("key")).order(:id).map { |r| time_f(r.created_at) }
+    when "now" then Time.now.to_f
+    else raise ArgumentError, "unknown op #{op["op"].inspect}"
+    end
+  end
+end
+
+input = ARGV[0] || $stdin.read
+ops = JSON.parse(input)
+single = ops.is_a?(Hash)
+ops = [ops] if single
+results = ops.map { |op| SidekiqApi.run(op) }
+$stdout.puts "GOKIQ_RESULT " + JSON.generate(single ? results.first : results)
