@@ -22,8 +22,8 @@ import redis
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from gokiq_celery.messages import TASK_NAME, publish_options  # noqa: E402
-from gokiq_celery.sidekiq import Job  # noqa: E402
+from gokiq_celery.messages import TASK_NAME, new_delivery_token, publish_options  # noqa: E402
+from gokiq_celery.sidekiq import Job, SidekiqStore  # noqa: E402
 from tests.conftest import free_port, start_redis  # noqa: E402
 from tests.stand_in_sidecar import TOKEN  # noqa: E402
 
@@ -50,7 +50,8 @@ def _children(pid: int) -> list[int]:
     return kids + [grandchild for kid in kids for grandchild in _children(kid)]
 
 
-def publish(app, task_name: str, n: int) -> None:
+def publish(app, task_name: str, n: int, store: SidekiqStore) -> None:
+    """Publish as the bridge does: a gokiq.perform message carries a delivery-ledger token."""
     with app.producer_or_acquire() as producer:
         for i in range(n):
             job = Job.build(
@@ -63,9 +64,18 @@ def publish(app, task_name: str, n: int) -> None:
                     "created_at": time.time(),
                 }
             )
-            options = publish_options(job, QUEUE) if task_name == TASK_NAME else {}
+            options, kwargs = {}, {}
+            if task_name == TASK_NAME:
+                token = new_delivery_token()
+                store.record_deliveries([(token, QUEUE, job.text)], time.time() + 600)
+                options, kwargs = publish_options(job, QUEUE), {"delivery": token}
             app.send_task(
-                task_name, args=(job.text, QUEUE), queue=QUEUE, producer=producer, **options
+                task_name,
+                args=(job.text, QUEUE),
+                kwargs=kwargs,
+                queue=QUEUE,
+                producer=producer,
+                **options,
             )
 
 
@@ -115,9 +125,10 @@ def run_one(pool: str, task_name: str, n: int, server, sidecar_url: str) -> tupl
         stderr=subprocess.DEVNULL,
     )
     try:
-        publish(client_app, task_name, 200)  # warm up: connections, imports, pool children
+        store = SidekiqStore(server.client(2))
+        publish(client_app, task_name, 200, store)  # warm up: connections, imports, children
         _wait(lambda: drained(broker), 120)
-        publish(client_app, task_name, n)
+        publish(client_app, task_name, n, store)
         started = time.monotonic()
         peak = 0.0
         while not drained(broker):

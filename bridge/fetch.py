@@ -9,6 +9,7 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from gokiq_celery.messages import new_delivery_token
 from gokiq_celery.settings import QueueSpec
 from gokiq_celery.sidekiq.job import InvalidJob, Job
 from gokiq_celery.sidekiq.store import SidekiqStore
@@ -48,6 +49,7 @@ class Batch:
     jobs: list[Job] = field(default_factory=list)
     job_raws: list[bytes] = field(default_factory=list)  # the exact bytes of each job, to ack
     poison: list[tuple[bytes, str]] = field(default_factory=list)  # (raw, reason)
+    tokens: list[str] = field(default_factory=list)  # delivery tokens, once handed over
     published: bool = False
 
     def __post_init__(self) -> None:
@@ -82,9 +84,15 @@ class ReliableFetcher:
         queue, raws = found
         return Batch(queue, raws)
 
-    def ack(self, batch: Batch) -> None:
-        """The broker holds the batch's jobs now: drop their exact bytes from in-flight."""
-        self.store.ack_inflight(self.bridge_id, batch.queue, batch.job_raws)
+    def hand_over(self, batch: Batch, deadline: float) -> None:
+        """Move the batch's jobs from in-flight into the delivery ledger, with fresh tokens, in
+        one transaction, before publishing: from then on a lost message is published again."""
+        batch.tokens = [new_delivery_token() for _ in batch.jobs]
+        deliveries = [
+            (token, batch.queue, job.text)
+            for token, job in zip(batch.tokens, batch.jobs, strict=True)
+        ]
+        self.store.hand_over(self.bridge_id, batch.queue, deliveries, batch.job_raws, deadline)
 
     def bury(self, queue: str, raw: bytes) -> None:
         """Not a job: to the dead set, raw, and out of the in-flight list, atomically."""

@@ -55,5 +55,16 @@ class BridgeMetrics:
         self.set_size = Gauge(
             "gokiq_bridge_set_size", "Size of Sidekiq's sorted sets", ["set"], registry=r
         )
+        self.republished = Counter(
+            "gokiq_bridge_republished",
+            "Jobs published again because no worker settled their message in time",
+            ["queue"],
+            registry=r,
+        )
+        self.deliveries = Gauge(
+            "gokiq_bridge_deliveries",
+            "Jobs handed to Celery and not yet settled by a worker (the delivery ledger)",
+            registry=r,
+        )
         for reason in ("pending", "breaker"):
             self.paused.labels(reason).set(0)

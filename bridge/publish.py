@@ -1,8 +1,8 @@
 """Publishing jobs to Celery, and holding back while Celery cannot keep up.
 
-Each job becomes one `gokiq.perform(payload_text, queue)` task message (Celery protocol 2,
-JSON), with task id = jid and shown under the job's class name. The bridge has its own small
-Celery app so it never imports the workers' `celeryconfig.py`.
+Each job becomes one `gokiq.perform(payload_text, queue, delivery=token)` message (Celery
+protocol 2, JSON), with task id = jid and shown under the job's class name. The bridge has its
+own small Celery app so it never imports the workers' `celeryconfig.py`.
 
 Why not `app.send_task`: it routes every message through an exchange lookup (one Redis round
 trip per message on the Redis transport) and tops out near 6,000 messages/s. Building the
@@ -104,20 +104,21 @@ class Publisher:
 
     # -- publishing -------------------------------------------------------------------------
 
-    def publish(self, queue: str, jobs: Sequence[Job]) -> None:
-        """Publish jobs from Sidekiq `queue`; returns once the broker accepted all of them."""
+    def publish(self, queue: str, jobs: Sequence[Job], tokens: Sequence[str]) -> None:
+        """Publish jobs from Sidekiq `queue`, each with its delivery token (same order);
+        returns once the broker accepted all of them."""
         if not jobs:
             return
         celery_queue = self.settings.celery_queue(queue)
         producer = self._ensure_producer()
         self._declare(producer, celery_queue)
         if self.fast_path and _is_kombu_redis(producer.channel):
-            self._publish_redis(producer.channel, jobs, queue, celery_queue)
+            self._publish_redis(producer.channel, jobs, tokens, queue, celery_queue)
             return
         batch = producer.batch(max_size=2 * len(jobs) + 1) if hasattr(producer, "batch") else None
         with batch or contextlib.nullcontext():
-            for job in jobs:
-                message = self.task_message(job, queue)
+            for job, token in zip(jobs, tokens, strict=True):
+                message = self.task_message(job, queue, token)
                 producer.publish(
                     message.body,
                     exchange="",
@@ -130,12 +131,14 @@ class Publisher:
                     **message.properties,
                 )
 
-    def task_message(self, job: Job, queue: str):
-        """Celery's protocol 2 message for one job: `gokiq.perform(payload_text, queue)`."""
+    def task_message(self, job: Job, queue: str, token: str):
+        """Celery's protocol 2 message for one job: `gokiq.perform(payload_text, queue,
+        delivery=token)`."""
         return self.app.amqp.as_task_v2(
             job.jid or uuid.uuid4().hex,
             TASK_NAME,
             args=(job.text, queue),
+            kwargs={"delivery": token},
             shadow=job.display_class,
             argsrepr=argsrepr(job, queue),
             kwargsrepr="{}",
@@ -143,19 +146,24 @@ class Publisher:
             origin=self.origin,
         )
 
-    def _publish_redis(self, channel, jobs: Sequence[Job], queue: str, celery_queue: str) -> None:
+    def _publish_redis(
+        self, channel, jobs: Sequence[Job], tokens: Sequence[str], queue: str, celery_queue: str
+    ) -> None:
         """The Redis transport's publish, for a whole batch in one LPUSH.
 
         kombu's Producer sends one LPUSH per message; here each message is prepared by the
         same channel methods kombu's `basic_publish` uses (so the envelope is identical: see
         tests/test_bridge_publish.py) and the batch goes in one command, in order.
         """
-        envelopes = [self.redis_envelope(channel, job, queue, celery_queue) for job in jobs]
+        envelopes = [
+            self.redis_envelope(channel, job, token, queue, celery_queue)
+            for job, token in zip(jobs, tokens, strict=True)
+        ]
         with channel.conn_or_acquire() as client:
             client.lpush(channel._q_for_pri(celery_queue, 0), *envelopes)
 
-    def redis_envelope(self, channel, job: Job, queue: str, celery_queue: str) -> str:
-        message = self.task_message(job, queue)
+    def redis_envelope(self, channel, job: Job, token: str, queue: str, celery_queue: str) -> str:
+        message = self.task_message(job, queue, token)
         content_type, content_encoding, body = serialization.dumps(message.body, "json")
         envelope = channel.prepare_message(
             body,

@@ -18,6 +18,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import redis
 
+from gokiq_celery.messages import new_delivery_token
 from gokiq_celery.settings import ConfigError, Settings
 from gokiq_celery.sidekiq.job import InvalidJob, Job, epoch_seconds
 from gokiq_celery.sidekiq.store import SidekiqStore
@@ -65,6 +66,7 @@ class Bridge:
     PENDING_SLEEP = 0.01  # Celery queue full: re-check soon, workers drain it fast
     BREAKER_SLEEP = 0.1
     GAUGE_INTERVAL = 1.0
+    OVERDUE_INTERVAL = 1.0  # how often the ledger is checked for overdue deliveries
 
     def __init__(
         self,
@@ -94,6 +96,7 @@ class Bridge:
         self.stopping = threading.Event()
         self.batch: Batch | None = None  # fetched, not yet acked
         self.broker_ok = False
+        self._next_overdue_check = 0.0
         self.status: StatusServer | None = None
         self._threads: list[threading.Thread] = []
 
@@ -194,6 +197,7 @@ class Bridge:
         """One round: fetch a batch (unless one is held) and deliver it. Returns how long to
         wait before the next round. A batch that fails half way is kept and retried."""
         if self.batch is None:
+            self.republish_overdue()
             self._broker_call(self.backpressure.refresh, self.queues)
             if self.backpressure.breaker_is_open:
                 return self.BREAKER_SLEEP
@@ -220,8 +224,13 @@ class Bridge:
                 reason,
                 extra={"queue": batch.queue, "reason": reason, "bytes": len(raw)},
             )
+        if not batch.tokens and batch.jobs:
+            # Until the broker has the batch, only this bridge can deliver it: if we die, the
+            # ledger hands it to another bridge as soon as our heartbeat would have expired.
+            self.fetcher.hand_over(batch, time.time() + self.settings.bridge_heartbeat_ttl)
         if not batch.published:
-            self._broker_call(self.publisher.publish, batch.queue, batch.jobs)
+            self._broker_call(self.publisher.publish, batch.queue, batch.jobs, batch.tokens)
+            self.store.extend_deliveries(batch.tokens, time.time() + self.settings.delivery_timeout)
             batch.published = True
             self.backpressure.note_published(batch.queue, len(batch.jobs))
             self.metrics.jobs_moved.labels(batch.queue).inc(len(batch.jobs))
@@ -231,7 +240,33 @@ class Bridge:
                         "published",
                         extra={"jid": job.jid, "class": job.display_class, "queue": batch.queue},
                     )
-        self.fetcher.ack(batch)
+
+    def republish_overdue(self) -> int:
+        """Publish again the ledger entries no worker settled in time (a message lost with a
+        killed worker, or held unacked by one); each gets a fresh token, so the old message, if
+        it ever shows up, is skipped. Returns how many were published."""
+        now = time.time()
+        if now < self._next_overdue_check:
+            return 0
+        self._next_overdue_check = now + self.OVERDUE_INTERVAL
+        tokens = [new_delivery_token() for _ in range(self.settings.publish_batch_size)]
+        taken = self.store.take_overdue_deliveries(
+            now, tokens, now + self.settings.bridge_heartbeat_ttl
+        )
+        by_queue: dict[str, list[tuple[str, Job]]] = {}
+        for token, queue, payload in taken:
+            by_queue.setdefault(queue, []).append((token, Job.parse(payload)))
+        for queue, entries in by_queue.items():
+            tokens, jobs = zip(*entries, strict=True)
+            self._broker_call(self.publisher.publish, queue, jobs, tokens)
+            self.store.extend_deliveries(tokens, time.time() + self.settings.delivery_timeout)
+            self.metrics.republished.labels(queue).inc(len(jobs))
+            log.warning(
+                "published %d jobs again: no worker settled them in time",
+                len(jobs),
+                extra={"queue": queue, "jids": [job.jid for job in jobs][:20]},
+            )
+        return len(taken)
 
     def _broker_call(self, func, *args):
         try:
@@ -276,6 +311,7 @@ class Bridge:
         for name, size in self.store.set_sizes().items():
             self.metrics.set_size.labels(name).set(size)
         self.metrics.inflight.set(self.fetcher.inflight_count())
+        self.metrics.deliveries.set(self.store.deliveries_pending())
 
 
 def _latency(oldest: bytes | None, now: float) -> float:

@@ -1,4 +1,7 @@
-"""The one Celery message gokiq sends: `gokiq.perform(payload_text, sidekiq_queue)`.
+"""The one Celery message gokiq sends: `gokiq.perform(payload_text, sidekiq_queue, delivery=token)`.
+
+`delivery` is the message's token in the delivery ledger (gokiq_celery.sidekiq.store): a
+worker runs a message only while its token is there.
 
 The bridge publishes it and the task re-publishes it on retry; both take their message
 options from here so that Flower shows a job the same way however it got there.
@@ -6,12 +9,17 @@ options from here so that Flower shows a job the same way however it got there.
 
 from __future__ import annotations
 
+import secrets
 from typing import Any
 
 from .sidekiq.job import Job
 
 TASK_NAME = "gokiq.perform"
 ARGSREPR_LIMIT = 200
+
+
+def new_delivery_token() -> str:
+    return secrets.token_hex(12)
 
 
 def argsrepr(job: Job, queue: str) -> str:

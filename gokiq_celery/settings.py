@@ -49,6 +49,7 @@ class Settings:
     sidekiq_version: int = 7
     max_retries: int = 25
     max_celery_countdown: float = 300.0
+    delivery_timeout: float = 300.0  # a message no worker took by then is published again
     dead_max_jobs: int = 10_000
     dead_timeout_in_seconds: int = 15_552_000
     breaker_fail_max: int = 5
@@ -69,6 +70,11 @@ class Settings:
     @property
     def broker_url(self) -> str:
         return self.celery_broker_url or _next_db(self.redis_url)
+
+    @property
+    def run_window(self) -> float:
+        """How long a started job can keep its delivery before it is presumed lost."""
+        return self.sidecar_connect_timeout + self.job_timeout + 10.0
 
     @property
     def pending_limit(self) -> int:

@@ -19,7 +19,7 @@ from celery.exceptions import Ignore, Reject
 
 from . import metrics
 from .celery_app import app
-from .messages import TASK_NAME, argsrepr
+from .messages import TASK_NAME, argsrepr, new_delivery_token
 from .settings import Settings, load_settings
 from .sidecar import Execution, SidecarClient, SidecarUnavailable
 from .sidekiq.job import InvalidJob, Job
@@ -56,8 +56,26 @@ class Worker:
             RetryPolicy(settings.max_retries, settings.sidekiq_version),
         )
 
-    def perform(self, payload: str, queue: str) -> str:
-        """Run one job; return its outcome, or raise `JobFailed` for a Celery retry."""
+    def perform(self, payload: str, queue: str, delivery: str | None = None) -> str:
+        """Run one delivery of a job; return its outcome, or raise `JobFailed` for a Celery retry.
+
+        `delivery` is the message's token in the delivery ledger (None: published without one,
+        run untracked). The token is settled once the job's fate is stored; if this process dies
+        first, the bridge publishes the job again when the token's deadline passes.
+        """
+        deadline = time.time() + self.settings.run_window
+        if delivery and not self.store.claim_delivery(delivery, deadline):
+            log.info(
+                "stale message skipped: its job was settled or published again",
+                extra={"queue": queue, "delivery": delivery},
+            )
+            return "stale"
+        outcome = self._perform(payload, queue)
+        if delivery:
+            self.store.settle_delivery(delivery)
+        return outcome
+
+    def _perform(self, payload: str, queue: str) -> str:
         started = time.monotonic()
         try:
             job = Job.parse(payload)
@@ -88,9 +106,9 @@ class Worker:
                 extra=_context(job, queue),
             )
             return "unavailable"
-        return self._settle(job, queue, execution)
+        return self._handle_result(job, queue, execution)
 
-    def _settle(self, job: Job, queue: str, execution: Execution) -> str:
+    def _handle_result(self, job: Job, queue: str, execution: Execution) -> str:
         if execution.status == "duplicate":
             log.info(
                 "job already running in the sidecar, this delivery dropped",
@@ -192,30 +210,38 @@ class PerformTask(Task):
             return super().retry(args, kwargs, exc, throw, eta, countdown, max_retries, **options)
         decision = exc.decision
         queue = decision.job.queue  # `retry_queue` when the job has one, as Sidekiq moves it
+        settings, store = self.worker.settings, self.worker.store
+        delivery = new_delivery_token()
+        deadline = time.time() + decision.delay + settings.delivery_timeout
+        store.replace_delivery(
+            self.request.kwargs.get("delivery"), delivery, queue, decision.job.text, deadline
+        )
         # Sidekiq's retry_count is the truth (it survives parking and "Retry now"); make Celery
         # count from it so its max_retries check agrees with Sidekiq's.
         self.request.retries = decision.job.get("retry_count")
         try:
             return super().retry(
                 args=(decision.job.text, queue),
-                kwargs={},
+                kwargs={"delivery": delivery},
                 exc=exc,
                 throw=throw,
                 countdown=decision.delay,
                 # Always explicit: Celery 5.7 keeps a per-call override on the shared task object.
                 max_retries=decision.limit,
                 argsrepr=argsrepr(decision.job, queue),
-                queue=self.worker.settings.celery_queue(queue),
+                queue=settings.celery_queue(queue),
             )
         except Reject:
             # Re-publishing failed (broker down): keep the job in Sidekiq's retry set instead.
             self.worker.park(decision)
+            store.settle_delivery(delivery)
             return Ignore()
 
 
-@app.task(bind=True, base=PerformTask, name=TASK_NAME)
-def perform(self: PerformTask, payload: str, queue: str) -> str:
-    return self.worker.perform(payload, queue)
+# Not shared: other Celery apps in the same process (the bridge's, tests') must not inherit it.
+@app.task(bind=True, base=PerformTask, name=TASK_NAME, shared=False)
+def perform(self: PerformTask, payload: str, queue: str, delivery: str | None = None) -> str:
+    return self.worker.perform(payload, queue, delivery)
 
 
 def _context(job: Job, queue: str) -> dict[str, str]:

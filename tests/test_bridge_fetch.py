@@ -66,8 +66,9 @@ def test_fetch_moves_exact_bytes_into_the_inflight_list_in_run_order(bridge_env)
     assert store.queue_size("default") == 0
     assert sorted(store.inflight_jobs("b1", "default")) == sorted(batch.raws)
     assert [raw for raw, _ in batch.poison] == [b"{not json"]
-    fetcher.ack(batch)  # the jobs, not the poison, which the bridge buries
+    fetcher.hand_over(batch, deadline=1e10)  # the jobs, not the poison, which the bridge buries
     assert store.inflight_jobs("b1", "default") == [b"{not json"]
+    assert len(batch.tokens) == 3 and store.delivery_tokens() == sorted(batch.tokens)
     fetcher.bury("default", b"{not json")
     assert store.inflight_jobs("b1", "default") == []
     assert [m for m, _ in store.dead_set()] == [b"{not json"]

@@ -23,11 +23,11 @@ def test_message_headers_and_body(bridge_env):
     publisher = Publisher(bridge_env.settings(queue_map={"default": "celery_default"}))
     big = make_job(1, args=["x" * 1_000_000])
     active_job = make_job(2, **{"class": WRAPPER, "wrapped": "AjJob", "retry_count": 3})
-    publisher.publish("default", [Job.parse(big), Job.parse(active_job)])
+    publisher.publish("default", [Job.parse(big), Job.parse(active_job)], ["t1", "t2"])
     first, second = bridge_env.messages("celery_default")
     assert first["headers"]["task"] == "gokiq.perform"
     assert first["headers"]["id"] == f"{1:024x}"
-    assert first["args"] == [big, "default"] and first["kwargs"] == {}
+    assert first["args"] == [big, "default"] and first["kwargs"] == {"delivery": "t1"}
     assert first["headers"]["shadow"] == "HardJob"
     assert first["headers"]["retries"] == 0
     assert len(first["headers"]["argsrepr"]) < 250
@@ -42,8 +42,9 @@ def test_the_one_lpush_fast_path_writes_what_kombus_producer_writes(bridge_env):
     fast = Publisher(bridge_env.settings(queue_map={"default": "fast"}))
     slow = Publisher(bridge_env.settings(queue_map={"default": "slow"}))
     slow.fast_path = False
-    fast.publish("default", jobs)
-    slow.publish("default", jobs)
+    tokens = ["a", "b", "c"]
+    fast.publish("default", jobs, tokens)
+    slow.publish("default", jobs, tokens)
 
     def envelopes(queue):
         out = []
@@ -67,16 +68,16 @@ def test_a_celery_worker_runs_what_the_bridge_published(bridge_env):
     done = threading.Event()
 
     @app.task(name="gokiq.perform", bind=True)
-    def perform(self, payload_text, queue):
-        seen.append((self.request.id, self.request.retries, payload_text, queue))
+    def perform(self, payload_text, queue, delivery=None):
+        seen.append((self.request.id, self.request.retries, payload_text, queue, delivery))
         if len(seen) == 2:
             done.set()
 
     jobs = [make_job(1), make_job(2, retry_count=0)]
-    Publisher(bridge_env.settings()).publish("default", [Job.parse(j) for j in jobs])
+    Publisher(bridge_env.settings()).publish("default", [Job.parse(j) for j in jobs], ["x", "y"])
     with start_worker(app, pool="solo", perform_ping_check=False, queues=["default"]):
         assert done.wait(20)
     assert sorted(seen) == [
-        (f"{1:024x}", 0, jobs[0], "default"),
-        (f"{2:024x}", 1, jobs[1], "default"),
+        (f"{1:024x}", 0, jobs[0], "default", "x"),
+        (f"{2:024x}", 1, jobs[1], "default", "y"),
     ]

@@ -481,6 +481,8 @@ BRIDGE_METRICS = {
     "gokiq_bridge_paused",
     "gokiq_bridge_breaker_open",
     "gokiq_bridge_set_size",
+    "gokiq_bridge_deliveries",
+    "gokiq_bridge_republished_total",
 }
 WORKER_METRICS = {
     "gokiq_worker_jobs_total", "gokiq_worker_job_duration_seconds", "gokiq_worker_breaker_state",

@@ -5,6 +5,8 @@ from __future__ import annotations
 import time
 from datetime import UTC, datetime
 
+import pytest
+
 from gokiq_celery.sidekiq import Job, SidekiqStore
 
 
@@ -63,3 +65,26 @@ def test_stats_totals_and_daily_keys(redis_client):
     assert redis_client.get(f"stat:processed:{day}") == b"4"
     assert 157_679_000 < redis_client.ttl(f"stat:failed:{day}") <= 157_680_000
     assert redis_client.ttl("stat:processed") == -1
+
+
+def test_delivery_ledger_claim_settle_and_overdue(redis_client):
+    store = SidekiqStore(redis_client)
+    now = time.time()
+    store.record_deliveries(
+        [("t1", "default", '{"class":"A","args":[]}'), ("t2", "low", '{"class":"B","args":[]}')],
+        deadline=now + 10,
+    )
+    assert store.claim_delivery("t1", now + 600)
+    assert not store.claim_delivery("unknown", now + 600)
+    store.extend_deliveries(["t1", "t2"], now + 300)  # never shortens t1's claim
+    assert redis_client.zscore("gokiq:deliveries:due", "t1") == pytest.approx(now + 600)
+    assert redis_client.zscore("gokiq:deliveries:due", "t2") == pytest.approx(now + 300)
+    # Overdue: t2 only. Two bridges asking at once: exactly one takes it, under a new token.
+    first = store.take_overdue_deliveries(now + 400, ["n1", "n2"], now + 1000)
+    second = store.take_overdue_deliveries(now + 400, ["m1"], now + 1000)
+    assert first == [("n1", "low", '{"class":"B","args":[]}')] and second == []
+    assert store.delivery_tokens() == ["n1", "t1"]
+    assert not store.claim_delivery("t2", now + 600)  # the old message is stale
+    store.replace_delivery("t1", "r1", "default", '{"class":"A","args":[1]}', now + 20)
+    store.settle_delivery("n1")
+    assert store.delivery_tokens() == ["r1"] and store.deliveries_pending() == 1

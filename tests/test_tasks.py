@@ -16,7 +16,7 @@ from celery.canvas import Signature
 from celery.contrib.testing.worker import start_worker
 
 from gokiq_celery.celery_app import app
-from gokiq_celery.messages import TASK_NAME, publish_options
+from gokiq_celery.messages import TASK_NAME, new_delivery_token, publish_options
 from gokiq_celery.settings import load_settings
 from gokiq_celery.sidecar import SidecarClient
 from gokiq_celery.sidekiq import Job, RetryPolicy, SidekiqStore
@@ -249,3 +249,46 @@ def test_a_retry_that_cannot_be_republished_is_parked_not_lost(env, monkeypatch)
     assert Job.parse(raw).get("retry_count") == 0 and Job.parse(raw).jid == job.jid
     assert time.time() < score <= time.time() + 2  # due after the job's own short delay
     assert len(sidecar.executed(job.jid)) == 1
+
+
+def send_tracked(store: SidekiqStore, job: Job, queue: str = "default") -> str:
+    """Publish as the bridge does: the ledger entry first, then the message with its token."""
+    token = new_delivery_token()
+    store.record_deliveries([(token, queue, job.text)], deadline=time.time() + 60)
+    app.send_task(
+        TASK_NAME,
+        args=(job.text, queue),
+        kwargs={"delivery": token},
+        queue=queue,
+        **publish_options(job, queue),
+    )
+    return token
+
+
+def test_a_tracked_delivery_is_settled_once_the_job_ran(env, stack):
+    _sidecar, store = env
+    job = make_job("OkJob", [1])
+    send_tracked(store, job)
+    wait_for(lambda: store.stats()["processed"] == 1, message="job did not run")
+    settle(stack[2])
+    assert store.delivery_tokens() == []
+
+
+def test_a_stale_delivery_is_skipped(env, stack):
+    """A message whose token left the ledger (settled, or published again) must not run."""
+    sidecar, store = env
+    job = make_job("OkJob", [2])
+    token = send_tracked(store, job)
+    store.settle_delivery(token)  # as if the bridge had re-published it under a new token
+    settle(stack[2])
+    assert sidecar.executed(job.jid) == [] and store.stats()["processed"] == 0
+
+
+def test_a_retry_carries_a_new_token_and_settles_at_the_end(env, stack):
+    sidecar, store = env
+    job = make_job("FlakyJob", [1, 1])
+    first = send_tracked(store, job)
+    wait_for(lambda: len(sidecar.executed(job.jid)) == 2, timeout=20, message="not retried")
+    settle(stack[2])
+    assert first not in store.delivery_tokens()
+    assert store.delivery_tokens() == [] and store.stats() == {"processed": 2, "failed": 1}

@@ -367,6 +367,27 @@ panels = [
         75,
         unit="s",
     ),
+    row("Delivery ledger", 83),
+    timeseries(
+        "Jobs handed to Celery, not yet settled",
+        [("max(gokiq_bridge_deliveries)", "in the ledger")],
+        0,
+        84,
+        desc="Jobs in the broker, running, or waiting for a Celery countdown retry.",
+    ),
+    timeseries(
+        "Published again (message lost or not settled in time)",
+        [
+            (
+                f"sum by (queue) (rate(gokiq_bridge_republished_total{Q}[$__rate_interval]))",
+                "{{queue}}",
+            ),
+        ],
+        12,
+        84,
+        unit="ops",
+        desc="Non-zero after a worker was killed or a broker lost messages.",
+    ),
 ]
 
 dashboard = {

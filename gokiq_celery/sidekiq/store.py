@@ -8,6 +8,7 @@ Nothing outside this module spells a key.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
@@ -33,6 +34,14 @@ BREAKER_NAMESPACE = "gokiq:sidecar"
 # alive; the jobs it holds live in its in-flight lists (one per queue, so recovery knows where
 # each job came from) and its moving lists (due jobs on their way out of schedule/retry).
 BRIDGES = "gokiq:bridges"
+
+# The delivery ledger: every `gokiq.perform` message in the broker has an entry here, written
+# before the message is published and removed when a worker has settled the job. A Redis broker
+# can lose a message whose worker was SIGKILLed (kombu pops it before it records it as unacked)
+# and holds the others for its visibility timeout; an entry whose deadline passes is published
+# again under a new token, and a message whose token is no longer here is stale and skipped.
+DELIVERIES = "gokiq:deliveries"  # hash: token -> {"queue": ..., "payload": job text}
+DELIVERY_DEADLINES = "gokiq:deliveries:due"  # zset: token -> when to presume the message lost
 SCHEDULED_SETS = (RETRY, SCHEDULE)  # the poller's order: retries first, as Sidekiq does
 
 _LUA_DIR = Path(__file__).with_name("lua")
@@ -63,6 +72,10 @@ def inflight_key(bridge_id: str, queue: str) -> str:
 def moving_key(bridge_id: str, set_name: str) -> str:
     """Due jobs the bridge took out of `set_name` and has not pushed onto a queue yet."""
     return f"gokiq:moving:{bridge_id}:{set_name}"
+
+
+def _delivery_entry(queue: str, payload: str) -> str:
+    return json.dumps({"queue": queue, "payload": payload}, ensure_ascii=False)
 
 
 def _score(epoch: float) -> str:
@@ -252,12 +265,6 @@ class SidekiqStore:
             return None
         return queues[int(result[0]) - 1], list(result[1:])
 
-    def ack_inflight(self, bridge_id: str, queue: str, jobs: Iterable[bytes]) -> None:
-        """Forget jobs the broker has accepted: LREM each one's exact bytes, once."""
-        jobs = list(jobs)
-        if jobs:
-            self.script("ack_inflight")(keys=[inflight_key(bridge_id, queue)], args=jobs)
-
     def bury_inflight(self, bridge_id: str, queue: str, raw: bytes, reason: str = "") -> None:
         """A fetched payload that is not a job: into the dead set as the exact bytes read, and
         out of the in-flight list, in one transaction."""
@@ -328,6 +335,85 @@ class SidekiqStore:
             self._add_dead(pipe, raw)
             pipe.lrem(moving_key(bridge_id, set_name), 1, raw)
             pipe.execute()
+
+    # -- the delivery ledger (see DELIVERIES) ------------------------------------------------
+
+    def record_deliveries(
+        self, deliveries: Sequence[tuple[str, str, str]], deadline: float, pipe=None
+    ) -> None:
+        """Enter (token, queue, payload) triples, due to be presumed lost at `deadline`."""
+        if not deliveries:
+            return
+        entries = {token: _delivery_entry(queue, payload) for token, queue, payload in deliveries}
+        target = pipe if pipe is not None else self.redis.pipeline(transaction=True)
+        target.hset(DELIVERIES, mapping=entries)
+        target.zadd(DELIVERY_DEADLINES, dict.fromkeys(entries, _score(deadline)))
+        if pipe is None:
+            target.execute()
+
+    def hand_over(
+        self,
+        bridge_id: str,
+        queue: str,
+        deliveries: Sequence[tuple[str, str, str]],
+        raws: Sequence[bytes],
+        deadline: float,
+    ) -> None:
+        """The bridge's jobs leave its in-flight list for the ledger, in one transaction."""
+        with self.redis.pipeline(transaction=True) as pipe:
+            self.record_deliveries(deliveries, deadline, pipe)
+            for raw in raws:
+                pipe.lrem(inflight_key(bridge_id, queue), 1, raw)
+            pipe.execute()
+
+    def extend_deliveries(self, tokens: Sequence[str], deadline: float) -> None:
+        """Push deadlines out to `deadline`, never in (a worker's claim may already be later)."""
+        if tokens:
+            self.redis.zadd(
+                DELIVERY_DEADLINES, dict.fromkeys(tokens, _score(deadline)), xx=True, gt=True
+            )
+
+    def claim_delivery(self, token: str, deadline: float) -> bool:
+        """A worker starts a delivery: False if the token is stale (settled or re-published)."""
+        keys = [DELIVERIES, DELIVERY_DEADLINES]
+        return bool(self.script("claim_delivery")(keys=keys, args=[token, _score(deadline)]))
+
+    def settle_delivery(self, token: str) -> None:
+        with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hdel(DELIVERIES, token)
+            pipe.zrem(DELIVERY_DEADLINES, token)
+            pipe.execute()
+
+    def replace_delivery(
+        self, old: str | None, new: str, queue: str, payload: str, deadline: float
+    ) -> None:
+        """A retry: the old message is done, the new one (not yet published) takes its place."""
+        with self.redis.pipeline(transaction=True) as pipe:
+            if old:
+                pipe.hdel(DELIVERIES, old)
+                pipe.zrem(DELIVERY_DEADLINES, old)
+            self.record_deliveries([(new, queue, payload)], deadline, pipe)
+            pipe.execute()
+
+    def take_overdue_deliveries(
+        self, now: float, fresh_tokens: Sequence[str], deadline: float
+    ) -> list[tuple[str, str, str]]:
+        """Re-token up to len(fresh_tokens) overdue entries, atomically (safe with many
+        bridges): returns (new token, queue, payload) to publish again."""
+        keys = [DELIVERIES, DELIVERY_DEADLINES]
+        args = [_score(now), _score(deadline), *fresh_tokens]
+        flat = self.script("take_overdue_deliveries")(keys=keys, args=args)
+        taken = []
+        for token, entry in zip(flat[::2], flat[1::2], strict=True):
+            fields = json.loads(entry)
+            taken.append((token.decode(), fields["queue"], fields["payload"]))
+        return taken
+
+    def deliveries_pending(self) -> int:
+        return self.redis.zcard(DELIVERY_DEADLINES)
+
+    def delivery_tokens(self) -> list[str]:
+        return sorted(token.decode() for token in self.redis.hkeys(DELIVERIES))
 
     # -- the sidecar's circuit breaker, as the workers share it --------------------------------
 

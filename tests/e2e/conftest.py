@@ -173,6 +173,10 @@ class Stack:
             "GOKIQ_BRIDGE_METRICS_PORT": str(self.bridge_port),
             "GOKIQ_EXAMPLE_DB": str(self.db_path),
             "GOKIQ_LOG_FORMAT": "json",
+            # Short enough that a job held by a SIGKILLed worker is published again within the
+            # tests' patience (the delivery ledger's deadline is job_timeout + 12 s).
+            "GOKIQ_JOB_TIMEOUT": "15",
+            "GOKIQ_DELIVERY_TIMEOUT": "20",
             **(extra_env or {}),
         }
         logs = tmp / "logs"
