@@ -67,7 +67,7 @@ def test_a_celery_worker_runs_what_the_bridge_published(bridge_env):
     seen = []
     done = threading.Event()
 
-    @app.task(name="gokiq.perform", bind=True)
+    @app.task(name="gokiq.perform", bind=True, shared=False)
     def perform(self, payload_text, queue, delivery=None):
         seen.append((self.request.id, self.request.retries, payload_text, queue, delivery))
         if len(seen) == 2:
