@@ -39,8 +39,9 @@ task_default_queue = task_queues[0].name
 task_create_missing_queues = True
 
 # Each task waits on one HTTP call to the sidecar; the work happens in Ruby. Threads keep 20
-# waiting calls in one process. bench/worker.py measures the pools side by side: prefork at
-# concurrency 20 costs ~20 processes of RSS for no more throughput.
-worker_pool = "threads"
+# waiting calls in one process of ~70 MB; prefork would start 20 processes for no more
+# throughput (bench/worker.py measures both). Set by GOKIQ_WORKER_POOL: Celery cannot tell an
+# explicit `--pool=prefork` from its default, so a pool configured here wins over that flag.
+worker_pool = _settings.worker_pool
 worker_concurrency = _settings.worker_concurrency
 worker_hijack_root_logger = False

@@ -98,6 +98,7 @@ def run_one(pool: str, task_name: str, n: int, server, sidecar_url: str) -> tupl
         "GOKIQ_SIDECAR_URL": sidecar_url,
         "GOKIQ_SIDECAR_TOKEN": TOKEN,
         "GOKIQ_QUEUES": QUEUE,
+        "GOKIQ_WORKER_POOL": pool,
         "GOKIQ_WORKER_METRICS_PORT": "0",
         "GOKIQ_LOG_LEVEL": "WARNING",
         "PYTHONPATH": str(REPO),

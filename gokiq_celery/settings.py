@@ -55,6 +55,7 @@ class Settings:
     breaker_fail_max: int = 5
     breaker_reset_timeout: float = 30.0
     worker_concurrency: int = 20
+    worker_pool: str = "threads"  # Celery ignores `--pool=prefork` when a pool is configured
     max_pending: int = 0  # 0: derived from worker_concurrency
     publish_batch_size: int = 100
     scheduler_poll_interval: float = 0.25
@@ -189,6 +190,7 @@ def _parse_queue_map(raw: Any) -> dict[str, str]:
     return dict(p.split("=", 1) for p in pairs)
 
 
+_POOLS = {"threads", "prefork", "solo", "gevent", "eventlet"}
 _LOG_LEVELS = {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}
 
 
@@ -211,6 +213,8 @@ def _validate(s: Settings) -> None:
         raise ConfigError(f"sidekiq_version: must be 6, 7 or 8, got {s.sidekiq_version}")
     if s.log_level.upper() not in _LOG_LEVELS:
         raise ConfigError(f"log_level: must be one of {', '.join(sorted(_LOG_LEVELS))}")
+    if s.worker_pool not in _POOLS:
+        raise ConfigError(f"worker_pool: must be one of {', '.join(sorted(_POOLS))}")
     if s.log_format not in {"json", "text"}:
         raise ConfigError("log_format: must be 'json' or 'text'")
     positive = (
