@@ -1,0 +1,70 @@
+"""Flower on gokiq's config reads like Sidekiq's Web UI: tasks under their job class names, task
+id = jid, arguments cut short; basic auth guards the UI and API."""
+
+from __future__ import annotations
+
+import pytest
+import requests
+
+from ..conftest import VENV_BIN, free_port, wait_for
+from .conftest import Service, Stack
+
+pytestmark = pytest.mark.e2e
+
+AUTH = ("ops", "flower-test-password")
+
+
+@pytest.fixture(scope="module")
+def flower(stack: Stack, tmp_path_factory):
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    service = Service(
+        "flower",
+        [
+            str(VENV_BIN / "celery"),
+            "-A",
+            "gokiq_celery",
+            "flower",
+            f"--port={port}",
+            "--address=127.0.0.1",
+        ],
+        {**stack.env, "FLOWER_BASIC_AUTH": ":".join(AUTH)},
+        tmp_path_factory.mktemp("flower") / "flower.log",
+        lambda: _answers(url + "/healthcheck"),
+    ).start()
+    yield url
+    service.stop()
+
+
+def _answers(url: str) -> bool:
+    try:
+        return requests.get(url, timeout=1).status_code == 200
+    except requests.RequestException:
+        return False
+
+
+def _task(flower: str, jid: str) -> dict | None:
+    response = requests.get(f"{flower}/api/tasks", auth=AUTH, timeout=5)
+    response.raise_for_status()
+    return response.json().get(jid)
+
+
+def test_flower_shows_jobs_as_sidekiq_would(stack: Stack, flower: str):
+    assert requests.get(f"{flower}/api/tasks", timeout=5).status_code == 401
+    hard, greet = stack.api(
+        {"op": "perform_async", "class": "HardJob", "args": ["x" * 5000, {"n": 1}]},
+        {
+            "op": "perform_later",
+            "class": "GreetJob",
+            "args": [{"$person": "Bo"}],
+            "kwargs": {"greeting": "Hi"},
+        },
+    )
+    stack.wait_runs([hard], "HardJob", timeout=30)
+    stack.wait_runs([greet], "GreetJob", timeout=30)
+    hard_task = wait_for(lambda: _task(flower, hard), timeout=20, message="no task in Flower")
+    greet_task = wait_for(lambda: _task(flower, greet), timeout=20, message="no task in Flower")
+    assert hard_task["name"] == "HardJob" and hard_task["uuid"] == hard
+    assert greet_task["name"] == "GreetJob"  # the ActiveJob class, not the wrapper
+    assert hard_task["args"].startswith("['xxx") and len(hard_task["args"]) < 300
+    wait_for(lambda: _task(flower, hard)["state"] == "SUCCESS", timeout=20)
