@@ -5,9 +5,15 @@ Only Celery's settings live here; what a job means is in gokiq_celery.
 
 from kombu import Queue
 
-from gokiq_celery.settings import load_settings
+import sys
 
-_settings = load_settings()
+from gokiq_celery.settings import ConfigError, load_settings
+
+try:
+    _settings = load_settings()
+except ConfigError as exc:  # one clear line naming the setting, not a traceback
+    print(f"gokiq: bad setting: {exc}", file=sys.stderr)
+    raise SystemExit(2) from None
 
 broker_url = _settings.broker_url
 broker_connection_retry_on_startup = True

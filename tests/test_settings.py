@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+
 import pytest
 
 from gokiq_celery.settings import ConfigError, QueueSpec, load_settings, parse_queues
+
+from .conftest import VENV_BIN
 
 
 def test_defaults_and_derived_values():
@@ -73,3 +78,18 @@ def test_bad_config_files(tmp_path):
     broken.write_text("queues: [\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_settings(broken, environ={})
+
+
+def test_the_worker_refuses_to_start_on_a_bad_setting(tmp_path):
+    """`celery -A gokiq_celery worker` stops with one line naming the key, not a traceback."""
+    env = {**os.environ, "GOKIQ_SIDEKIQ_VERSION": "5"}
+    result = subprocess.run(
+        [str(VENV_BIN / "celery"), "-A", "gokiq_celery", "worker"],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip() == "gokiq: bad setting: sidekiq_version: must be 6, 7 or 8, got 5"
