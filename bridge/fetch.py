@@ -86,13 +86,10 @@ class ReliableFetcher:
 
     def hand_over(self, batch: Batch, deadline: float) -> None:
         """Move the batch's jobs from in-flight into the delivery ledger, with fresh tokens, in
-        one transaction, before publishing: from then on a lost message is published again."""
+        one step, before publishing: from then on a lost message is published again."""
         batch.tokens = [new_delivery_token() for _ in batch.jobs]
-        deliveries = [
-            (token, batch.queue, job.text)
-            for token, job in zip(batch.tokens, batch.jobs, strict=True)
-        ]
-        self.store.hand_over(self.bridge_id, batch.queue, deliveries, batch.job_raws, deadline)
+        deliveries = list(zip(batch.tokens, batch.job_raws, strict=True))
+        self.store.hand_over(self.bridge_id, batch.queue, deliveries, deadline)
 
     def bury(self, queue: str, raw: bytes) -> None:
         """Not a job: to the dead set, raw, and out of the in-flight list, atomically."""

@@ -88,3 +88,11 @@ def test_delivery_ledger_claim_settle_and_overdue(redis_client):
     store.replace_delivery("t1", "r1", "default", '{"class":"A","args":[1]}', now + 20)
     store.settle_delivery("n1")
     assert store.delivery_tokens() == ["r1"] and store.deliveries_pending() == 1
+
+
+def test_ledger_entries_keep_any_queue_name_and_payload_exact(redis_client):
+    store = SidekiqStore(redis_client)
+    odd = [("t1", "q:1\nweird", '{"class":"A","args":["é\\n"]}'), ("t2", "été", '{"args":[]}')]
+    store.record_deliveries(odd, deadline=1.0)
+    taken = store.take_overdue_deliveries(2.0, ["n1", "n2"], deadline=10.0)
+    assert sorted((q, p) for _, q, p in taken) == sorted((q, p) for _, q, p in odd)

@@ -8,7 +8,6 @@ Nothing outside this module spells a key.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
@@ -74,8 +73,16 @@ def moving_key(bridge_id: str, set_name: str) -> str:
     return f"gokiq:moving:{bridge_id}:{set_name}"
 
 
-def _delivery_entry(queue: str, payload: str) -> str:
-    return json.dumps({"queue": queue, "payload": payload}, ensure_ascii=False)
+def _delivery_entry(queue: str, payload: str) -> bytes:
+    """`<byte length of queue>:<queue><payload>`: no encoding of the payload, any queue name
+    (hand_over.lua writes the same form)."""
+    name = queue.encode()
+    return b"%d:%s%s" % (len(name), name, payload.encode())
+
+
+def _parse_delivery_entry(entry: bytes) -> tuple[str, str]:
+    length, rest = entry.split(b":", 1)
+    return rest[: int(length)].decode(), rest[int(length) :].decode()
 
 
 def _score(epoch: float) -> str:
@@ -352,19 +359,15 @@ class SidekiqStore:
             target.execute()
 
     def hand_over(
-        self,
-        bridge_id: str,
-        queue: str,
-        deliveries: Sequence[tuple[str, str, str]],
-        raws: Sequence[bytes],
-        deadline: float,
+        self, bridge_id: str, queue: str, deliveries: Sequence[tuple[str, bytes]], deadline: float
     ) -> None:
-        """The bridge's jobs leave its in-flight list for the ledger, in one transaction."""
-        with self.redis.pipeline(transaction=True) as pipe:
-            self.record_deliveries(deliveries, deadline, pipe)
-            for raw in raws:
-                pipe.lrem(inflight_key(bridge_id, queue), 1, raw)
-            pipe.execute()
+        """The bridge's jobs, as (token, exact bytes), leave its in-flight list for the ledger,
+        in one script call."""
+        args: list[str | bytes] = [_score(deadline), queue]
+        for token, raw in deliveries:
+            args += [token, raw]
+        keys = [DELIVERIES, DELIVERY_DEADLINES, inflight_key(bridge_id, queue)]
+        self.script("hand_over")(keys=keys, args=args)
 
     def extend_deliveries(self, tokens: Sequence[str], deadline: float) -> None:
         """Push deadlines out to `deadline`, never in (a worker's claim may already be later)."""
@@ -403,11 +406,10 @@ class SidekiqStore:
         keys = [DELIVERIES, DELIVERY_DEADLINES]
         args = [_score(now), _score(deadline), *fresh_tokens]
         flat = self.script("take_overdue_deliveries")(keys=keys, args=args)
-        taken = []
-        for token, entry in zip(flat[::2], flat[1::2], strict=True):
-            fields = json.loads(entry)
-            taken.append((token.decode(), fields["queue"], fields["payload"]))
-        return taken
+        return [
+            (token.decode(), *_parse_delivery_entry(entry))
+            for token, entry in zip(flat[::2], flat[1::2], strict=True)
+        ]
 
     def deliveries_pending(self) -> int:
         return self.redis.zcard(DELIVERY_DEADLINES)
