@@ -49,6 +49,7 @@ bench: deps
 	$(BIN)/python bench/worker.py
 	$(BIN)/python bench/bridge.py
 	ruby bench/sidecar.rb
+	$(BIN)/python bench/e2e.py
 
 clean:
 	rm -rf $(VENV) .run *.egg-info
