@@ -15,11 +15,11 @@ class ServerTest < Minitest::Test
     server&.close
   end
 
-  def spawn_sidecar(port, dir)
+  def spawn_sidecar(port, dir, root: EXAMPLE_APP)
     env = {"GOKIQ_SIDECAR_TOKEN" => TOKEN, "GOKIQ_EXAMPLE_DB" => File.join(dir, "server.sqlite3"),
            "REDIS_URL" => "redis://127.0.0.1:1/0", "RAILS_ROOT" => nil}
     Process.spawn(env, RbConfig.ruby, BIN, "--port", port.to_s, "--threads", "2:4", "--drain-timeout", "10",
-                  "--rails-root", EXAMPLE_APP, out: File.join(dir, "out.log"), err: File.join(dir, "err.log"))
+                  "--rails-root", root, out: File.join(dir, "out.log"), err: File.join(dir, "err.log"))
   end
 
   def wait_ready(port, pid)
@@ -89,6 +89,43 @@ class ServerTest < Minitest::Test
       assert_equal %w[ok failed invalid_class ok], done.map { |e| e["outcome"] }
       assert_equal "SleepJob", done.last["class"]
       refute_includes File.read(File.join(dir, "out.log")) + File.read(File.join(dir, "err.log")), TOKEN
+    ensure
+      if pid
+        Process.kill("KILL", pid)
+        Process.wait(pid)
+      end
+    end
+  end
+
+  # An app with a Gemfile boots through Bundler (resolved against the installed gems; nothing is
+  # fetched), and one without boots on the plain gem paths (every other test here).
+  def test_boots_an_app_that_has_a_gemfile_through_bundler
+    dir = Dir.mktmpdir("gemfile-app", TEST_TMP)
+    app = File.join(dir, "app")
+    FileUtils.cp_r(EXAMPLE_APP, app)
+    Dir[File.join(app, "db", "*.sqlite3*")].each { |f| File.delete(f) }
+    File.write(File.join(app, "Gemfile"), <<~GEMFILE)
+      source "https://rubygems.org"
+      gem "railties"
+      gem "activerecord"
+      gem "activejob"
+      gem "sidekiq"
+      gem "puma"
+      gem "sqlite3"
+    GEMFILE
+    port = free_port
+    pid = spawn_sidecar(port, dir, root: app)
+    begin
+      wait_ready(port, pid)
+      Net::HTTP.start("127.0.0.1", port, open_timeout: 1, read_timeout: 30) do |http|
+        res = post(http, "/jobs/execute", {"class" => "HardJob", "args" => [1], "jid" => "d" * 24})
+        assert_equal "200", res.code, res.body
+      end
+      assert File.exist?(File.join(app, "Gemfile.lock")), "Bundler did not resolve the Gemfile"
+      Process.kill("TERM", pid)
+      _, status = Process.wait2(pid)
+      pid = nil
+      assert_equal 0, status.exitstatus
     ensure
       if pid
         Process.kill("KILL", pid)
