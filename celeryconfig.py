@@ -3,9 +3,9 @@
 Only Celery's settings live here; what a job means is in gokiq_celery.
 """
 
-from kombu import Queue
-
 import sys
+
+from kombu import Queue
 
 from gokiq_celery.settings import ConfigError, load_settings
 

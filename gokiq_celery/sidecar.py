@@ -77,8 +77,10 @@ class SidecarClient:
             _failure(response, body),
         )
 
-    def exhausted(self, job: Job, failure: Failure, run_hook: bool) -> bool:
-        """Run the job's `sidekiq_retries_exhausted` hook (if asked) and the death handlers.
+    def exhausted(
+        self, job: Job, failure: Failure, *, run_hook: bool, death_handlers: bool
+    ) -> bool:
+        """Run the job's `sidekiq_retries_exhausted` hook and/or the app's death handlers.
 
         Returns True when the hook asked for the job to be discarded (no dead set entry).
         """
@@ -87,6 +89,7 @@ class SidecarClient:
             "error_class": failure.error_class,
             "error_message": failure.error_message,
             "run_hook": run_hook,
+            "death_handlers": death_handlers,
         }
         try:
             body = _json(self._post("/jobs/exhausted", _dumps(payload), {}))

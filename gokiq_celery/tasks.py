@@ -146,7 +146,7 @@ class Worker:
             return "dead"
         if outcome is Outcome.DROP or self.settings.sidekiq_version >= 8:
             # `retry: false` (and 8.x's :discard) still runs the app's death handlers.
-            self._exhausted_hooks(decision.job, failure, run_hook=False)
+            self._exhausted_hooks(decision.job, failure, run_hook=False, death_handlers=True)
         return "dropped" if outcome is Outcome.DROP else "discarded"
 
     def park(self, decision: Decision) -> None:
@@ -159,23 +159,30 @@ class Worker:
         )
 
     def _bury(self, decision: Decision, failure: Failure) -> None:
-        discard = self._exhausted_hooks(decision.job, failure, run_hook=True)
+        """Sidekiq's order: the class's exhausted hook, the dead set, then the death handlers."""
+        job = decision.job
+        discard = self._exhausted_hooks(job, failure, run_hook=True, death_handlers=False)
         if decision.goes_to_dead_set and not discard:
-            self.store.add_dead(decision.job.text)
+            self.store.add_dead(job.text)
             log.warning(
                 "Adding dead %s job %s",
-                decision.job.display_class,
-                decision.job.jid,
-                extra=_context(decision.job, decision.job.queue),
+                job.display_class,
+                job.jid,
+                extra=_context(job, job.queue),
             )
+        self._exhausted_hooks(job, failure, run_hook=False, death_handlers=True)
 
-    def _exhausted_hooks(self, job: Job, failure: Failure, run_hook: bool) -> bool:
+    def _exhausted_hooks(
+        self, job: Job, failure: Failure, *, run_hook: bool, death_handlers: bool
+    ) -> bool:
         try:
-            return self.sidecar.exhausted(job, failure, run_hook)
+            return self.sidecar.exhausted(
+                job, failure, run_hook=run_hook, death_handlers=death_handlers
+            )
         except SidecarUnavailable as exc:
             # The job is still kept (dead set or as its retry field says); only the hook is lost.
             log.error(
-                "sidecar unavailable: retries-exhausted hook and death handlers not run: %s",
+                "sidecar unavailable: retries-exhausted hook or death handlers not run: %s",
                 exc,
                 extra=_context(job, job.queue),
             )

@@ -140,8 +140,11 @@ def test_exhausted_job_lands_in_dead_set_with_sidekiq_fields(env):
     assert dead.get("error_class") == "ArgumentError" and dead.get("error_message") == "boom"
     assert dead.queue == "low" and dead.get("created_at") == job.get("created_at")
     assert "failed_at" in dead and "retried_at" in dead
-    [hook] = sidecar.exhausted_calls(job.jid)
-    assert hook["run_hook"] is True and hook["error_class"] == "ArgumentError"
+    # Sidekiq's order: the hook alone, then (after the dead set) the death handlers alone.
+    hook, handlers = sidecar.exhausted_calls(job.jid)
+    assert (hook["run_hook"], hook["death_handlers"]) == (True, False)
+    assert (handlers["run_hook"], handlers["death_handlers"]) == (False, True)
+    assert hook["error_class"] == "ArgumentError" and hook["job"]["retry_count"] == 2
     # The last two runs were sent to the retry queue, as Sidekiq's retry_queue says.
     assert [c["queue"] for c in sidecar.calls["execute"] if c["job"]["jid"] == job.jid] == [
         "default",
@@ -163,10 +166,14 @@ def test_no_retry_variants(env, stack, fields, dead, hook):
     sidecar, store = env
     job = make_job("FailJob", [], **fields)
     send(job)
-    wait_for(lambda: sidecar.exhausted_calls(job.jid), message="death handlers never called")
+    wait_for(
+        lambda: any(c["death_handlers"] for c in sidecar.exhausted_calls(job.jid)),
+        message="death handlers never called",
+    )
     settle(stack[2])
     assert len(sidecar.executed(job.jid)) == 1
-    assert sidecar.exhausted_calls(job.jid)[0]["run_hook"] is hook
+    calls = [(c["run_hook"], c["death_handlers"]) for c in sidecar.exhausted_calls(job.jid)]
+    assert calls == ([(True, False), (False, True)] if hook else [(False, True)])
     assert [d.jid for d in dead_jobs(store)] == ([job.jid] if dead else [])
     assert store.retry_set() == []
 

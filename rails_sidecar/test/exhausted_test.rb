@@ -4,9 +4,9 @@ require_relative "probe_jobs"
 class ExhaustedTest < Minitest::Test
   include SidecarTestHelpers
 
-  def exhausted(job, error_class: "ArgumentError", error_message: "boom", run_hook: true)
+  def exhausted(job, error_class: "ArgumentError", error_message: "boom", run_hook: true, **extra)
     post_json("/jobs/exhausted", {"job" => job, "error_class" => error_class,
-                                  "error_message" => error_message, "run_hook" => run_hook})
+                                  "error_message" => error_message, "run_hook" => run_hook, **extra})
   end
 
   def fail_job(jid)
@@ -29,6 +29,13 @@ class ExhaustedTest < Minitest::Test
     exhausted(fail_job(jid), run_hook: false)
     assert_equal({"status" => "ok", "hook_ran" => false, "discard" => false}, json)
     assert_equal ["death_handler"], runs(jid).map(&:job_class)
+  end
+
+  def test_death_handlers_false_only_runs_the_hook
+    jid = new_jid
+    exhausted(fail_job(jid), "death_handlers" => false)
+    assert_equal({"status" => "ok", "hook_ran" => true, "discard" => false}, json)
+    assert_equal ["FailJob.exhausted"], runs(jid).map(&:job_class)
   end
 
   def test_unknown_class_still_runs_death_handlers

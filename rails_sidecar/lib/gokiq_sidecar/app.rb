@@ -34,8 +34,9 @@ module GokiqSidecar
       else reply(404, status: "not_found")
       end
     rescue => e
-      # A bug here, not a job failure: the status differs from "failed" so the
-      # client does not spend the job's retry budget on it.
+      # A bug here, not in the job: "error", not "failed". gokiq still counts
+      # it against the job (Gokiq::SidecarHTTP500), so a payload that trips it
+      # ends in the dead set instead of going round forever.
       @logger.error("internal error", error_class: e.class.name, error_message: Runner.error_message(e))
       reply(500, status: "error", error_message: Runner.error_message(e))
     end
@@ -130,7 +131,9 @@ module GokiqSidecar
     def exhausted(body)
       job = body["job"]
       validate_job!(job)
-      result = @runner.exhausted(job, body["error_class"], body["error_message"], run_hook: body["run_hook"] == true)
+      result = @runner.exhausted(job, body["error_class"], body["error_message"],
+                                 run_hook: body["run_hook"] == true,
+                                 death_handlers: body["death_handlers"] != false)
       @metrics.exhausted(@runner.display_class(job))
       @logger.info("job exhausted", jid: job["jid"], class: @runner.display_class(job),
                                     hook_ran: result.hook_ran, discard: result.discard)

@@ -49,9 +49,11 @@ module GokiqSidecar
     end
 
     # What Sidekiq does once retries are used up: the class's
-    # sidekiq_retries_exhausted hook (when asked), then every death handler.
+    # sidekiq_retries_exhausted hook (when asked), then every death handler
+    # (unless told not to: gokiq asks for them in a second call, after it
+    # has added the job to the dead set, which is Sidekiq's order).
     # Hook and handler errors are logged, never raised.
-    def exhausted(job, error_class, error_message, run_hook:)
+    def exhausted(job, error_class, error_message, run_hook:, death_handlers: true)
       exception = build_exception(error_class, error_message)
       klass = begin
         @resolver.job_class(job["class"])
@@ -70,7 +72,7 @@ module GokiqSidecar
               log_hook_error("sidekiq_retries_exhausted", job, e)
             end
           end
-          ::Sidekiq.death_handlers.each do |handler|
+          (death_handlers ? ::Sidekiq.death_handlers : []).each do |handler|
             handler.call(job, exception)
           rescue => e
             log_hook_error("death handler", job, e)
