@@ -1,10 +1,23 @@
 """The Celery app: configured from `celeryconfig.py`, with gokiq's one task registered."""
 
+import logging
+
 from celery import Celery
 from celery.signals import setup_logging as celery_setup_logging
 from celery.signals import worker_ready
 
 from .logs import setup_logging
+from .settings import ConfigError, load_settings
+
+# Until someone configures logging, gokiq's format is the default: Flower (tornado) then adds
+# no handler of its own, so `celery -A gokiq_celery flower` logs JSON lines like the rest.
+if not logging.getLogger().handlers:
+    try:
+        _settings = load_settings()
+    except ConfigError:
+        pass  # celeryconfig reports it, in one line, and stops
+    else:
+        setup_logging(_settings.log_level, _settings.log_format)
 
 app = Celery("gokiq")
 app.config_from_object("celeryconfig")
@@ -14,8 +27,6 @@ app.conf.include = ["gokiq_celery.tasks"]
 @celery_setup_logging.connect
 def _json_logging(loglevel=None, **_kwargs) -> None:
     """Celery's worker logs in gokiq's format (JSON lines by default) instead of its own."""
-    from .settings import load_settings
-
     settings = load_settings()
     setup_logging(loglevel or settings.log_level, settings.log_format)
 

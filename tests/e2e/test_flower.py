@@ -32,7 +32,7 @@ def flower(stack: Stack, tmp_path_factory):
         tmp_path_factory.mktemp("flower") / "flower.log",
         lambda: _answers(url + "/healthcheck"),
     ).start()
-    yield url
+    yield url, service
     service.stop()
 
 
@@ -49,7 +49,8 @@ def _task(flower: str, jid: str) -> dict | None:
     return response.json().get(jid)
 
 
-def test_flower_shows_jobs_as_sidekiq_would(stack: Stack, flower: str):
+def test_flower_shows_jobs_as_sidekiq_would(stack: Stack, flower):
+    flower, service = flower
     assert requests.get(f"{flower}/api/tasks", timeout=5).status_code == 401
     hard, greet = stack.api(
         {"op": "perform_async", "class": "HardJob", "args": ["x" * 5000, {"n": 1}]},
@@ -68,3 +69,7 @@ def test_flower_shows_jobs_as_sidekiq_would(stack: Stack, flower: str):
     assert greet_task["name"] == "GreetJob"  # the ActiveJob class, not the wrapper
     assert hard_task["args"].startswith("['xxx") and len(hard_task["args"]) < 300
     wait_for(lambda: _task(flower, hard)["state"] == "SUCCESS", timeout=20)
+    # Flower logs JSON lines like every gokiq process.
+    lines = [line for line in service.lines() if line.strip() and not line.startswith("=====")]
+    assert lines and all(line.lstrip().startswith("{") for line in lines), lines[:5]
+    assert any(event.get("logger") == "flower.command" for event in service.json_lines())
