@@ -7,10 +7,10 @@ import sys
 
 from kombu import Queue
 
-from gokiq_celery.settings import ConfigError, load_settings
+from gokiq_celery.settings import ConfigError, process_settings
 
 try:
-    _settings = load_settings()
+    _settings = process_settings()
 except ConfigError as exc:  # one clear line naming the setting, not a traceback
     print(f"gokiq: bad setting: {exc}", file=sys.stderr)
     raise SystemExit(2) from None

@@ -238,7 +238,7 @@ class Bridge:
                 for job in batch.jobs:
                     log.debug(
                         "published",
-                        extra={"jid": job.jid, "class": job.display_class, "queue": batch.queue},
+                        extra=job.log_context(batch.queue),
                     )
 
     def republish_overdue(self) -> int:

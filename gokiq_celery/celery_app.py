@@ -7,13 +7,13 @@ from celery.signals import setup_logging as celery_setup_logging
 from celery.signals import worker_ready
 
 from .logs import setup_logging
-from .settings import ConfigError, load_settings
+from .settings import ConfigError, process_settings
 
 # Until someone configures logging, gokiq's format is the default: Flower (tornado) then adds
 # no handler of its own, so `celery -A gokiq_celery flower` logs JSON lines like the rest.
 if not logging.getLogger().handlers:
     try:
-        _settings = load_settings()
+        _settings = process_settings()
     except ConfigError:
         pass  # celeryconfig reports it, in one line, and stops
     else:
@@ -27,7 +27,7 @@ app.conf.include = ["gokiq_celery.tasks"]
 @celery_setup_logging.connect
 def _json_logging(loglevel=None, **_kwargs) -> None:
     """Celery's worker logs in gokiq's format (JSON lines by default) instead of its own."""
-    settings = load_settings()
+    settings = process_settings()
     setup_logging(loglevel or settings.log_level, settings.log_format)
 
 

@@ -10,7 +10,7 @@ import logging
 
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
-from .settings import load_settings
+from .settings import process_settings
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +33,7 @@ def observe_breaker(state: str) -> None:
 
 
 def serve_worker_metrics() -> None:
-    settings = load_settings()
+    settings = process_settings()
     if not settings.worker_metrics_port:
         return
     try:

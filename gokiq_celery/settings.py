@@ -9,6 +9,7 @@ Everything is validated at start-up; a bad value raises `ConfigError` naming the
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -105,6 +106,12 @@ def load_settings(
     return Settings(**{name: _coerce(name, raw) for name, raw in values.items()})
 
 
+@functools.cache
+def process_settings() -> Settings:
+    """This process's settings (environment and `GOKIQ_CONFIG`), read once."""
+    return load_settings()
+
+
 def parse_queues(text: str | list[Any]) -> tuple[QueueSpec, ...]:
     """`"critical,3 default,1"` (or a YAML list of `name` / `[name, weight]`) -> QueueSpecs."""
     items = text.replace(";", " ").split() if isinstance(text, str) else text
@@ -195,9 +202,8 @@ _LOG_LEVELS = {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}
 
 
 def _validate(s: Settings) -> None:
-    for name in ("redis_url",):
-        if urlsplit(getattr(s, name)).scheme not in {"redis", "rediss", "unix"}:
-            raise ConfigError(f"{name}: must be a redis://, rediss:// or unix:// URL")
+    if urlsplit(s.redis_url).scheme not in {"redis", "rediss", "unix"}:
+        raise ConfigError("redis_url: must be a redis://, rediss:// or unix:// URL")
     if s.celery_broker_url and urlsplit(s.celery_broker_url).scheme not in {
         "redis",
         "rediss",

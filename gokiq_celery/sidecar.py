@@ -94,7 +94,7 @@ class SidecarClient:
         try:
             body = _json(self._post("/jobs/exhausted", _dumps(payload), {}))
         except SidecarTimeout:
-            log.warning("sidecar did not answer /jobs/exhausted in time", extra=_ctx(job))
+            log.warning("sidecar did not answer /jobs/exhausted in time", extra=job.log_context())
             return False
         return bool(body.get("discard"))
 
@@ -169,10 +169,6 @@ def _failure(response: requests.Response, body: dict[str, Any]) -> Failure:
         retry_in=retry_in if isinstance(retry_in, int | float | str) else None,
         class_retry=body.get("class_retry"),
     )
-
-
-def _ctx(job: Job) -> dict[str, str]:
-    return {"jid": job.jid, "class": job.display_class, "queue": job.queue}
 
 
 def _json(response: requests.Response) -> dict[str, Any]:

@@ -20,7 +20,7 @@ from celery.exceptions import Ignore, Reject
 from . import metrics
 from .celery_app import app
 from .messages import TASK_NAME, argsrepr, new_delivery_token
-from .settings import Settings, load_settings
+from .settings import Settings, process_settings
 from .sidecar import Execution, SidecarClient, SidecarUnavailable
 from .sidekiq.job import InvalidJob, Job
 from .sidekiq.retry import Decision, Failure, Outcome, RetryPolicy
@@ -103,7 +103,7 @@ class Worker:
             log.warning(
                 "sidecar unavailable, job put back on its queue: %s",
                 exc,
-                extra=_context(job, queue),
+                extra=job.log_context(queue),
             )
             return "unavailable"
         return self._handle_result(job, queue, execution)
@@ -112,12 +112,12 @@ class Worker:
         if execution.status == "duplicate":
             log.info(
                 "job already running in the sidecar, this delivery dropped",
-                extra=_context(job, queue),
+                extra=job.log_context(queue),
             )
             return "duplicate"
         if execution.succeeded:
             self.store.record_stats(processed=1)
-            log.info("done", extra={**_context(job, queue), "elapsed": execution.execution_time})
+            log.info("done", extra={**job.log_context(queue), "elapsed": execution.execution_time})
             return "ok"
         self.store.record_stats(processed=1, failed=1)
         failure = execution.failure
@@ -127,7 +127,7 @@ class Worker:
             failure.error_class,
             failure.error_message[:200],
             extra={
-                **_context(job, queue),
+                **job.log_context(queue),
                 "elapsed": execution.execution_time,
                 "outcome": decision.outcome.value,
             },
@@ -155,7 +155,7 @@ class Worker:
         log.info(
             "retry parked in the retry set for %.0fs",
             decision.delay,
-            extra=_context(decision.job, decision.job.queue),
+            extra=decision.job.log_context(),
         )
 
     def _bury(self, decision: Decision, failure: Failure) -> None:
@@ -168,7 +168,7 @@ class Worker:
                 "Adding dead %s job %s",
                 job.display_class,
                 job.jid,
-                extra=_context(job, job.queue),
+                extra=job.log_context(),
             )
         self._exhausted_hooks(job, failure, run_hook=False, death_handlers=True)
 
@@ -184,7 +184,7 @@ class Worker:
             log.error(
                 "sidecar unavailable: retries-exhausted hook or death handlers not run: %s",
                 exc,
-                extra=_context(job, job.queue),
+                extra=job.log_context(),
             )
             return False
 
@@ -200,7 +200,7 @@ class PerformTask(Task):
 
     @cached_property
     def worker(self) -> Worker:
-        return Worker.from_settings(load_settings())
+        return Worker.from_settings(process_settings())
 
     def retry(
         self,
@@ -249,7 +249,3 @@ class PerformTask(Task):
 @app.task(bind=True, base=PerformTask, name=TASK_NAME, shared=False)
 def perform(self: PerformTask, payload: str, queue: str, delivery: str | None = None) -> str:
     return self.worker.perform(payload, queue, delivery)
-
-
-def _context(job: Job, queue: str) -> dict[str, str]:
-    return {"jid": job.jid, "class": job.display_class, "queue": queue}

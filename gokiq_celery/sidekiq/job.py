@@ -106,6 +106,10 @@ class Job:
                 return value
         return self.class_name
 
+    def log_context(self, queue: str | None = None) -> dict[str, str]:
+        """What every log line about this job carries, as Sidekiq's job logger does."""
+        return {"jid": self.jid, "class": self.display_class, "queue": queue or self.queue}
+
     def get(self, key: str, default: Any = None) -> Any:
         return self.fields.get(key, default)
 

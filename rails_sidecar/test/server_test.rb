@@ -36,6 +36,12 @@ class ServerTest < Minitest::Test
     end
   end
 
+  def kill_if_running(pid)
+    return unless pid
+    Process.kill("KILL", pid)
+    Process.wait(pid)
+  end
+
   def post(http, path, body, token: TOKEN)
     req = Net::HTTP::Post.new(path, "Content-Type" => "application/json")
     req["Authorization"] = "Bearer #{token}" if token
@@ -90,10 +96,7 @@ class ServerTest < Minitest::Test
       assert_equal "SleepJob", done.last["class"]
       refute_includes File.read(File.join(dir, "out.log")) + File.read(File.join(dir, "err.log")), TOKEN
     ensure
-      if pid
-        Process.kill("KILL", pid)
-        Process.wait(pid)
-      end
+      kill_if_running(pid)
     end
   end
 
@@ -127,10 +130,7 @@ class ServerTest < Minitest::Test
       pid = nil
       assert_equal 0, status.exitstatus
     ensure
-      if pid
-        Process.kill("KILL", pid)
-        Process.wait(pid)
-      end
+      kill_if_running(pid)
     end
   end
 

@@ -320,10 +320,9 @@ def metric_value(text: str, name: str, **labels: str) -> float:
     return total
 
 
-@pytest.fixture(scope="module")
-def stack(request, tmp_path_factory) -> Iterator[Stack]:
-    extra = getattr(request.module, "STACK_ENV", {})
-    s = Stack(tmp_path_factory.mktemp("stack"), extra)
+@contextlib.contextmanager
+def running(s: Stack) -> Iterator[Stack]:
+    """Start the stack; if anything fails, print every process's log; always stop it."""
     try:
         s.start()
         yield s
@@ -332,6 +331,13 @@ def stack(request, tmp_path_factory) -> Iterator[Stack]:
         raise
     finally:
         s.stop()
+
+
+@pytest.fixture(scope="module")
+def stack(request, tmp_path_factory) -> Iterator[Stack]:
+    extra = getattr(request.module, "STACK_ENV", {})
+    with running(Stack(tmp_path_factory.mktemp("stack"), extra)) as s:
+        yield s
 
 
 @pytest.hookimpl(hookwrapper=True, tryfirst=True)

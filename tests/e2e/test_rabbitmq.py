@@ -17,7 +17,7 @@ from collections.abc import Iterator
 import pytest
 
 from ..conftest import wait_for
-from .conftest import Stack, _print_logs
+from .conftest import Stack, running
 from .test_resilience import assert_at_least_once, done_count, push_hard_jobs, wait_all_ran
 
 pytestmark = pytest.mark.e2e
@@ -50,15 +50,9 @@ def stack(tmp_path_factory) -> Iterator[Stack]:
     try:
         _rabbitmqctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
         broker = f"amqp://guest:guest@127.0.0.1:5672/{vhost}"
-        s = Stack(tmp_path_factory.mktemp("stack-amqp"), {"CELERY_BROKER_URL": broker})
-        try:
-            s.start()
+        amqp_stack = Stack(tmp_path_factory.mktemp("stack-amqp"), {"CELERY_BROKER_URL": broker})
+        with running(amqp_stack) as s:
             yield s
-        except BaseException:
-            _print_logs(s)
-            raise
-        finally:
-            s.stop()
     finally:
         _rabbitmqctl("delete_vhost", vhost)
 
