@@ -20,10 +20,12 @@ system-deps:
 		$(SUDO) apt-get update -qq && \
 		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing; fi
 
-$(VENV)/.installed: pyproject.toml
+# The runtime dependencies are pinned by requirements.lock (what the Docker image installs too),
+# so every machine runs the versions the tests ran; regenerate it with docker/lock.py.
+$(VENV)/.installed: pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q -c requirements.lock -e '.[test]'
 	touch $@
 
 test: deps
