@@ -49,7 +49,9 @@ class Batch:
     jobs: list[Job] = field(default_factory=list)
     job_raws: list[bytes] = field(default_factory=list)  # the exact bytes of each job, to ack
     poison: list[tuple[bytes, str]] = field(default_factory=list)  # (raw, reason)
-    tokens: list[str] = field(default_factory=list)  # delivery tokens, once handed over
+    # Delivery tokens, one per job, made once: a hand-over that is retried uses the same ones.
+    tokens: list[str] = field(default_factory=list)
+    handed_over: bool = False
     published: bool = False
 
     def __post_init__(self) -> None:
@@ -59,6 +61,15 @@ class Batch:
                 self.job_raws.append(raw)
             except InvalidJob as exc:
                 self.poison.append((raw, exc.reason))
+        self.tokens = [new_delivery_token() for _ in self.jobs]
+
+    def drop(self, indexes: Sequence[int]) -> list[Job]:
+        """Forget the jobs at `indexes` (no longer this bridge's to deliver); returns them."""
+        gone = set(indexes)
+        dropped = [job for i, job in enumerate(self.jobs) if i in gone]
+        for name in ("jobs", "job_raws", "tokens"):
+            setattr(self, name, [x for i, x in enumerate(getattr(self, name)) if i not in gone])
+        return dropped
 
     def __len__(self) -> int:
         return len(self.raws)
@@ -84,12 +95,15 @@ class ReliableFetcher:
         queue, raws = found
         return Batch(queue, raws)
 
-    def hand_over(self, batch: Batch, deadline: float) -> None:
-        """Move the batch's jobs from in-flight into the delivery ledger, with fresh tokens, in
-        one step, before publishing: from then on a lost message is published again."""
-        batch.tokens = [new_delivery_token() for _ in batch.jobs]
+    def hand_over(self, batch: Batch, deadline: float) -> list[Job]:
+        """Move the batch's jobs from in-flight into the delivery ledger under their tokens, in
+        one step, before publishing: from then on a lost message is published again. Returns
+        the jobs this bridge no longer held (recovered by another bridge while this one
+        stalled), now dropped from the batch."""
         deliveries = list(zip(batch.tokens, batch.job_raws, strict=True))
-        self.store.hand_over(self.bridge_id, batch.queue, deliveries, deadline)
+        missing = self.store.hand_over(self.bridge_id, batch.queue, deliveries, deadline)
+        batch.handed_over = True
+        return batch.drop(missing)
 
     def bury(self, queue: str, raw: bytes) -> None:
         """Not a job: to the dead set, raw, and out of the in-flight list, atomically."""

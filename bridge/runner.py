@@ -224,10 +224,17 @@ class Bridge:
                 reason,
                 extra={"queue": batch.queue, "reason": reason, "bytes": len(raw)},
             )
-        if not batch.tokens and batch.jobs:
+        if not batch.handed_over:
             # Until the broker has the batch, only this bridge can deliver it: if we die, the
             # ledger hands it to another bridge as soon as our heartbeat would have expired.
-            self.fetcher.hand_over(batch, time.time() + self.settings.bridge_heartbeat_ttl)
+            deadline = time.time() + self.settings.bridge_heartbeat_ttl
+            if dropped := self.fetcher.hand_over(batch, deadline):
+                log.warning(
+                    "%d jobs were given back to queue %s while this bridge stalled: not published",
+                    len(dropped),
+                    batch.queue,
+                    extra={"queue": batch.queue, "jids": [job.jid for job in dropped][:20]},
+                )
         if not batch.published:
             self._broker_call(self.publisher.publish, batch.queue, batch.jobs, batch.tokens)
             self.store.extend_deliveries(batch.tokens, time.time() + self.settings.delivery_timeout)

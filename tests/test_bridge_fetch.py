@@ -74,6 +74,34 @@ def test_fetch_moves_exact_bytes_into_the_inflight_list_in_run_order(bridge_env)
     assert [m for m, _ in store.dead_set()] == [b"{not json"]
 
 
+def test_hand_over_of_a_whole_batch_empties_the_inflight_list_and_is_safe_to_repeat(bridge_env):
+    store = bridge_env.store()
+    bridge_env.push("default", [make_job(i) for i in range(50)])
+    fetcher = ReliableFetcher(store, "b1", ["default"])
+    batch = fetcher.fetch(["default"], 50)
+    assert fetcher.hand_over(batch, deadline=1e10) == []
+    assert store.inflight_jobs("b1", "default") == []
+    assert store.delivery_tokens() == sorted(batch.tokens)
+    # The script ran but its reply was lost: the same call again enters nothing new, drops none.
+    batch.handed_over = False
+    assert fetcher.hand_over(batch, deadline=1e10) == []
+    assert len(batch.jobs) == 50 and store.deliveries_pending() == 50
+
+
+def test_hand_over_skips_jobs_another_bridge_gave_back_while_this_one_stalled(bridge_env):
+    store = bridge_env.store()
+    bridge_env.push("default", [make_job(i) for i in range(6)])
+    store.register_bridge("stalled", ["default"], ttl=0.1)
+    fetcher = ReliableFetcher(store, "stalled", ["default"])
+    batch = fetcher.fetch(["default"], 4)
+    time.sleep(0.2)
+    assert store.recover_dead_bridges() == {"stalled": 4}  # back on the queue, run by others
+    fetched = list(batch.jobs)
+    assert fetcher.hand_over(batch, deadline=1e10) == fetched
+    assert batch.jobs == [] and batch.tokens == [] and store.deliveries_pending() == 0
+    assert store.queue_size("default") == 6
+
+
 def test_release_puts_jobs_back_at_the_tail_in_their_original_order(bridge_env):
     store = bridge_env.store()
     bridge_env.push("default", [make_job(i) for i in range(10)])

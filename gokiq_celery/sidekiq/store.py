@@ -360,14 +360,15 @@ class SidekiqStore:
 
     def hand_over(
         self, bridge_id: str, queue: str, deliveries: Sequence[tuple[str, bytes]], deadline: float
-    ) -> None:
+    ) -> list[int]:
         """The bridge's jobs, as (token, exact bytes), leave its in-flight list for the ledger,
-        in one script call."""
+        in one script call. Returns the indexes of those it no longer held (another bridge gave
+        them back to their queue): they were not entered and must not be published."""
         args: list[str | bytes] = [_score(deadline), queue]
         for token, raw in deliveries:
             args += [token, raw]
         keys = [DELIVERIES, DELIVERY_DEADLINES, inflight_key(bridge_id, queue)]
-        self.script("hand_over")(keys=keys, args=args)
+        return [int(i) - 1 for i in self.script("hand_over")(keys=keys, args=args)]
 
     def extend_deliveries(self, tokens: Sequence[str], deadline: float) -> None:
         """Push deadlines out to `deadline`, never in (a worker's claim may already be later)."""
