@@ -1,10 +1,12 @@
 """How fast one `gokiq-bridge` process drains Sidekiq queues into a Redis broker.
 
-    .venv/bin/python bench/bridge.py [--jobs 100000] [--batch-size 100]
+    .venv/bin/python bench/bridge.py [--jobs 100000] [--batch-size 100] [--rounds 3]
 
 Starts its own redis-server on a free port (Sidekiq data in db 0, the Celery broker in db 1),
 pushes realistic Sidekiq payloads, runs one bridge process until the Celery queue holds them
-all, and prints jobs/s. For scale it also measures raw LPUSH throughput of the same server
+all, and prints jobs/s, with the CPU time the bridge and redis-server spent per job (steadier
+than wall time on a shared VM). Each round starts from empty databases; the median round is
+the result. For scale it also measures raw LPUSH throughput of the same server
 (redis-benchmark if installed, else a pipelined LPUSH loop) and prints the ratio.
 """
 
@@ -21,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import redis
@@ -79,8 +82,16 @@ def push_jobs(store: SidekiqStore, count: int) -> None:
         store.push("default", *(payload(n, now) for n in range(start, min(count, start + 5000))))
 
 
-def drain(port: int, jobs: int, batch_size: int) -> tuple[float, float]:
-    """Run one bridge until the broker holds `jobs` messages. Returns (seconds, startup)."""
+@dataclass
+class Round:
+    seconds: float
+    startup: float
+    bridge_cpu: float  # seconds of CPU the bridge process used while draining
+    redis_cpu: float  # likewise, redis-server
+
+
+def drain(port: int, jobs: int, batch_size: int) -> Round:
+    """Run one bridge until the broker holds `jobs` messages."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("GOKIQ_", "CELERY_"))}
     env.update(
         REDIS_URL=f"redis://127.0.0.1:{port}/0",
@@ -99,14 +110,25 @@ def drain(port: int, jobs: int, batch_size: int) -> tuple[float, float]:
     try:
         while broker.llen("default") == 0:  # start-up (imports) is not throughput
             time.sleep(0.001)
-        first = time.perf_counter()
+        first, cpu0, redis0 = time.perf_counter(), cpu_seconds(proc.pid), redis_cpu(broker)
         while broker.llen("default") < jobs:
             time.sleep(0.005)
-        done = time.perf_counter()
+        done, cpu1, redis1 = time.perf_counter(), cpu_seconds(proc.pid), redis_cpu(broker)
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(30)
-    return done - first, first - started
+    return Round(done - first, first - started, cpu1 - cpu0, redis1 - redis0)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of a process so far (/proc/<pid>/stat, fields 14 and 15)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def redis_cpu(client: redis.Redis) -> float:
+    info = client.info("cpu")
+    return info["used_cpu_user"] + info["used_cpu_sys"]
 
 
 def raw_lpush(port: int, count: int) -> float:
@@ -137,22 +159,34 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", type=int, default=100_000)
     parser.add_argument("--batch-size", type=int, default=100)
+    parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
 
+    rounds = []
     with tempfile.TemporaryDirectory() as workdir:
         proc, port = start_redis(workdir)
         try:
             store = SidekiqStore(redis.Redis(port=port, db=0))
-            push_jobs(store, args.jobs)
-            seconds, startup = drain(port, args.jobs, args.batch_size)
-            rate = args.jobs / seconds
+            for n in range(args.rounds):
+                for db in (0, 1):
+                    redis.Redis(port=port, db=db).flushdb()  # our own server: start empty
+                push_jobs(store, args.jobs)
+                result = drain(port, args.jobs, args.batch_size)
+                rounds.append(result)
+                print(f"round {n + 1}: {args.jobs / result.seconds:,.0f} jobs/s, CPU per job: "
+                      f"bridge {1e6 * result.bridge_cpu / args.jobs:.0f} µs, "
+                      f"redis {1e6 * result.redis_cpu / args.jobs:.0f} µs", flush=True)  # fmt: skip
             lpush = raw_lpush(port, args.jobs)
         finally:
             proc.terminate()
             proc.wait(10)
 
-    print(f"bridge: {args.jobs} jobs in {seconds:.2f}s = {rate:,.0f} jobs/s "
-          f"(batch {args.batch_size}, start-up {startup:.2f}s not counted)")  # fmt: skip
+    median = sorted(rounds, key=lambda r: r.seconds)[len(rounds) // 2]
+    rate = args.jobs / median.seconds
+    print(
+        f"bridge: {args.jobs} jobs in {median.seconds:.2f}s = {rate:,.0f} jobs/s (median of "
+        f"{len(rounds)}, batch {args.batch_size}, start-up {median.startup:.2f}s not counted)"
+    )
     print(f"redis raw LPUSH: {lpush:,.0f} ops/s")
     print(f"ratio bridge/LPUSH: {rate / lpush:.2f}")
     print("target: >= 20,000 jobs/s per bridge process")

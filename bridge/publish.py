@@ -5,45 +5,34 @@ protocol 2, JSON), with task id = jid and shown under the job's class name. The 
 own small Celery app so it never imports the workers' `celeryconfig.py`.
 
 Why not `app.send_task`: it routes every message through an exchange lookup (one Redis round
-trip per message on the Redis transport) and tops out near 6,000 messages/s. Building the
-message with `app.amqp.as_task_v2` and publishing it to the default exchange ("", routing key =
-queue name, which both Redis and AMQP deliver straight to the queue of that name) inside
-kombu's `Producer.batch()` sends a whole batch in one pipeline (see bench/bridge.py).
+trip per message on the Redis transport) and tops out near 6,000 messages/s. The messages
+(bridge/envelope.py) go to the default exchange ("", routing key = queue name, which both Redis
+and AMQP deliver straight to the queue of that name): on AMQP through kombu's Producer, on
+Redis as one LPUSH per batch (see bench/bridge.py).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import socket
 import time
-import uuid
 from collections.abc import Callable, Sequence
 from urllib.parse import urlsplit
 
+import redis
 from celery import Celery
-from kombu import Connection, Producer, Queue, serialization
+from kombu import Connection, Producer, Queue
 from kombu.exceptions import ChannelError
 from kombu.transport import redis as kombu_redis
-from kombu.utils import json as kombu_json
 
-from gokiq_celery.messages import TASK_NAME, argsrepr, celery_retries
 from gokiq_celery.settings import Settings
 from gokiq_celery.sidekiq.job import Job
 from gokiq_celery.sidekiq.store import SidekiqStore
 
+from .envelope import PERSISTENT, TaskMessages
 from .metrics import BridgeMetrics
 
 log = logging.getLogger(__name__)
-
-PERSISTENT = 2  # AMQP delivery mode: the broker keeps the message on disk
-
-
-def bridge_celery_app() -> Celery:
-    """A Celery app that only builds task messages: protocol 2, JSON, as the workers expect."""
-    app = Celery("gokiq-bridge", set_as_current=False)
-    app.conf.update(task_serializer="json", accept_content=["json"], task_protocol=2)
-    return app
 
 
 def broker_connection(broker_url: str) -> Connection:
@@ -68,11 +57,11 @@ class Publisher:
 
     def __init__(self, settings: Settings, app: Celery | None = None) -> None:
         self.settings = settings
-        self.app = app or bridge_celery_app()
-        self.origin = f"gokiq-bridge@{socket.gethostname()}"
+        self.messages = TaskMessages(app)
         self._connection: Connection | None = None
         self._producer: Producer | None = None
         self._declared: set[str] = set()
+        self._broker_redis: redis.Redis | None = None  # the fast path's client, per connection
         self.fast_path = True  # one LPUSH per batch on a Redis broker (see _publish_redis)
 
     # -- connection -------------------------------------------------------------------------
@@ -88,6 +77,7 @@ class Publisher:
     def reset(self) -> None:
         """Drop the connection after an error; the next call opens a fresh one."""
         connection, self._connection, self._producer = self._connection, None, None
+        self._broker_redis = None
         if connection is not None:
             with contextlib.suppress(Exception):
                 connection.close()
@@ -118,7 +108,7 @@ class Publisher:
         batch = producer.batch(max_size=2 * len(jobs) + 1) if hasattr(producer, "batch") else None
         with batch or contextlib.nullcontext():
             for job, token in zip(jobs, tokens, strict=True):
-                message = self.task_message(job, queue, token)
+                message = self.messages.task_message(job, queue, token)
                 producer.publish(
                     message.body,
                     exchange="",
@@ -131,50 +121,23 @@ class Publisher:
                     **message.properties,
                 )
 
-    def task_message(self, job: Job, queue: str, token: str):
-        """Celery's protocol 2 message for one job: `gokiq.perform(payload_text, queue,
-        delivery=token)`."""
-        return self.app.amqp.as_task_v2(
-            job.jid or uuid.uuid4().hex,
-            TASK_NAME,
-            args=(job.text, queue),
-            kwargs={"delivery": token},
-            shadow=job.display_class,
-            argsrepr=argsrepr(job, queue),
-            kwargsrepr="{}",
-            retries=celery_retries(job),
-            origin=self.origin,
-        )
-
     def _publish_redis(
         self, channel, jobs: Sequence[Job], tokens: Sequence[str], queue: str, celery_queue: str
     ) -> None:
         """The Redis transport's publish, for a whole batch in one LPUSH.
 
-        kombu's Producer sends one LPUSH per message; here each message is prepared by the
-        same channel methods kombu's `basic_publish` uses (so the envelope is identical: see
-        tests/test_bridge_publish.py) and the batch goes in one command, in order.
+        kombu's Producer sends one LPUSH per message; here each envelope is the text kombu's
+        `basic_publish` would write (identical: see tests/test_bridge_publish.py) and the batch
+        goes in one command, in order.
         """
         envelopes = [
-            self.redis_envelope(channel, job, token, queue, celery_queue)
+            self.messages.redis_envelope(channel, job, token, queue, celery_queue)
             for job, token in zip(jobs, tokens, strict=True)
         ]
-        with channel.conn_or_acquire() as client:
-            client.lpush(channel._q_for_pri(celery_queue, 0), *envelopes)
-
-    def redis_envelope(self, channel, job: Job, token: str, queue: str, celery_queue: str) -> str:
-        message = self.task_message(job, queue, token)
-        content_type, content_encoding, body = serialization.dumps(message.body, "json")
-        envelope = channel.prepare_message(
-            body,
-            0,
-            content_type,
-            content_encoding,
-            message.headers,
-            {**message.properties, "delivery_mode": PERSISTENT},
-        )
-        channel._inplace_augment_message(envelope, "", celery_queue)
-        return kombu_json.dumps(envelope)
+        if self._broker_redis is None:
+            # kombu's conn_or_acquire() builds a new client per call, a fifth of a batch's time.
+            self._broker_redis = redis.Redis(connection_pool=channel.pool)
+        self._broker_redis.lpush(channel._q_for_pri(celery_queue, 0), *envelopes)
 
     def pending(self, celery_queue: str) -> int:
         """Messages waiting in a Celery queue (not yet taken by a worker)."""
@@ -195,7 +158,7 @@ def _is_kombu_redis(channel) -> bool:
     # (AMQP, a kombu that changed) takes the Producer path.
     return isinstance(channel, kombu_redis.Channel) and all(
         hasattr(channel, name)
-        for name in ("prepare_message", "_inplace_augment_message", "_q_for_pri", "conn_or_acquire")
+        for name in ("prepare_message", "_inplace_augment_message", "_q_for_pri", "pool")
     )
 
 
