@@ -19,6 +19,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 import yaml
 
+from .connection import valid_header_value
+
 
 class ConfigError(ValueError):
     """A setting is missing or has a value gokiq cannot use."""
@@ -213,8 +215,11 @@ def _validate(s: Settings) -> None:
         "memory",
     }:
         raise ConfigError("celery_broker_url: must be a redis:// or amqp:// URL")
-    if urlsplit(s.sidecar_url).scheme not in {"http", "https"}:
-        raise ConfigError("sidecar_url: must be an http:// or https:// URL")
+    sidecar = urlsplit(s.sidecar_url)
+    if sidecar.scheme not in {"http", "https"} or not sidecar.hostname:
+        raise ConfigError("sidecar_url: must be an http:// or https:// URL with a host")
+    if not valid_header_value(s.sidecar_token):  # the value is a secret: not in the message
+        raise ConfigError("sidecar_token: must be printable ASCII (it is sent as an HTTP header)")
     if s.sidekiq_version not in (6, 7, 8):
         raise ConfigError(f"sidekiq_version: must be 6, 7 or 8, got {s.sidekiq_version}")
     if s.log_level.upper() not in _LOG_LEVELS:

@@ -4,21 +4,27 @@ The contract is rails_sidecar/README.md. Only "the sidecar is unavailable" (conn
 refused or reset, connect timeout, 502/503/504, 401) trips the breaker and raises
 `SidecarUnavailable`; a job that raised is a normal answer, not an error of the sidecar.
 The breaker's state lives in Redis so every worker and the bridge see the same circuit.
+
+HTTP is one keep-alive connection per thread (gokiq_celery.connection), not requests or
+urllib3: requests' own per-call work alone cost more than everything else a worker does for a
+job, and urllib3 makes twice the syscalls (GIL hand-offs between the pool's threads).
 """
 
 from __future__ import annotations
 
+import http.client
+import json
 import logging
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any
 
 import pybreaker
 import redis
-import requests
-from requests.adapters import HTTPAdapter
 
 from . import metrics
+from .connection import ConnectFailed, SidecarConnection, valid_header_value
 from .settings import Settings
 from .sidekiq.job import Job, dumps
 from .sidekiq.retry import Failure
@@ -54,27 +60,32 @@ class SidecarClient:
     def __init__(self, settings: Settings, breaker_redis: redis.Redis) -> None:
         self.settings = settings
         self.base_url = settings.sidecar_url.rstrip("/")
+        self._headers = {"Content-Type": "application/json"}
+        if settings.sidecar_token:
+            self._headers["Authorization"] = f"Bearer {settings.sidecar_token}"
         self._breaker_redis = breaker_redis
-        # One breaker object serialises its calls behind a lock, so each thread gets its own;
-        # they share state through Redis. Sessions are per thread for the same reason.
+        # Per thread (or greenlet): a breaker object serialises its calls behind a lock, and a
+        # connection serves one call at a time. The breakers share their state through Redis.
         self._local = threading.local()
 
     def execute(self, job: Job, queue: str) -> Execution:
         try:
-            response = self._post("/jobs/execute", job.raw, {"X-Gokiq-Queue": queue})
+            # Optional header: a queue name it cannot carry is left to the payload's `queue`.
+            headers = {"X-Gokiq-Queue": queue} if valid_header_value(queue) else {}
+            response = self._post("/jobs/execute", job.raw, headers)
         except SidecarTimeout as exc:
             return Execution(
                 "failed", self.settings.job_timeout, Failure("Gokiq::JobTimeout", str(exc))
             )
-        body = _json(response)
-        if response.status_code == 200:
+        body = response.body
+        if response.status == 200:
             return Execution("ok", float(body.get("execution_time") or 0.0))
-        if response.status_code == 409:
+        if response.status == 409:
             return Execution("duplicate")
         return Execution(
             body.get("status") or "failed",
             float(body.get("execution_time") or 0.0),
-            _failure(response, body),
+            _failure(response),
         )
 
     def exhausted(
@@ -92,22 +103,19 @@ class SidecarClient:
             "death_handlers": death_handlers,
         }
         try:
-            body = _json(self._post("/jobs/exhausted", _dumps(payload), {}))
+            response = self._post("/jobs/exhausted", _dumps(payload), {})
         except SidecarTimeout:
             log.warning("sidecar did not answer /jobs/exhausted in time", extra=job.log_context())
             return False
-        return bool(body.get("discard"))
+        return bool(response.body.get("discard"))
 
     @property
     def breaker(self) -> pybreaker.CircuitBreaker:
         if not hasattr(self._local, "breaker"):
-            storage = pybreaker.CircuitRedisStorage(
-                pybreaker.STATE_CLOSED, self._breaker_redis, namespace=BREAKER_NAMESPACE
-            )
             self._local.breaker = pybreaker.CircuitBreaker(
                 fail_max=self.settings.breaker_fail_max,
                 reset_timeout=self.settings.breaker_reset_timeout,
-                state_storage=storage,
+                state_storage=SharedBreakerStorage(self._breaker_redis),
                 exclude=[SidecarTimeout],
                 listeners=[_BreakerMetrics()],
                 name="sidecar",
@@ -116,40 +124,105 @@ class SidecarClient:
         return self._local.breaker
 
     @property
-    def session(self) -> requests.Session:
-        if not hasattr(self._local, "session"):
-            session = requests.Session()
-            session.trust_env = False  # no proxy/netrc lookups per call: the sidecar is local
-            adapter = HTTPAdapter(pool_connections=1, pool_maxsize=4, max_retries=0)
-            session.mount("http://", adapter)
-            session.mount("https://", adapter)
-            session.headers["Content-Type"] = "application/json"
-            if self.settings.sidecar_token:
-                session.headers["Authorization"] = f"Bearer {self.settings.sidecar_token}"
-            self._local.session = session
-        return self._local.session
+    def connection(self) -> SidecarConnection:
+        if not hasattr(self._local, "connection"):
+            self._local.connection = SidecarConnection(
+                self.base_url, self.settings.sidecar_connect_timeout, self.settings.job_timeout
+            )
+        return self._local.connection
 
-    def _post(self, path: str, body: bytes, headers: dict[str, str]) -> requests.Response:
+    def _post(self, path: str, body: bytes, headers: dict[str, str]) -> Response:
         try:
             return self.breaker.call(self._send, path, body, headers)
         except pybreaker.CircuitBreakerError as exc:
             raise SidecarUnavailable(f"circuit open: {exc}") from exc
 
-    def _send(self, path: str, body: bytes, headers: dict[str, str]) -> requests.Response:
-        timeout = (self.settings.sidecar_connect_timeout, self.settings.job_timeout)
+    def _send(self, path: str, body: bytes, headers: dict[str, str]) -> Response:
         try:
-            response = self.session.post(
-                self.base_url + path, data=body, headers=headers, timeout=timeout
-            )
-        except requests.ReadTimeout as exc:
+            reply = self.connection.post(path, body, {**self._headers, **headers})
+        except ConnectFailed as exc:
+            raise SidecarUnavailable(f"{self.base_url}{path}: cannot connect ({exc})") from exc
+        except TimeoutError as exc:
             raise SidecarTimeout(f"no answer within {self.settings.job_timeout}s") from exc
-        except (requests.ConnectionError, requests.exceptions.ChunkedEncodingError) as exc:
+        except (OSError, http.client.HTTPException) as exc:  # reset, closed, broken response
             raise SidecarUnavailable(f"{self.base_url}{path}: {exc.__class__.__name__}") from exc
-        if response.status_code in UNAVAILABLE_STATUSES:
-            if response.status_code == 401:
+        if reply.status in UNAVAILABLE_STATUSES:
+            if reply.status == 401:
                 log.error("sidecar refused gokiq's token (401): check GOKIQ_SIDECAR_TOKEN")
-            raise SidecarUnavailable(f"{self.base_url}{path}: HTTP {response.status_code}")
-        return response
+            raise SidecarUnavailable(f"{self.base_url}{path}: HTTP {reply.status}")
+        return Response(reply.status, reply.reason or "", _json(reply.body))
+
+
+@dataclass(frozen=True)
+class Response:
+    status: int
+    reason: str
+    body: dict[str, Any]
+
+
+class SharedBreakerStorage(pybreaker.CircuitRedisStorage):
+    """pybreaker's Redis storage (state shared by every worker and the bridge), read at most
+    every `refresh` seconds.
+
+    The stock storage makes two round trips on every call, GET state before and SET the
+    failure counter to 0 after a success. Here state and counter are read together, at most
+    every `refresh` seconds, and a success writes the counter only when it is not 0 already.
+    Writes that matter (a failure, a state change) go to Redis at once; another worker's trip is
+    seen within `refresh`.
+    """
+
+    REFRESH = 0.25
+
+    def __init__(self, client: redis.Redis, refresh: float = REFRESH, clock=time.monotonic):
+        super().__init__(pybreaker.STATE_CLOSED, client, namespace=BREAKER_NAMESPACE)
+        self._refresh = refresh
+        self._clock = clock
+        self._read_at = float("-inf")
+        self._state = pybreaker.STATE_CLOSED
+        self._counter = 0
+
+    def _read(self) -> None:
+        if self._clock() - self._read_at < self._refresh:
+            return
+        keys = self._namespace("state"), self._namespace("fail_counter")
+        try:
+            state, counter = self._redis.mget(keys)
+        except redis.RedisError:
+            self.logger.exception("RedisError: falling back to default circuit state")
+            self._state, self._counter = self._fallback_circuit_state, 0
+            return
+        if state is None:  # keys gone (flushed): start again as pybreaker does
+            self._initialize_redis_state(self._fallback_circuit_state)
+        self._state = state.decode() if state else self._fallback_circuit_state
+        self._counter = int(counter or 0)
+        self._read_at = self._clock()
+
+    @property
+    def state(self) -> str:
+        self._read()
+        return self._state
+
+    @state.setter
+    def state(self, state: str) -> None:
+        pybreaker.CircuitRedisStorage.state.fset(self, state)
+        self._state = str(state)
+
+    @property
+    def counter(self) -> int:
+        self._read()
+        return self._counter
+
+    def increment_counter(self) -> None:
+        try:
+            self._counter = int(self._redis.incr(self._namespace("fail_counter")))
+        except redis.RedisError:
+            self.logger.exception("RedisError")
+
+    def reset_counter(self) -> None:
+        self._read()
+        if self._counter:
+            super().reset_counter()
+            self._counter = 0
 
 
 class _BreakerMetrics(pybreaker.CircuitBreakerListener):
@@ -160,20 +233,21 @@ class _BreakerMetrics(pybreaker.CircuitBreakerListener):
         )
 
 
-def _failure(response: requests.Response, body: dict[str, Any]) -> Failure:
+def _failure(response: Response) -> Failure:
+    body = response.body
     retry_in = body.get("retry_in")
     return Failure(
-        error_class=str(body.get("error_class") or f"Gokiq::SidecarHTTP{response.status_code}"),
-        error_message=str(body.get("error_message") or response.reason or ""),
+        error_class=str(body.get("error_class") or f"Gokiq::SidecarHTTP{response.status}"),
+        error_message=str(body.get("error_message") or response.reason),
         backtrace=tuple(str(line) for line in body.get("backtrace") or ()),
         retry_in=retry_in if isinstance(retry_in, int | float | str) else None,
         class_retry=body.get("class_retry"),
     )
 
 
-def _json(response: requests.Response) -> dict[str, Any]:
+def _json(data: bytes) -> dict[str, Any]:
     try:
-        body = response.json()
+        body = json.loads(data)
     except ValueError:
         return {}
     return body if isinstance(body, dict) else {}

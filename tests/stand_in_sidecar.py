@@ -8,10 +8,13 @@ chosen by its class name, and every call is recorded for the test to read back.
   FlakyJob           args [failures, retry_in]: 500 for the first `failures` runs of a jid
   UnknownJob         422 NameError
   SlowJob            args [seconds]: sleeps, then 200
+  CloseJob           200 with `Connection: close`, then closes the connection
+  HangUpJob          200, then closes the connection without saying so (an idle timeout)
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
@@ -24,6 +27,8 @@ TOKEN = "test-token"
 class StandInSidecar:
     def __init__(self, port: int = 0) -> None:
         self.calls: dict[str, list[dict]] = defaultdict(list)
+        self.paths: list[str] = []  # every request's path, in order
+        self.peers: list[tuple[str, int]] = []  # the client address of every request
         self.runs: Counter[str] = Counter()
         self.lock = threading.Lock()
         self.server = ThreadingHTTPServer(("127.0.0.1", port), self._handler())
@@ -49,7 +54,7 @@ class StandInSidecar:
             return [c for c in self.calls["exhausted"] if c["job"].get("jid") == jid]
 
     def respond(self, path: str, body: dict, queue: str) -> tuple[int, dict]:
-        if path == "/jobs/exhausted":
+        if path == "exhausted":
             with self.lock:
                 self.calls["exhausted"].append(body)
             return 200, {"status": "ok", "hook_ran": body.get("run_hook"), "discard": False}
@@ -67,19 +72,26 @@ class StandInSidecar:
             disable_nagle_algorithm = True  # headers and body go out in two writes
 
             def do_POST(self) -> None:
+                sidecar.paths.append(self.path)
+                sidecar.peers.append(self.client_address)
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 if self.headers.get("Authorization") != f"Bearer {TOKEN}":
                     return self._send(401, {"status": "unauthorized"})
                 queue = self.headers.get("X-Gokiq-Queue", "")
-                self._send(*sidecar.respond(self.path, body, queue))
+                self._send(*sidecar.respond(self.path.rsplit("/jobs/", 1)[-1], body, queue))
+                if body.get("class") in ("CloseJob", "HangUpJob"):
+                    self.close_connection = True
 
             def _send(self, status: int, body: dict) -> None:
                 data = json.dumps(body).encode()
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
+                if body.get("close"):
+                    self.send_header("Connection", "close")
+                with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                    self.end_headers()  # a client past its read timeout has gone
+                    self.wfile.write(data)
 
             def log_message(self, *args) -> None:
                 pass
@@ -89,8 +101,10 @@ class StandInSidecar:
 
 def _behaviour(job: dict, run: int) -> tuple[int, dict]:
     cls, args = job.get("class"), job.get("args") or []
-    if cls == "OkJob":
+    if cls in ("OkJob", "HangUpJob"):
         return 200, {"status": "ok", "execution_time": 0.001}
+    if cls == "CloseJob":
+        return 200, {"status": "ok", "execution_time": 0.001, "close": True}
     if cls == "SlowJob":
         time.sleep(float(args[0]))
         return 200, {"status": "ok", "execution_time": float(args[0])}

@@ -56,6 +56,8 @@ def test_queue_strings_like_sidekiqs_command_line():
         ({"GOKIQ_STRICT": "maybe"}, "strict"),
         ({"GOKIQ_QUEUE_MAP": "nonsense"}, "queue_map"),
         ({"GOKIQ_LOG_LEVEL": "chatty"}, "log_level"),
+        ({"GOKIQ_SIDECAR_URL": "http:///jobs"}, "sidecar_url"),
+        ({"GOKIQ_SIDECAR_TOKEN": "secret\r\nX-Evil: 1"}, "sidecar_token"),
     ],
 )
 def test_bad_values_name_the_key(env, key):
@@ -65,6 +67,7 @@ def test_bad_values_name_the_key(env, key):
     with pytest.raises(ConfigError) as info:
         load_settings(environ=env)
     assert str(info.value).startswith(key)
+    assert "secret" not in str(info.value)  # a bad token is named, never shown
 
 
 def test_bad_config_files(tmp_path):
