@@ -10,23 +10,30 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
 
 from celery import Task
 from celery.exceptions import Ignore, Reject
+from celery.signals import worker_process_shutdown, worker_shutdown
 
 from . import metrics
 from .celery_app import app
 from .messages import TASK_NAME, argsrepr, new_delivery_token
 from .settings import Settings, process_settings
+from .settler import DeliverySettler
 from .sidecar import Execution, SidecarClient, SidecarUnavailable
 from .sidekiq.job import InvalidJob, Job
 from .sidekiq.retry import Decision, Failure, Outcome, RetryPolicy
 from .sidekiq.store import SidekiqStore
 
 log = logging.getLogger("gokiq.worker")
+
+# What a run adds to Sidekiq's stat:processed and stat:failed, by outcome, written in the
+# transaction that settles its delivery (a retry's when it is re-published: PerformTask.retry).
+# The other outcomes (unavailable, duplicate, invalid, stale) ran no job.
+RUN_COUNTS = {"ok": (1, 0), **dict.fromkeys(("parked", "dead", "dropped", "discarded"), (1, 1))}
 
 
 class JobFailed(Exception):
@@ -45,6 +52,10 @@ class Worker:
     store: SidekiqStore
     sidecar: SidecarClient
     policy: RetryPolicy
+    settler: DeliverySettler = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.settler = DeliverySettler(self.store)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Worker:
@@ -60,8 +71,9 @@ class Worker:
         """Run one delivery of a job; return its outcome, or raise `JobFailed` for a Celery retry.
 
         `delivery` is the message's token in the delivery ledger (None: published without one,
-        run untracked). The token is settled once the job's fate is stored; if this process dies
-        first, the bridge publishes the job again when the token's deadline passes.
+        run untracked). The token is settled (in the next batch of `DeliverySettler`) once the
+        job's fate is stored; if this process dies first, the bridge publishes the job again
+        when the token's deadline passes.
         """
         deadline = time.time() + self.settings.run_window
         if delivery and not self.store.claim_delivery(delivery, deadline):
@@ -71,8 +83,9 @@ class Worker:
             )
             return "stale"
         outcome = self._perform(payload, queue)
-        if delivery:
-            self.store.settle_delivery(delivery)
+        processed, failed = RUN_COUNTS.get(outcome, (0, 0))
+        if delivery or processed:
+            self.settler.settle(delivery, processed, failed)
         return outcome
 
     def _perform(self, payload: str, queue: str) -> str:
@@ -116,10 +129,10 @@ class Worker:
             )
             return "duplicate"
         if execution.succeeded:
-            self.store.record_stats(processed=1)
-            log.info("done", extra={**job.log_context(queue), "elapsed": execution.execution_time})
+            if log.isEnabledFor(logging.INFO):
+                extra = {**job.log_context(queue), "elapsed": execution.execution_time}
+                log.info("done", extra=extra)
             return "ok"
-        self.store.record_stats(processed=1, failed=1)
         failure = execution.failure
         decision = self.policy.decide(job, failure, queue)
         log.info(
@@ -241,7 +254,7 @@ class PerformTask(Task):
         except Reject:
             # Re-publishing failed (broker down): keep the job in Sidekiq's retry set instead.
             self.worker.park(decision)
-            store.settle_delivery(delivery)
+            store.settle_deliveries([delivery])
             return Ignore()
 
 
@@ -249,3 +262,11 @@ class PerformTask(Task):
 @app.task(bind=True, base=PerformTask, name=TASK_NAME, shared=False)
 def perform(self: PerformTask, payload: str, queue: str, delivery: str | None = None) -> str:
     return self.worker.perform(payload, queue, delivery)
+
+
+@worker_shutdown.connect  # the threads pool (and solo) run jobs in the main process
+@worker_process_shutdown.connect  # prefork: each child has its own settler
+def _flush_settlements(**_kwargs) -> None:
+    worker = perform.__dict__.get("worker")  # built on a process's first job, if any
+    if worker is not None:
+        worker.settler.flush()

@@ -86,7 +86,7 @@ def test_delivery_ledger_claim_settle_and_overdue(redis_client):
     assert store.delivery_tokens() == ["n1", "t1"]
     assert not store.claim_delivery("t2", now + 600)  # the old message is stale
     store.replace_delivery("t1", "r1", "default", '{"class":"A","args":[1]}', now + 20)
-    store.settle_delivery("n1")
+    store.settle_deliveries(["n1"])
     assert store.delivery_tokens() == ["r1"] and store.deliveries_pending() == 1
 
 

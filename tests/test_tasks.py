@@ -258,10 +258,13 @@ def test_a_retry_that_cannot_be_republished_is_parked_not_lost(env, monkeypatch)
     assert len(sidecar.executed(job.jid)) == 1
 
 
-def send_tracked(store: SidekiqStore, job: Job, queue: str = "default") -> str:
-    """Publish as the bridge does: the ledger entry first, then the message with its token."""
+def send_tracked(store: SidekiqStore, job: Job, queue: str = "default", *, stale=False) -> str:
+    """Publish as the bridge does: the ledger entry first, then the message with its token.
+    `stale`: the entry is gone before the message is sent (settled, or published again)."""
     token = new_delivery_token()
     store.record_deliveries([(token, queue, job.text)], deadline=time.time() + 60)
+    if stale:
+        store.settle_deliveries([token])
     app.send_task(
         TASK_NAME,
         args=(job.text, queue),
@@ -278,15 +281,14 @@ def test_a_tracked_delivery_is_settled_once_the_job_ran(env, stack):
     send_tracked(store, job)
     wait_for(lambda: store.stats()["processed"] == 1, message="job did not run")
     settle(stack[2])
-    assert store.delivery_tokens() == []
+    wait_for(lambda: store.delivery_tokens() == [], message="delivery never settled")
 
 
 def test_a_stale_delivery_is_skipped(env, stack):
     """A message whose token left the ledger (settled, or published again) must not run."""
     sidecar, store = env
     job = make_job("OkJob", [2])
-    token = send_tracked(store, job)
-    store.settle_delivery(token)  # as if the bridge had re-published it under a new token
+    send_tracked(store, job, stale=True)  # as if the bridge had re-published it (new token)
     settle(stack[2])
     assert sidecar.executed(job.jid) == [] and store.stats()["processed"] == 0
 
@@ -296,6 +298,7 @@ def test_a_retry_carries_a_new_token_and_settles_at_the_end(env, stack):
     job = make_job("FlakyJob", [1, 1])
     first = send_tracked(store, job)
     wait_for(lambda: len(sidecar.executed(job.jid)) == 2, timeout=20, message="not retried")
+    assert first not in store.delivery_tokens()  # replaced when the retry was published
     settle(stack[2])
-    assert first not in store.delivery_tokens()
-    assert store.delivery_tokens() == [] and store.stats() == {"processed": 2, "failed": 1}
+    wait_for(lambda: store.delivery_tokens() == [], message="deliveries never settled")
+    assert store.stats() == {"processed": 2, "failed": 1}

@@ -186,14 +186,17 @@ class SidekiqStore:
 
     def record_stats(self, processed: int = 0, failed: int = 0, now: float | None = None) -> None:
         """Add to Sidekiq's all-time and per-UTC-day counters, as its heartbeat flush does."""
-        day = datetime.fromtimestamp(time.time() if now is None else now, UTC).strftime("%Y-%m-%d")
         with self.redis.pipeline(transaction=True) as pipe:
-            for total, count in ((STAT_PROCESSED, processed), (STAT_FAILED, failed)):
-                if count:
-                    pipe.incrby(total, count)
-                    pipe.incrby(f"{total}:{day}", count)
-                    pipe.expire(f"{total}:{day}", STAT_DAILY_TTL)
+            self._count_runs(pipe, processed, failed, now)
             pipe.execute()
+
+    def _count_runs(self, pipe, processed: int, failed: int, now: float | None = None) -> None:
+        day = datetime.fromtimestamp(time.time() if now is None else now, UTC).strftime("%Y-%m-%d")
+        for total, count in ((STAT_PROCESSED, processed), (STAT_FAILED, failed)):
+            if count:
+                pipe.incrby(total, count)
+                pipe.incrby(f"{total}:{day}", count)
+                pipe.expire(f"{total}:{day}", STAT_DAILY_TTL)
 
     def stats(self) -> dict[str, int]:
         processed, failed = self.redis.mget(STAT_PROCESSED, STAT_FAILED)
@@ -382,21 +385,29 @@ class SidekiqStore:
         keys = [DELIVERIES, DELIVERY_DEADLINES]
         return bool(self.script("claim_delivery")(keys=keys, args=[token, _score(deadline)]))
 
-    def settle_delivery(self, token: str) -> None:
+    def settle_deliveries(
+        self, tokens: Sequence[str], *, processed: int = 0, failed: int = 0
+    ) -> None:
+        """Deliveries are done (their jobs' fates are stored): their entries go, and the runs
+        are counted in Sidekiq's stats, in one transaction."""
         with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hdel(DELIVERIES, token)
-            pipe.zrem(DELIVERY_DEADLINES, token)
+            if tokens:
+                pipe.hdel(DELIVERIES, *tokens)
+                pipe.zrem(DELIVERY_DEADLINES, *tokens)
+            self._count_runs(pipe, processed, failed)
             pipe.execute()
 
     def replace_delivery(
         self, old: str | None, new: str, queue: str, payload: str, deadline: float
     ) -> None:
-        """A retry: the old message is done, the new one (not yet published) takes its place."""
+        """A retry: the old message is done (its failed run counted in Sidekiq's stats), the
+        new one (not yet published) takes its place."""
         with self.redis.pipeline(transaction=True) as pipe:
             if old:
                 pipe.hdel(DELIVERIES, old)
                 pipe.zrem(DELIVERY_DEADLINES, old)
             self.record_deliveries([(new, queue, payload)], deadline, pipe)
+            self._count_runs(pipe, processed=1, failed=1)
             pipe.execute()
 
     def take_overdue_deliveries(
