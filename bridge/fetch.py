@@ -65,6 +65,8 @@ class Batch:
 
     def drop(self, indexes: Sequence[int]) -> list[Job]:
         """Forget the jobs at `indexes` (no longer this bridge's to deliver); returns them."""
+        if not indexes:
+            return []
         gone = set(indexes)
         dropped = [job for i, job in enumerate(self.jobs) if i in gone]
         for name in ("jobs", "job_raws", "tokens"):

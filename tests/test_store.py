@@ -58,8 +58,8 @@ def test_retry_and_schedule_scores_are_float_seconds(redis_client):
 def test_stats_totals_and_daily_keys(redis_client):
     store = SidekiqStore(redis_client)
     now = time.time()
-    store.record_stats(processed=3, failed=1, now=now)
-    store.record_stats(processed=1, now=now)
+    store.settle_deliveries([], processed=3, failed=1, now=now)
+    store.settle_deliveries([], processed=1, now=now)
     day = datetime.fromtimestamp(now, UTC).strftime("%Y-%m-%d")
     assert store.stats() == {"processed": 4, "failed": 1}
     assert redis_client.get(f"stat:processed:{day}") == b"4"

@@ -184,13 +184,8 @@ class SidekiqStore:
 
     # -- stats -------------------------------------------------------------------------------
 
-    def record_stats(self, processed: int = 0, failed: int = 0, now: float | None = None) -> None:
-        """Add to Sidekiq's all-time and per-UTC-day counters, as its heartbeat flush does."""
-        with self.redis.pipeline(transaction=True) as pipe:
-            self._count_runs(pipe, processed, failed, now)
-            pipe.execute()
-
     def _count_runs(self, pipe, processed: int, failed: int, now: float | None = None) -> None:
+        """Add to Sidekiq's all-time and per-UTC-day counters, as its heartbeat flush does."""
         day = datetime.fromtimestamp(time.time() if now is None else now, UTC).strftime("%Y-%m-%d")
         for total, count in ((STAT_PROCESSED, processed), (STAT_FAILED, failed)):
             if count:
@@ -386,15 +381,16 @@ class SidekiqStore:
         return bool(self.script("claim_delivery")(keys=keys, args=[token, _score(deadline)]))
 
     def settle_deliveries(
-        self, tokens: Sequence[str], *, processed: int = 0, failed: int = 0
+        self, tokens: Sequence[str], *, processed: int = 0, failed: int = 0, now=None
     ) -> None:
         """Deliveries are done (their jobs' fates are stored): their entries go, and the runs
-        are counted in Sidekiq's stats, in one transaction."""
+        are counted in Sidekiq's stats (`stat:processed`, `stat:failed`, and the day's), in one
+        transaction."""
         with self.redis.pipeline(transaction=True) as pipe:
             if tokens:
                 pipe.hdel(DELIVERIES, *tokens)
                 pipe.zrem(DELIVERY_DEADLINES, *tokens)
-            self._count_runs(pipe, processed, failed)
+            self._count_runs(pipe, processed, failed, now)
             pipe.execute()
 
     def replace_delivery(

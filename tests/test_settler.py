@@ -1,0 +1,72 @@
+"""DeliverySettler against a real redis-server: settlements are batched, none is lost when Redis
+is away for a moment, and a worker's shutdown writes what is pending."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("GOKIQ_WORKER_METRICS_PORT", "0")
+
+import redis
+from celery.signals import worker_process_shutdown, worker_shutdown
+
+from gokiq_celery.messages import new_delivery_token
+from gokiq_celery.settings import load_settings
+from gokiq_celery.settler import DeliverySettler
+from gokiq_celery.sidekiq import RetryPolicy, SidekiqStore
+from gokiq_celery.tasks import Worker, perform
+
+from .conftest import free_port, wait_for
+
+
+def entered(store: SidekiqStore, n: int) -> list[str]:
+    tokens = [new_delivery_token() for _ in range(n)]
+    store.record_deliveries([(t, "default", '{"class":"A","args":[]}') for t in tokens], 1e10)
+    return tokens
+
+
+def test_settlements_of_many_jobs_go_in_a_few_transactions(redis_client):
+    store = SidekiqStore(redis_client)
+    tokens = entered(store, 200)
+    settler = DeliverySettler(store, interval=0.05)
+    redis_client.config_resetstat()
+    for i, token in enumerate(tokens):
+        settler.settle(token, processed=1, failed=int(i % 4 == 0))
+    wait_for(lambda: store.deliveries_pending() == 0, message="never settled")
+    wait_for(lambda: store.stats() == {"processed": 200, "failed": 50})
+    assert redis_client.info("commandstats")["cmdstat_exec"]["calls"] <= 5
+
+
+def test_a_flush_while_redis_is_away_keeps_everything_for_the_next(redis_client):
+    store = SidekiqStore(redis_client)
+    tokens = entered(store, 3)
+    away = SidekiqStore(redis.Redis(port=free_port(), socket_connect_timeout=0.2))
+    settler = DeliverySettler(away, interval=3600)  # only explicit flushes here
+    for token in tokens:
+        settler.settle(token, processed=1)
+    settler.flush()  # fails: nothing listens there
+    settler.store = store
+    settler.flush()
+    assert store.deliveries_pending() == 0 and store.stats()["processed"] == 3
+
+
+def test_a_worker_shutting_down_writes_what_is_pending(redis_url, redis_client):
+    settings = load_settings(redis_url=redis_url)
+    store = SidekiqStore(redis_client)
+    worker = Worker(settings, store, sidecar=None, policy=RetryPolicy())
+    worker.settler.interval = 3600  # the flusher thread would not write for an hour
+    saved = perform.__dict__.pop("worker", None)
+    perform.worker = worker
+    try:
+        for signal in (worker_shutdown, worker_process_shutdown):  # threads pool, prefork child
+            tokens = entered(store, 2)
+            for token in tokens:
+                worker.settler.settle(token, processed=1)
+            assert store.deliveries_pending() == 2
+            signal.send(sender=None)
+            assert store.deliveries_pending() == 0
+        assert store.stats()["processed"] == 4
+    finally:
+        del perform.__dict__["worker"]
+        if saved is not None:
+            perform.worker = saved
