@@ -83,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         metavar="N",
         help="hold a queue back while its Celery queue holds N messages or more; 0 means "
-        "2 x worker_concurrency (setting: max_pending)",
+        "10 x worker_concurrency (setting: max_pending)",
     )
     add(
         "--poll-interval",

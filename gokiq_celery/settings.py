@@ -82,7 +82,10 @@ class Settings:
 
     @property
     def pending_limit(self) -> int:
-        return self.max_pending or 2 * self.worker_concurrency
+        # When a queue is full the bridge re-reads it every ~15 ms, so the limit is what a fleet
+        # may drain in that time: at 2 x concurrency (40) one bridge fed at most ~2,600 jobs/s
+        # however many workers there were; at 10 x it reaches its own ceiling (bench VM).
+        return self.max_pending or 10 * self.worker_concurrency
 
     def celery_queue(self, sidekiq_queue: str) -> str:
         return self.queue_map.get(sidekiq_queue, sidekiq_queue)

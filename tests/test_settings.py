@@ -16,7 +16,7 @@ def test_defaults_and_derived_values():
     s = load_settings(environ={})
     assert s.redis_url == "redis://127.0.0.1:6379/0"
     assert s.broker_url == "redis://127.0.0.1:6379/1"
-    assert s.pending_limit == 40 and s.max_retries == 25 and s.sidekiq_version == 7
+    assert s.pending_limit == 200 and s.max_retries == 25 and s.sidekiq_version == 7
     assert s.queues == (QueueSpec("default"),)
     assert "sidecar_token" not in repr(load_settings(environ={"GOKIQ_SIDECAR_TOKEN": "s3cret"}))
 
