@@ -3,6 +3,8 @@ each answer means, timeouts, and the circuit breaker whose state the workers sha
 
 from __future__ import annotations
 
+import ssl
+import subprocess
 import time
 
 import pybreaker
@@ -152,3 +154,34 @@ def test_a_trip_elsewhere_is_seen_within_the_refresh_interval(redis_client):
     assert storage.state == pybreaker.STATE_OPEN
     storage.state = pybreaker.STATE_HALF_OPEN  # our own writes are seen at once, here and there
     assert storage.state == pybreaker.STATE_HALF_OPEN == other.state
+
+
+@pytest.fixture(scope="module")
+def tls_sidecar(tmp_path_factory):
+    """The stand-in behind TLS, with a certificate for 127.0.0.1 made for this test."""
+    folder = tmp_path_factory.mktemp("tls")
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+         "-keyout", key, "-out", cert, "-subj", "/CN=127.0.0.1",
+         "-addext", "subjectAltName=IP:127.0.0.1"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    with StandInSidecar(tls=context) as server:
+        server.cert = cert
+        yield server
+
+
+def test_an_https_sidecar_is_verified_and_kept_alive(tls_sidecar, redis_url, monkeypatch):
+    monkeypatch.setenv("SSL_CERT_FILE", str(tls_sidecar.cert))  # trust the test's certificate
+    worker = client(redis_url, tls_sidecar.url)
+    for n in range(3):
+        assert worker.execute(job("OkJob", n), "default").succeeded
+    assert len(set(tls_sidecar.peers[-3:])) == 1
+
+
+def test_an_https_sidecar_with_an_untrusted_certificate_is_unavailable(tls_sidecar, redis_url):
+    with pytest.raises(SidecarUnavailable, match="CERTIFICATE_VERIFY_FAILED"):
+        client(redis_url, tls_sidecar.url).execute(job("OkJob"), "default")
