@@ -6,6 +6,13 @@ the session's server and only that database is flushed.
 
 from __future__ import annotations
 
+import os
+
+# The settings the in-process Celery app is configured from, once per process, by whichever test
+# module pytest imports first: set here, before any of them imports gokiq_celery.
+os.environ.setdefault("GOKIQ_QUEUES", "default critical low")  # test_tasks uses all three
+os.environ.setdefault("GOKIQ_WORKER_METRICS_PORT", "0")  # no /metrics server in tests
+
 import shutil
 import socket
 import subprocess

@@ -3,10 +3,6 @@ is away for a moment, and a worker's shutdown writes what is pending."""
 
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("GOKIQ_WORKER_METRICS_PORT", "0")
-
 import redis
 from celery.signals import worker_process_shutdown, worker_shutdown
 

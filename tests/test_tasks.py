@@ -3,15 +3,10 @@ redis-server as Sidekiq's Redis and as the broker, and a real HTTP server for th
 
 from __future__ import annotations
 
-import os
 import random
 import time
 
 import pytest
-
-os.environ.setdefault("GOKIQ_QUEUES", "default critical low")
-os.environ.setdefault("GOKIQ_WORKER_METRICS_PORT", "0")
-
 from celery.canvas import Signature
 from celery.contrib.testing.worker import start_worker
 
