@@ -8,10 +8,10 @@ a job (three JSON encodes, a base64), which alone would cap a bridge near 12,000
 
 Messages differ only in a few values (jid, class, args repr, retry counter, payload, token,
 delivery tag), so `EnvelopeTemplate` compiles the text kombu writes for a message built from
-sentinel values into a format string once, and fills in each job's values, escaped as kombu's
-JSON escapes strings. `TaskMessages` checks the template against the slow path at start-up and
-uses the slow path if they differ, so a Celery or kombu that writes another shape is never
-sent a wrong message (tests/test_bridge_envelope.py checks arbitrary jobs against it too).
+sentinel values once, cut at each sentinel, and joins each job's values in between, escaped as
+kombu's JSON escapes strings. `TaskMessages` checks the template against the slow path at
+start-up and uses the slow path if they differ, so a Celery or kombu that writes another shape
+is never sent a wrong message (tests/test_bridge_envelope.py checks arbitrary jobs against it too).
 """
 
 from __future__ import annotations
@@ -37,7 +37,8 @@ log = logging.getLogger(__name__)
 
 PERSISTENT = 2  # AMQP delivery mode: the broker keeps the message on disk
 
-# What the sentinel values become in kombu's JSON text (strings escaped to ASCII, in quotes).
+# Sentinel values stand where a job's own values go; _SLOT finds them in kombu's JSON text
+# (strings escaped to ASCII, in quotes).
 _SENTINEL = "\x00gokiq:{}\x00"
 _SENTINEL_INT = 7_102_938_475  # Celery's `retries` header is an integer
 _SLOT = re.compile(r'"\\u0000gokiq:(\w+)\\u0000"|' + str(_SENTINEL_INT))
