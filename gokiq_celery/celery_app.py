@@ -6,6 +6,7 @@ from celery import Celery
 from celery.signals import setup_logging as celery_setup_logging
 from celery.signals import worker_ready
 
+from .heartbeat import SidekiqHeartbeat
 from .logs import setup_logging
 from .settings import ConfigError, process_settings
 
@@ -22,6 +23,7 @@ if not logging.getLogger().handlers:
 app = Celery("gokiq")
 app.config_from_object("celeryconfig")
 app.conf.include = ["gokiq_celery.tasks"]
+app.steps["consumer"].add(SidekiqHeartbeat)
 
 
 @celery_setup_logging.connect

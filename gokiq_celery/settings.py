@@ -68,6 +68,7 @@ class Settings:
     bridge_bind: str = "127.0.0.1"
     worker_metrics_port: int = 9479  # 0: no /metrics from the worker
     worker_metrics_bind: str = "127.0.0.1"
+    sidekiq_heartbeat: float = 10.0  # each worker's beat on Sidekiq's Busy page; 0: not shown
     log_level: str = "INFO"
     log_format: str = "json"
 
@@ -248,6 +249,10 @@ def _validate(s: Settings) -> None:
     for name in positive:
         if getattr(s, name) <= 0:
             raise ConfigError(f"{name}: must be > 0, got {getattr(s, name)}")
+    if not 0 <= s.sidekiq_heartbeat <= 30:  # readers drop a process silent for 60 s
+        raise ConfigError(
+            f"sidekiq_heartbeat: must be 0 (off) to 30 seconds, got {s.sidekiq_heartbeat}"
+        )
     if s.publish_batch_size > 1000:  # Lua's unpack() in the fetch script caps a batch
         raise ConfigError(f"publish_batch_size: must be <= 1000, got {s.publish_batch_size}")
     for name in ("max_retries", "max_pending", "bridge_metrics_port", "worker_metrics_port"):

@@ -13,6 +13,7 @@ import os
 os.environ.setdefault("GOKIQ_QUEUES", "default critical low")  # test_tasks uses all three
 os.environ.setdefault("GOKIQ_WORKER_METRICS_PORT", "0")  # no /metrics server in tests
 
+import json
 import shutil
 import socket
 import subprocess
@@ -92,6 +93,20 @@ def _pings(server: RedisServer) -> bool:
         return bool(server.client().ping())
     except redis.ConnectionError:
         return False
+
+
+def sidekiq_processes(redis_url: str, signal: str = "") -> dict:
+    """Sidekiq's own view of its process registry (tests/sidekiq_processes.rb, the installed
+    Sidekiq's Ruby API), after sending `signal` ("quiet", "stop") to every process."""
+    done = subprocess.run(
+        ["ruby", str(Path(__file__).with_name("sidekiq_processes.rb")), *filter(None, [signal])],
+        env={**os.environ, "REDIS_URL": redis_url},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
 
 
 @pytest.fixture(scope="session")

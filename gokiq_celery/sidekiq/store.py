@@ -1,7 +1,8 @@
 """Sidekiq's Redis data model: every key name and Lua script gokiq uses lives here.
 
 Sidekiq's own keys (reference §2): `queue:<q>` lists and the `queues` set, the `schedule`,
-`retry` and `dead` sorted sets, the `stat:*` counters. gokiq's own keys all start with
+`retry` and `dead` sorted sets, the `stat:*` counters, and the process registry (`processes`
+and each identity's hashes and signals). gokiq's own keys all start with
 `gokiq:` so they never collide with Sidekiq's, Pro's (`queue:sq|...`) or Enterprise's.
 Nothing outside this module spells a key.
 """
@@ -9,7 +10,7 @@ Nothing outside this module spells a key.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -25,6 +26,10 @@ DEAD = "dead"
 STAT_PROCESSED = "stat:processed"
 STAT_FAILED = "stat:failed"
 STAT_DAILY_TTL = 157_680_000  # five years, as Sidekiq sets it
+# The process registry behind the Web UI's Busy page (reference §2.5): the `processes` set of
+# identities, a hash per identity, a hash of running jobs per identity, a list of signals.
+PROCESSES = "processes"
+PROCESS_TTL = 60  # seconds; readers drop an identity whose hash has expired
 
 # pybreaker's CircuitRedisStorage prefixes this with "pybreaker:".
 BREAKER_NAMESPACE = "gokiq:sidecar"
@@ -58,6 +63,19 @@ def bridge_key(bridge_id: str) -> str:
 def bridge_queues_key(bridge_id: str) -> str:
     """The queues the bridge fetches from, i.e. where its in-flight lists may be."""
     return f"gokiq:bridge:{bridge_id}:queues"
+
+
+def process_work_keys(identity: str, sidekiq_version: int) -> list[str]:
+    """The hash of a process's running jobs: `:workers` up to 6.4.1, `:work` from 6.4.2, so
+    for 6.x both are written."""
+    if sidekiq_version == 6:
+        return [f"{identity}:workers", f"{identity}:work"]
+    return [f"{identity}:work"]
+
+
+def process_signals_key(identity: str) -> str:
+    """Where `Sidekiq::Process#quiet!` / `#stop!` push TSTP / TERM for the process to pop."""
+    return f"{identity}-signals"
 
 
 def _inflight_prefix(bridge_id: str) -> str:
@@ -203,6 +221,46 @@ class SidekiqStore:
             for name in (SCHEDULE, RETRY, DEAD):
                 pipe.zcard(name)
             return dict(zip((SCHEDULE, RETRY, DEAD), pipe.execute(), strict=True))
+
+    # -- Sidekiq's process registry (the Busy page) ---------------------------------------------
+
+    def beat_process(
+        self,
+        identity: str,
+        fields: Mapping[str, str | int | float],
+        work: Mapping[str, str],
+        sidekiq_version: int,
+    ) -> str | None:
+        """One heartbeat of a process on the Busy page, as Sidekiq's launcher writes it: the
+        running jobs (`work`: tid -> JSON) replace the last beat's, the identity's hash gets
+        `fields`, both live PROCESS_TTL seconds. Returns a signal sent to the process, if any."""
+        work_keys = process_work_keys(identity, sidekiq_version)
+        with self.redis.pipeline(transaction=True) as pipe:
+            pipe.unlink(*work_keys)
+            if work:
+                for key in work_keys:
+                    pipe.hset(key, mapping=work)
+                    pipe.expire(key, PROCESS_TTL)
+            pipe.sadd(PROCESSES, identity)
+            pipe.hset(identity, mapping=fields)
+            pipe.expire(identity, PROCESS_TTL)
+            pipe.rpop(process_signals_key(identity))
+            signal = pipe.execute()[-1]
+        return signal.decode() if signal else None
+
+    def unregister_process(self, identity: str, sidekiq_version: int) -> None:
+        """A clean exit, as Sidekiq's: out of `processes`, running jobs gone; the identity's
+        hash is left to expire."""
+        with self.redis.pipeline(transaction=False) as pipe:
+            pipe.srem(PROCESSES, identity)
+            pipe.unlink(*process_work_keys(identity, sidekiq_version))
+            pipe.execute()
+
+    def round_trip_us(self) -> int:
+        """One PING's round trip in microseconds (the Busy page's RTT)."""
+        started = time.perf_counter()
+        self.redis.ping()
+        return int((time.perf_counter() - started) * 1e6)
 
     # -- gokiq-bridge: registry and heartbeat --------------------------------------------------
 

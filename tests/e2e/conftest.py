@@ -173,6 +173,7 @@ class Stack:
             "GOKIQ_BRIDGE_METRICS_PORT": str(self.bridge_port),
             "GOKIQ_EXAMPLE_DB": str(self.db_path),
             "GOKIQ_LOG_FORMAT": "json",
+            "GOKIQ_SIDEKIQ_VERSION": "6",  # the example app runs Debian's Sidekiq 6.4.1
             # Short enough that a job held by a SIGKILLed worker is published again within the
             # tests' patience (the delivery ledger's deadline is job_timeout + 12 s).
             "GOKIQ_JOB_TIMEOUT": "15",

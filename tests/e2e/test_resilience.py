@@ -12,7 +12,7 @@ from collections import Counter
 
 import pytest
 
-from ..conftest import wait_for
+from ..conftest import sidekiq_processes, wait_for
 from .conftest import Stack, metric_value
 
 pytestmark = pytest.mark.e2e
@@ -20,6 +20,7 @@ pytestmark = pytest.mark.e2e
 STACK_ENV = {
     "GOKIQ_BRIDGE_HEARTBEAT_TTL": "5",
     "GOKIQ_BRIDGE_RECOVERY_INTERVAL": "2",
+    "GOKIQ_SIDEKIQ_HEARTBEAT": "1",  # the worker's beat on the Busy page (default 10 s)
 }
 
 
@@ -173,3 +174,26 @@ def test_sidecar_outage_pauses_without_spending_retries(stack: Stack):
     assert not fails, fails[:3]
     for raw in stack.sidekiq_redis.lrange("queue:default", 0, -1):
         assert b'"retry_count"' not in raw
+
+
+def test_busy_page_shows_the_worker_and_its_stop_button_stops_it(stack: Stack):
+    """Sidekiq's Web UI buttons act on the Celery worker: Stop is a warm shutdown."""
+    jid = stack.api1({"op": "perform_async", "class": "SleepJob", "args": [5000]})
+
+    def running() -> list:
+        work = sidekiq_processes(stack.redis_url)["work"]
+        return [entry for _identity, _tid, entry in work if entry["payload"]["jid"] == jid]
+
+    [entry] = wait_for(running, timeout=30, message="the job never showed on the Busy page")
+    assert (entry["queue"], entry["payload"]["class"]) == ("default", "SleepJob")
+    # A worker SIGKILLed by an earlier test stays listed until its entry expires (60 s).
+    processes = sidekiq_processes(stack.redis_url)["processes"]
+    [process] = [p for p in processes if p["pid"] == stack.worker.pid]
+    assert (process["tag"], process["concurrency"]) == ("gokiq", 20) and process["busy"] >= 1
+
+    sidekiq_processes(stack.redis_url, "stop")  # the Busy page's Stop button
+    assert stack.worker.proc.wait(30) == 0
+    assert jid in {line.get("jid") for line in stack.sidecar_done()}  # it finished its job
+    identities = {p["identity"] for p in sidekiq_processes(stack.redis_url)["processes"]}
+    assert process["identity"] not in identities
+    stack.worker.start()
