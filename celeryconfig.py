@@ -46,8 +46,8 @@ task_create_missing_queues = True
 
 # Each task waits on one HTTP call to the sidecar; the work happens in Ruby. Threads keep 20
 # waiting calls in one process of ~65 MB; prefork gets more done on a 2-core host (bench/worker.py:
-# ~670 against ~350 tasks/s) at 20 processes' memory (1.1 GB), and one threads worker per core
-# gets the same for less. Set by GOKIQ_WORKER_POOL: Celery cannot tell an explicit
+# ~1,100-2,500 against ~600-1,050 tasks/s) at 20 processes' memory (1.1 GB), and one threads
+# worker per core gets the same for less. Set by GOKIQ_WORKER_POOL: Celery cannot tell an explicit
 # `--pool=prefork` from its default, so a pool configured here wins over that flag.
 worker_pool = _settings.worker_pool
 worker_concurrency = _settings.worker_concurrency
