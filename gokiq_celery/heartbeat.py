@@ -9,6 +9,7 @@ thread's stack.
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import logging
 import os
@@ -61,6 +62,7 @@ class SidekiqProcess:
             weights = {spec.name: spec.weight for spec in self.settings.queues}
             info["weights"] = [{queue: weights.get(queue, 0) for queue in info["queues"]}]
             info["embedded"] = False
+            info["version"] = _version()  # shown as is where it differs from the page's own
         self.info = json.dumps(info, separators=(",", ":"))
 
     def beat(self, running: list[Any]) -> str | None:
@@ -163,6 +165,13 @@ def log_thread_stacks() -> None:
     for ident, frame in sys._current_frames().items():
         stack = "".join(traceback.format_stack(frame))
         log.warning("thread %s:\n%s", names.get(ident, ident), stack)
+
+
+def _version() -> str:
+    try:
+        return f"gokiq {importlib.metadata.version('gokiq')}"
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree, not installed
+        return "gokiq"
 
 
 def _running_jobs() -> list[Any]:

@@ -80,6 +80,7 @@ def test_sidekiq_7_names_the_work_hash_work(redis_url, redis_client):
     assert not redis_client.exists(f"{process.identity}:workers")  # 6.4.1's name
     info = json.loads(redis_client.hget(process.identity, "info"))
     assert info["weights"] == [{"default": 0}]
+    assert info["version"].startswith("gokiq")  # the Busy page shows it beside Sidekiq's own
 
 
 @contextlib.contextmanager
