@@ -157,6 +157,8 @@ cat <<EOF
   Sidekiq's data: $REDIS_URL     app database: $GOKIQ_EXAMPLE_DB
   what ran:  (cd rails_sidecar/example_app && GOKIQ_EXAMPLE_DB=$GOKIQ_EXAMPLE_DB ruby -e \\
                'require "./config/environment"; JobRun.all.each { |r| p r.attributes.slice("job_class", "note", "middleware") }')
+  Busy page: REDIS_URL=$REDIS_URL ruby -rsidekiq/api -e \\
+               'Sidekiq::ProcessSet.new.each { |p| puts [p.identity, p.tag, p["busy"]].join(" ") }'
   FlakyJob retries after ~15-25 s; FailJob reaches the dead set after ~1 min (Sidekiq's delays).
   Ctrl-C stops everything.
 
