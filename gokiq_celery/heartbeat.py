@@ -150,13 +150,16 @@ class SidekiqHeartbeat(bootsteps.StartStopStep):
     def _on_signal(self, c, name: str) -> None:
         log.warning("received %s from Sidekiq's process registry", name)
         if name == "TSTP":
-            self.process.quiet = True
-            for queue in [queue.name for queue in c.task_consumer.queues]:
-                c.call_soon(c.cancel_task_queue, queue)  # run in the consumer's own loop
+            c.call_soon(self._quiet, c)  # the consumer's own loop owns its queues
         elif name == "TERM":
             os.kill(os.getpid(), signal.SIGTERM)  # Celery's warm shutdown: running jobs finish
         elif name == "TTIN":
             log_thread_stacks()
+
+    def _quiet(self, c) -> None:
+        for queue in [queue.name for queue in c.task_consumer.queues]:
+            c.cancel_task_queue(queue)
+        self.process.quiet = True  # "stopping" on the page from the next beat: nothing new runs
 
 
 def log_thread_stacks() -> None:
