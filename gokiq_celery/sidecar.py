@@ -24,7 +24,7 @@ import pybreaker
 import redis
 
 from . import metrics
-from .connection import ConnectFailed, SidecarConnection, valid_header_value
+from .connection import ConnectFailed, Reply, SidecarConnection, valid_header_value
 from .settings import Settings
 from .sidekiq.job import Job, dumps
 from .sidekiq.retry import Failure
@@ -77,7 +77,7 @@ class SidecarClient:
             return Execution(
                 "failed", self.settings.job_timeout, Failure("Gokiq::JobTimeout", str(exc))
             )
-        body = response.body
+        body = _json(response.body)
         if response.status == 200:
             return Execution("ok", float(body.get("execution_time") or 0.0))
         if response.status == 409:
@@ -85,7 +85,7 @@ class SidecarClient:
         return Execution(
             body.get("status") or "failed",
             float(body.get("execution_time") or 0.0),
-            _failure(response),
+            _failure(response, body),
         )
 
     def exhausted(
@@ -107,7 +107,7 @@ class SidecarClient:
         except SidecarTimeout:
             log.warning("sidecar did not answer /jobs/exhausted in time", extra=job.log_context())
             return False
-        return bool(response.body.get("discard"))
+        return bool(_json(response.body).get("discard"))
 
     @property
     def breaker(self) -> pybreaker.CircuitBreaker:
@@ -131,13 +131,13 @@ class SidecarClient:
             )
         return self._local.connection
 
-    def _post(self, path: str, body: bytes, headers: dict[str, str]) -> Response:
+    def _post(self, path: str, body: bytes, headers: dict[str, str]) -> Reply:
         try:
             return self.breaker.call(self._send, path, body, headers)
         except pybreaker.CircuitBreakerError as exc:
             raise SidecarUnavailable(f"circuit open: {exc}") from exc
 
-    def _send(self, path: str, body: bytes, headers: dict[str, str]) -> Response:
+    def _send(self, path: str, body: bytes, headers: dict[str, str]) -> Reply:
         try:
             reply = self.connection.post(path, body, {**self._headers, **headers})
         except ConnectFailed as exc:
@@ -150,14 +150,7 @@ class SidecarClient:
             if reply.status == 401:
                 log.error("sidecar refused gokiq's token (401): check GOKIQ_SIDECAR_TOKEN")
             raise SidecarUnavailable(f"{self.base_url}{path}: HTTP {reply.status}")
-        return Response(reply.status, reply.reason or "", _json(reply.body))
-
-
-@dataclass(frozen=True)
-class Response:
-    status: int
-    reason: str
-    body: dict[str, Any]
+        return reply
 
 
 class SharedBreakerStorage(pybreaker.CircuitRedisStorage):
@@ -233,12 +226,11 @@ class _BreakerMetrics(pybreaker.CircuitBreakerListener):
         )
 
 
-def _failure(response: Response) -> Failure:
-    body = response.body
+def _failure(response: Reply, body: dict[str, Any]) -> Failure:
     retry_in = body.get("retry_in")
     return Failure(
         error_class=str(body.get("error_class") or f"Gokiq::SidecarHTTP{response.status}"),
-        error_message=str(body.get("error_message") or response.reason),
+        error_message=str(body.get("error_message") or response.reason or ""),
         backtrace=tuple(str(line) for line in body.get("backtrace") or ()),
         retry_in=retry_in if isinstance(retry_in, int | float | str) else None,
         class_retry=body.get("class_retry"),

@@ -445,11 +445,14 @@ class SidekiqStore:
         are counted in Sidekiq's stats (`stat:processed`, `stat:failed`, and the day's), in one
         transaction."""
         with self.redis.pipeline(transaction=True) as pipe:
-            if tokens:
-                pipe.hdel(DELIVERIES, *tokens)
-                pipe.zrem(DELIVERY_DEADLINES, *tokens)
+            self._forget_deliveries(pipe, tokens)
             self._count_runs(pipe, processed, failed, now)
             pipe.execute()
+
+    def _forget_deliveries(self, pipe, tokens: Sequence[str]) -> None:
+        if tokens:
+            pipe.hdel(DELIVERIES, *tokens)
+            pipe.zrem(DELIVERY_DEADLINES, *tokens)
 
     def replace_delivery(
         self, old: str | None, new: str, queue: str, payload: str, deadline: float
@@ -457,9 +460,7 @@ class SidekiqStore:
         """A retry: the old message is done (its failed run counted in Sidekiq's stats), the
         new one (not yet published) takes its place."""
         with self.redis.pipeline(transaction=True) as pipe:
-            if old:
-                pipe.hdel(DELIVERIES, old)
-                pipe.zrem(DELIVERY_DEADLINES, old)
+            self._forget_deliveries(pipe, [old] if old else [])
             self.record_deliveries([(new, queue, payload)], deadline, pipe)
             self._count_runs(pipe, processed=1, failed=1)
             pipe.execute()
