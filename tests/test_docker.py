@@ -162,6 +162,10 @@ def test_python_image_basics():
     assert "FROM python:3.11-slim-bookworm" in text
     assert "PYTHONUNBUFFERED=1" in text
     assert "-r requirements.lock" in text
+    # gokiq itself as a user installs it: pip resolves its dependencies, constrained to the lock
+    # (tests/test_install.py checks that this gets exactly the lock).
+    [install] = re.findall(r"^RUN pip install (.*) \.(?: |$)", text, re.M)
+    assert "-c requirements.lock" in install and "--no-deps" not in install, install
     assert re.search(r"^USER (?!0\b|root\b)\S+", text, re.M), "the image must not run as root"
     assert "HEALTHCHECK" in text
 

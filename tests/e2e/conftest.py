@@ -142,7 +142,16 @@ class Service:
 
 
 class Stack:
-    def __init__(self, tmp: Path, extra_env: dict[str, str] | None = None) -> None:
+    """`bin_dir`: where `gokiq-bridge` and `celery` come from; `workdir`: their working
+    directory (another venv's, run outside the source tree, imports only what it installed)."""
+
+    def __init__(
+        self,
+        tmp: Path,
+        extra_env: dict[str, str] | None = None,
+        bin_dir: Path = VENV_BIN,
+        workdir: Path = REPO,
+    ) -> None:
         self.tmp = tmp
         self.redis: RedisServer = start_redis(tmp / "redis")
         self.redis_url = self.redis.url(0)
@@ -173,7 +182,6 @@ class Stack:
             "GOKIQ_BRIDGE_METRICS_PORT": str(self.bridge_port),
             "GOKIQ_EXAMPLE_DB": str(self.db_path),
             "GOKIQ_LOG_FORMAT": "json",
-            "GOKIQ_SIDEKIQ_VERSION": "6",  # the example app runs Debian's Sidekiq 6.4.1
             # Short enough that a job held by a SIGKILLed worker is published again within the
             # tests' patience (the delivery ledger's deadline is job_timeout + 12 s).
             "GOKIQ_JOB_TIMEOUT": "15",
@@ -192,15 +200,16 @@ class Stack:
         )
         self.bridge = Service(
             "bridge",
-            [str(VENV_BIN / "gokiq-bridge")],
+            [str(bin_dir / "gokiq-bridge")],
             self.env,
             logs / "bridge.log",
             lambda: _http_ok(self.bridge_url + "/ready"),
+            cwd=workdir,
         )
         self.worker = Service(
             "worker",
             [
-                str(VENV_BIN / "celery"),
+                str(bin_dir / "celery"),
                 "-A",
                 "gokiq_celery",
                 "worker",
@@ -213,6 +222,7 @@ class Stack:
             self.env,
             logs / "worker.log",
             lambda: _http_ok(self.worker_url + "/metrics"),
+            cwd=workdir,
         )
         self.services = (self.sidecar, self.bridge, self.worker)
 
