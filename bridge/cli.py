@@ -67,10 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add(
         "--sidekiq-version",
-        type=int,
-        metavar="N",
-        help="6, 7 or 8: how enqueued_at is written, float seconds or integer ms "
-        "(setting: sidekiq_version; default 7)",
+        metavar="VERSION",
+        help="the app's Sidekiq, 6, 7, 8 or e.g. 6.4.1: how enqueued_at is written (float "
+        "seconds or integer ms); auto: as the sidecar publishes it, and until it has, due jobs "
+        "wait in their sets (setting: sidekiq_version; default auto)",
     )
     add(
         "--batch-size",

@@ -22,6 +22,7 @@ from gokiq_celery.messages import new_delivery_token
 from gokiq_celery.settings import ConfigError, Settings
 from gokiq_celery.sidekiq.job import InvalidJob, Job, epoch_seconds
 from gokiq_celery.sidekiq.store import SidekiqStore
+from gokiq_celery.sidekiq.version import SidekiqVersionResolver
 
 from .fetch import Batch, QueueOrder, ReliableFetcher
 from .http import StatusServer
@@ -90,7 +91,9 @@ class Bridge:
             self.store,
             self.bridge_id,
             self.metrics,
-            sidekiq_version=settings.sidekiq_version,
+            sidekiq_version=SidekiqVersionResolver(
+                settings.sidekiq_version, self.store.published_sidekiq_version
+            ),
             poll_interval=settings.scheduler_poll_interval,
         )
         self.stopping = threading.Event()

@@ -20,6 +20,7 @@ import time
 
 from gokiq_celery.sidekiq.job import InvalidJob, Job, timestamp
 from gokiq_celery.sidekiq.store import SCHEDULED_SETS, SidekiqStore
+from gokiq_celery.sidekiq.version import SidekiqVersionResolver, SidekiqVersionUnknown
 
 from .metrics import BridgeMetrics
 from .retrying import Backoff
@@ -35,14 +36,15 @@ class Scheduler:
         store: SidekiqStore,
         bridge_id: str,
         metrics: BridgeMetrics,
-        sidekiq_version: int = 7,
+        sidekiq_version: int | str | SidekiqVersionResolver = 7,
         poll_interval: float = 0.25,
     ) -> None:
         self.store = store
         self.bridge_id = bridge_id
         self.metrics = metrics
-        self.sidekiq_version = sidekiq_version
+        self.versions = SidekiqVersionResolver.of(sidekiq_version)
         self.poll_interval = poll_interval
+        self.waiting = False  # for the version; said once in the log
 
     def run(self, stop: threading.Event) -> None:
         """Poll until `stop` is set; Redis errors are logged and retried with a backoff."""
@@ -50,27 +52,41 @@ class Scheduler:
         while not stop.is_set():
             try:
                 self.move_due()
+            except SidekiqVersionUnknown as exc:
+                self._wait_for_version(exc)
+                stop.wait(self.poll_interval)
+                continue
             except Exception:
                 delay = backoff.next()
                 log.exception("scheduler: cannot move due jobs, retrying in %.1fs", delay)
                 stop.wait(delay)
                 continue
             backoff.reset()
+            if self.waiting:
+                self.waiting = False
+                log.info("scheduler: Sidekiq version known, moving due jobs")
             stop.wait(self.poll_interval)
 
+    def _wait_for_version(self, reason: SidekiqVersionUnknown) -> None:
+        if not self.waiting:
+            self.waiting = True
+            log.warning("scheduler: no due job moved until the version is known: %s", reason)
+
     def move_due(self, now: float | None = None) -> int:
-        """Move every job due at `now` (default: the current time); returns how many moved."""
+        """Move every job due at `now` (default: the current time); returns how many moved.
+        Raises SidekiqVersionUnknown, moving nothing, while `enqueued_at`'s format is unknown."""
         now = time.time() if now is None else now
+        major = self.versions.require().major
         moved = 0
         for set_name in SCHEDULED_SETS:
             while True:
                 members = self.store.take_due(set_name, self.bridge_id, now, self.BATCH)
-                moved += self._enqueue(set_name, members)
+                moved += self._enqueue(set_name, members, major)
                 if len(members) < self.BATCH:
                     break
         return moved
 
-    def _enqueue(self, set_name: str, members: list[bytes]) -> int:
+    def _enqueue(self, set_name: str, members: list[bytes], major: int) -> int:
         moves = []
         for raw in members:
             try:
@@ -78,7 +94,7 @@ class Scheduler:
             except InvalidJob as exc:
                 self._bury(set_name, raw, exc.reason)
                 continue
-            enqueued = job.replace({"enqueued_at": timestamp(self.sidekiq_version)})
+            enqueued = job.replace({"enqueued_at": timestamp(major)})
             moves.append((job.queue, enqueued.text, raw))
         if moves:
             self.store.enqueue_moved(set_name, self.bridge_id, moves)

@@ -30,6 +30,7 @@ from celery.worker import state
 from .messages import TASK_NAME
 from .settings import Settings
 from .sidekiq.store import SidekiqStore
+from .sidekiq.version import SidekiqVersion, SidekiqVersionResolver, SidekiqVersionUnknown
 
 log = logging.getLogger("gokiq.worker")
 
@@ -45,12 +46,22 @@ class SidekiqProcess:
     label: str  # the Celery node name, shown as a label beside the process
     hostname: str = field(default_factory=lambda: os.environ.get("DYNO") or socket.gethostname())
     quiet: bool = False
+    versions: SidekiqVersionResolver | None = None  # None: from settings and store
 
     def __post_init__(self) -> None:
         self.identity = f"{self.hostname}:{os.getpid()}:{secrets.token_hex(6)}"
+        self.started_at = time.time()
+        if self.versions is None:
+            self.versions = SidekiqVersionResolver(
+                self.settings.sidekiq_version, self.store.published_sidekiq_version
+            )
+        self.version: SidekiqVersion | None = None  # what the last beat was written for
+        self.waiting_logged = False
+
+    def _info(self, version: SidekiqVersion) -> str:
         info: dict[str, Any] = {
             "hostname": self.hostname,
-            "started_at": time.time(),
+            "started_at": self.started_at,
             "pid": os.getpid(),
             "tag": "gokiq",
             "concurrency": self.concurrency,
@@ -58,15 +69,27 @@ class SidekiqProcess:
             "labels": [self.label],
             "identity": self.identity,
         }
-        if self.settings.sidekiq_version >= 7:
+        if version.major >= 7:
             weights = {spec.name: spec.weight for spec in self.settings.queues}
             info["weights"] = [{queue: weights.get(queue, 0) for queue in info["queues"]}]
             info["embedded"] = False
             info["version"] = _version()  # shown as is where it differs from the page's own
-        self.info = json.dumps(info, separators=(",", ":"))
+        return json.dumps(info, separators=(",", ":"))
 
     def beat(self, running: list[Any]) -> str | None:
-        """Write this beat (`running`: Celery requests of gokiq.perform); returns a signal."""
+        """Write this beat (`running`: Celery requests of gokiq.perform); returns a signal.
+
+        Nothing is written until the app's Sidekiq version is known: the Busy page's names and
+        fields depend on it."""
+        version = self.versions.current()
+        if version is None:
+            if not self.waiting_logged:
+                self.waiting_logged = True
+                log.warning("not on Sidekiq's Busy page yet: %s", SidekiqVersionUnknown())
+            return None
+        if version != self.version:  # the first beat, or the app changed Sidekiq version
+            self.leave()
+            self.version, self.info = version, self._info(version)
         work = {_tid(request): _work_entry(request) for request in running}
         fields: dict[str, str | int | float] = {
             "info": self.info,
@@ -76,12 +99,13 @@ class SidekiqProcess:
             "rss": _rss_kb(),
             "rtt_us": self.store.round_trip_us(),
         }
-        if self.settings.sidekiq_version >= 8:
+        if version.major >= 8:
             fields["concurrency"] = self.concurrency  # 8.1.2+ reads it here, no longer in info
-        return self.store.beat_process(self.identity, fields, work, self.settings.sidekiq_version)
+        return self.store.beat_process(self.identity, fields, work, version)
 
     def leave(self) -> None:
-        self.store.unregister_process(self.identity, self.settings.sidekiq_version)
+        if self.version is not None:  # else never on the page
+            self.store.unregister_process(self.identity, self.version)
 
 
 class SidekiqHeartbeat(bootsteps.StartStopStep):
@@ -117,6 +141,7 @@ class SidekiqHeartbeat(bootsteps.StartStopStep):
             c.controller.concurrency,
             queues or sorted(consumed),
             c.hostname,
+            versions=worker.versions,
         )
         self.thread = threading.Thread(
             target=self._run, args=(c,), name="gokiq-sidekiq-heartbeat", daemon=True

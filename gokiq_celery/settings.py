@@ -20,6 +20,7 @@ from urllib.parse import urlsplit, urlunsplit
 import yaml
 
 from .connection import valid_header_value
+from .sidekiq.version import AUTO, SidekiqVersion
 
 
 class ConfigError(ValueError):
@@ -49,7 +50,7 @@ class Settings:
     queues: tuple[QueueSpec, ...] = (QueueSpec("default"),)
     strict: bool = False
     queue_map: Mapping[str, str] = field(default_factory=dict)  # Sidekiq queue -> Celery queue
-    sidekiq_version: int = 7
+    sidekiq_version: str = AUTO  # or 6, 7, 8, 6.4.1: gokiq_celery.sidekiq.version
     max_retries: int = 25
     max_celery_countdown: float = 300.0
     delivery_timeout: float = 300.0  # a message no worker took by then is published again
@@ -224,8 +225,14 @@ def _validate(s: Settings) -> None:
         raise ConfigError("sidecar_url: must be an http:// or https:// URL with a host")
     if not valid_header_value(s.sidecar_token):  # the value is a secret: not in the message
         raise ConfigError("sidecar_token: must be printable ASCII (it is sent as an HTTP header)")
-    if s.sidekiq_version not in (6, 7, 8):
-        raise ConfigError(f"sidekiq_version: must be 6, 7 or 8, got {s.sidekiq_version}")
+    if str(s.sidekiq_version).strip().lower() != AUTO:
+        try:
+            SidekiqVersion.parse(s.sidekiq_version)
+        except ValueError:
+            raise ConfigError(
+                "sidekiq_version: must be auto, 6, 7, 8 or a version such as 6.4.1, "
+                f"got {s.sidekiq_version!r}"
+            ) from None
     if s.log_level.upper() not in _LOG_LEVELS:
         raise ConfigError(f"log_level: must be one of {', '.join(sorted(_LOG_LEVELS))}")
     if s.worker_pool not in _POOLS:

@@ -27,6 +27,7 @@ from .sidecar import Execution, SidecarClient, SidecarUnavailable
 from .sidekiq.job import InvalidJob, Job
 from .sidekiq.retry import Decision, Failure, Outcome, RetryPolicy
 from .sidekiq.store import SidekiqStore
+from .sidekiq.version import SidekiqVersionResolver, SidekiqVersionUnknown
 
 log = logging.getLogger("gokiq.worker")
 
@@ -60,12 +61,18 @@ class Worker:
     @classmethod
     def from_settings(cls, settings: Settings) -> Worker:
         store = SidekiqStore.from_settings(settings)
+        versions = SidekiqVersionResolver(settings.sidekiq_version, store.published_sidekiq_version)
         return cls(
             settings,
             store,
             SidecarClient(settings, store.redis),
-            RetryPolicy(settings.max_retries, settings.sidekiq_version),
+            RetryPolicy(settings.max_retries, versions),
         )
+
+    @property
+    def versions(self) -> SidekiqVersionResolver:
+        """The app's Sidekiq version, as this process learns it (one resolver: the policy's)."""
+        return self.policy.versions
 
     def perform(self, payload: str, queue: str, delivery: str | None = None) -> str:
         """Run one delivery of a job; return its outcome, or raise `JobFailed` for a Celery retry.
@@ -111,15 +118,18 @@ class Worker:
         try:
             execution = self.sidecar.execute(job, queue)
         except SidecarUnavailable as exc:
-            # Not the job's fault: back to the tail of its queue (it runs next), no retry spent.
-            self.store.requeue(queue, job.text)
-            log.warning(
-                "sidecar unavailable, job put back on its queue: %s",
-                exc,
-                extra=job.log_context(queue),
-            )
-            return "unavailable"
+            return self._put_back(job, queue, exc)
         return self._handle_result(job, queue, execution)
+
+    def _put_back(self, job: Job, queue: str, reason: Exception) -> str:
+        # Not the job's fault: back to the tail of its queue (it runs next), no retry spent.
+        self.store.requeue(queue, job.text)
+        log.warning(
+            "sidecar unavailable, job put back on its queue: %s",
+            reason,
+            extra=job.log_context(queue),
+        )
+        return "unavailable"
 
     def _handle_result(self, job: Job, queue: str, execution: Execution) -> str:
         if execution.status == "duplicate":
@@ -134,7 +144,10 @@ class Worker:
                 log.info("done", extra=extra)
             return "ok"
         failure = execution.failure
-        decision = self.policy.decide(job, failure, queue)
+        try:
+            decision = self.policy.decide(job, failure, queue)
+        except SidekiqVersionUnknown as exc:  # a retry written now could have the wrong format
+            return self._put_back(job, queue, exc)
         log.info(
             "fail: %s: %s",
             failure.error_class,
@@ -157,7 +170,7 @@ class Worker:
         if outcome is Outcome.DEAD:
             self._bury(decision, failure)
             return "dead"
-        if outcome is Outcome.DROP or self.settings.sidekiq_version >= 8:
+        if outcome is Outcome.DROP or self.versions.require().major >= 8:
             # `retry: false` (and 8.x's :discard) still runs the app's death handlers.
             self._exhausted_hooks(decision.job, failure, run_hook=False, death_handlers=True)
         return "dropped" if outcome is Outcome.DROP else "discarded"

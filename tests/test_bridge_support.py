@@ -138,6 +138,8 @@ class BridgeProcess:
             REDIS_URL=env.redis_url,
             CELERY_BROKER_URL=env.broker_url,
             GOKIQ_BRIDGE_METRICS_PORT="0",
+            # No sidecar here publishes the app's version; configured as an operator may.
+            GOKIQ_SIDEKIQ_VERSION="7",
             PYTHONPATH=str(REPO),
         )
         full_env.update(environ)

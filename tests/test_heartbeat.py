@@ -104,9 +104,8 @@ def embedded_worker(redis_server, redis_db):
             sidekiq_heartbeat=0.2,
         )
         store = SidekiqStore.from_settings(settings)
-        perform.worker = Worker(
-            settings, store, SidecarClient(settings, store.redis), RetryPolicy()
-        )
+        policy = RetryPolicy(settings.max_retries, settings.sidekiq_version)
+        perform.worker = Worker(settings, store, SidecarClient(settings, store.redis), policy)
         try:
             with start_worker(
                 app, pool="threads", concurrency=3, perform_ping_check=False, shutdown_timeout=10

@@ -16,7 +16,7 @@ def test_defaults_and_derived_values():
     s = load_settings(environ={})
     assert s.redis_url == "redis://127.0.0.1:6379/0"
     assert s.broker_url == "redis://127.0.0.1:6379/1"
-    assert s.pending_limit == 200 and s.max_retries == 25 and s.sidekiq_version == 7
+    assert s.pending_limit == 200 and s.max_retries == 25 and s.sidekiq_version == "auto"
     assert s.queues == (QueueSpec("default"),)
     assert "sidecar_token" not in repr(load_settings(environ={"GOKIQ_SIDECAR_TOKEN": "s3cret"}))
 
@@ -97,4 +97,7 @@ def test_the_worker_refuses_to_start_on_a_bad_setting(tmp_path):
         timeout=60,
     )
     assert result.returncode == 2
-    assert result.stderr.strip() == "gokiq: bad setting: sidekiq_version: must be 6, 7 or 8, got 5"
+    assert result.stderr.strip() == (
+        "gokiq: bad setting: sidekiq_version: must be auto, 6, 7, 8 or a version such as 6.4.1, "
+        "got '5'"
+    )

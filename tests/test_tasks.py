@@ -41,6 +41,7 @@ def stack(redis_server):
             sidecar_token=TOKEN,
             breaker_reset_timeout=1,
             breaker_fail_max=3,
+            sidekiq_version=7,  # the stand-in sidecar publishes none
         )
         store = SidekiqStore.from_settings(settings)
         perform.worker = Worker(

@@ -17,6 +17,7 @@ from enum import Enum
 from typing import Any
 
 from .job import Job, epoch_seconds, timestamp
+from .version import SidekiqVersionResolver
 
 MAX_ERROR_MESSAGE = 10_000
 
@@ -52,13 +53,17 @@ class Decision:
 
 
 class RetryPolicy:
-    """Maps a job's `retry` field and a failure onto Sidekiq's next step."""
+    """Maps a job's `retry` field and a failure onto Sidekiq's next step, as the app's Sidekiq
+    version does it (`decide` raises SidekiqVersionUnknown while that is not known)."""
 
     def __init__(
-        self, max_retries: int = 25, sidekiq_version: int = 7, rng: random.Random | None = None
+        self,
+        max_retries: int = 25,
+        sidekiq_version: int | str | SidekiqVersionResolver = 7,
+        rng: random.Random | None = None,
     ):
         self.max_retries = max_retries
-        self.sidekiq_version = sidekiq_version
+        self.versions = SidekiqVersionResolver.of(sidekiq_version)
         self.rng = rng or random.Random()
 
     def limit(self, retry: Any) -> int:
@@ -72,26 +77,32 @@ class RetryPolicy:
         retry = job.retry if "retry" in job else failure.class_retry
         if retry is False or retry is None:
             return Decision(Outcome.DROP, job)
-        failed = job.replace(self._error_fields(job, failure, queue, now))
+        major = self.versions.require().major
+        failed = job.replace(self._error_fields(job, failure, queue, now, major))
         limit = self.limit(retry)
         count = failed.get("retry_count")
         if failure.retry_in == "discard":
-            return Decision(Outcome.DISCARD, self._discarded(failed, now), limit=limit)
-        if failure.retry_in == "kill" or self._exhausted(failed, count, limit, now):
+            return Decision(Outcome.DISCARD, self._discarded(failed, now, major), limit=limit)
+        if failure.retry_in == "kill" or self._exhausted(failed, count, limit, now, major):
             return Decision(Outcome.DEAD, failed, limit=limit)
-        return Decision(Outcome.RETRY, failed, self.delay(count, failure.retry_in), limit)
+        return Decision(Outcome.RETRY, failed, self._delay(count, failure.retry_in, major), limit)
 
     def delay(self, count: int, custom: Any = None) -> float:
         """`count⁴ + 15` or the custom delay, plus Sidekiq's jitter for this version."""
+        return self._delay(count, custom, self.versions.require().major)
+
+    def _delay(self, count: int, custom: Any, major: int) -> float:
         base = count**4 + 15
         if isinstance(custom, int | float) and not isinstance(custom, bool) and custom > 0:
             base = int(custom)
-        if self.sidekiq_version >= 8:
+        if major >= 8:
             return base + self.rng.randrange(10 * (count + 1))
         return base + self.rng.randrange(10) * (count + 1)
 
-    def _error_fields(self, job: Job, failure: Failure, queue: str, now: float) -> dict[str, Any]:
-        stamp = timestamp(self.sidekiq_version, now)
+    def _error_fields(
+        self, job: Job, failure: Failure, queue: str, now: float, major: int
+    ) -> dict[str, Any]:
+        stamp = timestamp(major, now)
         fields: dict[str, Any] = {
             "queue": job.get("retry_queue") or queue,
             "error_message": _scrub(failure.error_message)[:MAX_ERROR_MESSAGE],
@@ -108,19 +119,19 @@ class RetryPolicy:
             fields["error_backtrace"] = encode_backtrace(lines)
         return fields
 
-    def _exhausted(self, job: Job, count: int, limit: int, now: float) -> bool:
+    def _exhausted(self, job: Job, count: int, limit: int, now: float, major: int) -> bool:
         retry_for = job.get("retry_for")
         if isinstance(retry_for, int | float) and not isinstance(retry_for, bool):
             started = epoch_seconds(job.get("failed_at")) or now
             out_of_time = started + retry_for < now
-            if self.sidekiq_version >= 8:  # 8.1: the window replaces the count
+            if major >= 8:  # 8.1: the window replaces the count
                 return out_of_time
             if out_of_time:
                 return True
         return count >= limit
 
-    def _discarded(self, job: Job, now: float) -> Job:
-        if self.sidekiq_version >= 8:
+    def _discarded(self, job: Job, now: float, major: int) -> Job:
+        if major >= 8:
             return job.replace({"discarded_at": int(now * 1000)})
         return job
 

@@ -18,6 +18,7 @@ import pybreaker
 import redis
 
 from .job import Job
+from .version import SidekiqVersion
 
 QUEUES = "queues"
 SCHEDULE = "schedule"
@@ -47,6 +48,8 @@ BRIDGES = "gokiq:bridges"
 DELIVERIES = "gokiq:deliveries"  # hash: token -> {"queue": ..., "payload": job text}
 DELIVERY_DEADLINES = "gokiq:deliveries:due"  # zset: token -> when to presume the message lost
 SCHEDULED_SETS = (RETRY, SCHEDULE)  # the poller's order: retries first, as Sidekiq does
+# The app's `Sidekiq::VERSION`, written by every sidecar when it boots (see sidekiq/version.py).
+SIDEKIQ_VERSION_KEY = "gokiq:sidekiq_version"
 
 _LUA_DIR = Path(__file__).with_name("lua")
 
@@ -65,12 +68,13 @@ def bridge_queues_key(bridge_id: str) -> str:
     return f"gokiq:bridge:{bridge_id}:queues"
 
 
-def process_work_keys(identity: str, sidekiq_version: int) -> list[str]:
+def process_work_keys(identity: str, version: SidekiqVersion) -> list[str]:
     """The hash of a process's running jobs: `:workers` up to 6.4.1, `:work` from 6.4.2, so
-    for 6.x both are written."""
-    if sidekiq_version == 6:
+    both for a version that does not say which (a bare "6")."""
+    older = version.before(6, 4, 2)
+    if older is None:
         return [f"{identity}:workers", f"{identity}:work"]
-    return [f"{identity}:work"]
+    return [f"{identity}:workers" if older else f"{identity}:work"]
 
 
 def process_signals_key(identity: str) -> str:
@@ -229,12 +233,12 @@ class SidekiqStore:
         identity: str,
         fields: Mapping[str, str | int | float],
         work: Mapping[str, str],
-        sidekiq_version: int,
+        version: SidekiqVersion,
     ) -> str | None:
         """One heartbeat of a process on the Busy page, as Sidekiq's launcher writes it: the
         running jobs (`work`: tid -> JSON) replace the last beat's, the identity's hash gets
         `fields`, both live PROCESS_TTL seconds. Returns a signal sent to the process, if any."""
-        work_keys = process_work_keys(identity, sidekiq_version)
+        work_keys = process_work_keys(identity, version)
         with self.redis.pipeline(transaction=True) as pipe:
             pipe.unlink(*work_keys)
             if work:
@@ -248,13 +252,18 @@ class SidekiqStore:
             signal = pipe.execute()[-1]
         return signal.decode() if signal else None
 
-    def unregister_process(self, identity: str, sidekiq_version: int) -> None:
+    def unregister_process(self, identity: str, version: SidekiqVersion) -> None:
         """A clean exit, as Sidekiq's: out of `processes`, running jobs gone; the identity's
         hash is left to expire."""
         with self.redis.pipeline(transaction=False) as pipe:
             pipe.srem(PROCESSES, identity)
-            pipe.unlink(*process_work_keys(identity, sidekiq_version))
+            pipe.unlink(*process_work_keys(identity, version))
             pipe.execute()
+
+    def published_sidekiq_version(self) -> str | None:
+        """`Sidekiq::VERSION` as the app's sidecar last published it, if one has."""
+        value = self.redis.get(SIDEKIQ_VERSION_KEY)
+        return value.decode() if value is not None else None
 
     def round_trip_us(self) -> int:
         """One PING's round trip in microseconds (the Busy page's RTT)."""

@@ -141,6 +141,7 @@ module GokiqSidecar
       Thread.new do
         started = Process.clock_gettime(Process::CLOCK_MONOTONIC)
         Boot.application(root)
+        publish_sidekiq_version
         state.ready! unless state.phase == :draining
         logger.info("booted", rails_root: root, pid: Process.pid,
                               seconds: (Process.clock_gettime(Process::CLOCK_MONOTONIC) - started).round(3))
@@ -152,6 +153,12 @@ module GokiqSidecar
         state.boot_failed!(e)
         Process.kill("TERM", Process.pid)
       end
+    end
+
+    # The bridge and the workers learn the app's Sidekiq version from this key (their
+    # sidekiq_version setting defaults to auto).
+    def publish_sidekiq_version
+      ::Sidekiq.redis { |r| r.set("gokiq:sidekiq_version", ::Sidekiq::VERSION) }
     end
   end
 end
