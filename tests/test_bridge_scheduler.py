@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 
 from bridge.metrics import BridgeMetrics
 from bridge.scheduler import Scheduler
 from gokiq_celery.sidekiq.store import DEAD, QUEUES, RETRY, SCHEDULE
+from gokiq_celery.sidekiq.version import SidekiqVersionResolver
 
 from .test_bridge_support import BridgeProcess, bridge_env, bridge_redis, wait_for
 
@@ -53,6 +55,28 @@ def test_sidekiq_8_gets_integer_milliseconds(bridge_env):
     Scheduler(store, "b1", BridgeMetrics(), sidekiq_version=8).move_due()
     enqueued_at = json.loads(store.queue_jobs("default")[0])["enqueued_at"]
     assert isinstance(enqueued_at, int) and abs(enqueued_at / 1000 - time.time()) < 5
+
+
+def test_due_jobs_wait_until_the_sidekiq_version_is_known(bridge_env, caplog):
+    """`auto`, no sidecar has published the version: enqueued_at's format is unknown, so due
+    jobs stay in their set (none taken out), and the log says why, once."""
+    store = bridge_env.store()
+    store.redis.zadd(SCHEDULE, {scheduled_job(1): time.time() - 1})
+    versions = SidekiqVersionResolver("auto", store.published_sidekiq_version)
+    scheduler = Scheduler(store, "b1", BridgeMetrics(), versions, poll_interval=0.01)
+    stop = threading.Event()
+    thread = threading.Thread(target=scheduler.run, args=(stop,))
+    with caplog.at_level(logging.INFO, logger="bridge.scheduler"):
+        thread.start()
+        wait_for(lambda: scheduler.waiting, timeout=10)
+        time.sleep(0.3)  # many more polls
+        stop.set()
+        thread.join(10)
+    assert store.queue_jobs("default") == []
+    assert [m for m, _ in store.scheduled_set()] == [scheduled_job(1).encode()]
+    assert bridge_env.held_by_bridges() == 0
+    waits = [r.getMessage() for r in caplog.records if "version is known" in r.getMessage()]
+    assert len(waits) == 1 and "GOKIQ_SIDEKIQ_VERSION" in waits[0]
 
 
 def test_retry_set_is_served_before_schedule(bridge_env):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import time
 
@@ -81,6 +82,41 @@ def test_sidekiq_7_names_the_work_hash_work(redis_url, redis_client):
     info = json.loads(redis_client.hget(process.identity, "info"))
     assert info["weights"] == [{"default": 0}]
     assert info["version"].startswith("gokiq")  # the Busy page shows it beside Sidekiq's own
+
+
+def test_sidekiq_6_4_1_gets_its_running_jobs_under_workers_only(redis_url, redis_client):
+    """A full version says which name the app's Busy page reads: 6.4.1 reads `:workers`."""
+    settings = load_settings(redis_url=redis_url, sidekiq_version="6.4.1")
+    process = SidekiqProcess(settings, SidekiqStore(redis_client), 5, ["default"], "celery@x")
+
+    class Running:
+        args = (slow_job(1).text, "default")
+        time_start = time.time()
+
+    process.beat([Running()])
+    [(identity, _tid, work)] = sidekiq_processes(redis_url)["work"]
+    assert (identity, work["queue"]) == (process.identity, "default")
+    assert redis_client.hlen(f"{process.identity}:workers") == 1
+    assert not redis_client.exists(f"{process.identity}:work")  # 6.4.2's name
+
+
+def test_no_beat_until_the_sidekiq_version_is_known(redis_url, redis_client, caplog):
+    """`auto` and no sidecar has published the version: nothing on the Busy page, said once."""
+    settings = load_settings(redis_url=redis_url)
+    process = SidekiqProcess(settings, SidekiqStore(redis_client), 5, ["default"], "celery@x")
+
+    class Running:
+        args = (slow_job(1).text, "default")
+        time_start = time.time()
+
+    with caplog.at_level(logging.WARNING, logger="gokiq.worker"):
+        assert process.beat([Running()]) is None
+        assert process.beat([]) is None
+    assert sidekiq_processes(redis_url) == {"processes": [], "work": []}
+    assert not redis_client.exists(process.identity, f"{process.identity}:work")
+    waiting = [r.getMessage() for r in caplog.records if "Busy page yet" in r.getMessage()]
+    assert len(waiting) == 1 and "GOKIQ_SIDEKIQ_VERSION" in waiting[0]
+    process.leave()  # never listed: nothing to take off
 
 
 @contextlib.contextmanager

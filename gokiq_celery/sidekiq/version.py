@@ -22,7 +22,7 @@ log = logging.getLogger("gokiq")
 
 AUTO = "auto"
 MAJORS = (6, 7, 8)
-_VERSION = re.compile(r"(\d+(?:\.\d+)*)(?:[.-][0-9A-Za-z.]+)?")  # 6, 6.4.1, 7.0.0.beta1
+_VERSION = re.compile(r"(\d+(?:\.\d+)*)(?:\.[A-Za-z]+\d*)?")  # 6, 6.4.1, 7.0.0.beta1
 
 
 class SidekiqVersionUnknown(RuntimeError):

@@ -190,6 +190,11 @@ def test_busy_page_shows_the_worker_and_its_stop_button_stops_it(stack: Stack):
     processes = sidekiq_processes(stack.redis_url)["processes"]
     [process] = [p for p in processes if p["pid"] == stack.worker.pid]
     assert (process["tag"], process["concurrency"]) == ("gokiq", 20) and process["busy"] >= 1
+    # Nothing configured: the worker learned the app's Sidekiq 6.4.1 from its sidecar and
+    # wrote the running jobs under the one name 6.4.1 reads (6.4.2+ read `:work`).
+    assert "GOKIQ_SIDEKIQ_VERSION" not in stack.env
+    assert stack.sidekiq_redis.exists(f"{process['identity']}:workers")
+    assert not stack.sidekiq_redis.exists(f"{process['identity']}:work")
 
     sidekiq_processes(stack.redis_url, "stop")  # the Busy page's Stop button
     assert stack.worker.proc.wait(30) == 0

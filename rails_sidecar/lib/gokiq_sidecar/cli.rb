@@ -159,6 +159,9 @@ module GokiqSidecar
     # sidekiq_version setting defaults to auto).
     def publish_sidekiq_version
       ::Sidekiq.redis { |r| r.set("gokiq:sidekiq_version", ::Sidekiq::VERSION) }
+    rescue StandardError => e # Redis down: the app may still boot; gokiq waits for a version
+      @logger.warn("Sidekiq version not published", error_class: e.class.name,
+                                                    error_message: e.message.to_s[0, 500])
     end
   end
 end
