@@ -112,7 +112,6 @@ export GOKIQ_WORKER_METRICS_PORT="$(pick_port "${GOKIQ_WORKER_METRICS_PORT:-9479
 export GOKIQ_SIDECAR_URL="http://127.0.0.1:$GOKIQ_SIDECAR_PORT"
 export GOKIQ_QUEUES="${GOKIQ_QUEUES:-default critical low}"
 export GOKIQ_LOG_FORMAT="${GOKIQ_LOG_FORMAT:-text}"
-export GOKIQ_SIDEKIQ_VERSION="${GOKIQ_SIDEKIQ_VERSION:-6}"  # the example app's: Debian's 6.4.1
 export GOKIQ_EXAMPLE_DB="${GOKIQ_EXAMPLE_DB:-$RUN/demo.sqlite3}"
 export PYTHONUNBUFFERED=1
 
