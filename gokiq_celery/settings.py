@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -120,8 +121,9 @@ def process_settings() -> Settings:
 
 
 def parse_queues(text: str | list[Any]) -> tuple[QueueSpec, ...]:
-    """`"critical,3 default,1"` (or a YAML list of `name` / `[name, weight]`) -> QueueSpecs."""
-    items = text.replace(";", " ").split() if isinstance(text, str) else text
+    """`"critical,3 default,1"`, `"critical,default"` (Celery's -Q form: two queues), or a YAML
+    list of `name` / `[name, weight]` -> QueueSpecs."""
+    items = _queue_items(text) if isinstance(text, str) else text
     specs = []
     for item in items:
         if isinstance(item, list | tuple):
@@ -141,6 +143,21 @@ def parse_queues(text: str | list[Any]) -> tuple[QueueSpec, ...]:
     if not specs:
         raise ConfigError("queues: at least one queue is required")
     return tuple(specs)
+
+
+def _queue_items(text: str) -> list[tuple[str, str]]:
+    """Split on spaces, `;` and commas; an integer after a comma is the weight of the queue
+    before it (a weight is an integer, so `name,weight` stays unambiguous)."""
+    items: list[tuple[str, str]] = []
+    for word in text.replace(";", " ").split():
+        for position, token in enumerate(filter(None, word.split(","))):
+            if not re.fullmatch(r"[+-]?\d+", token):
+                items.append((token, ""))
+            elif position and items[-1][1] == "":
+                items[-1] = (items[-1][0], token)
+            else:
+                raise ConfigError(f"queues: weight {token} in {text!r} follows no queue name")
+    return items
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
@@ -204,7 +221,8 @@ def _parse_queue_map(raw: Any) -> dict[str, str]:
     return dict(p.split("=", 1) for p in pairs)
 
 
-_POOLS = {"threads", "prefork", "solo", "gevent", "eventlet"}
+_POOLS = {"threads", "prefork", "solo"}
+_PATCHING_POOLS = {"gevent", "eventlet"}  # need Celery's monkey-patching, which reads -P only
 _LOG_LEVELS = {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}
 
 
@@ -235,6 +253,12 @@ def _validate(s: Settings) -> None:
             ) from None
     if s.log_level.upper() not in _LOG_LEVELS:
         raise ConfigError(f"log_level: must be one of {', '.join(sorted(_LOG_LEVELS))}")
+    if s.worker_pool in _PATCHING_POOLS:  # set here, the worker would start unpatched and hang
+        raise ConfigError(
+            f"worker_pool: {s.worker_pool} must be given on the worker's command line, where "
+            f"Celery monkey-patches before anything loads: leave worker_pool unset and run "
+            f"`celery -A gokiq_celery worker -P {s.worker_pool}`"
+        )
     if s.worker_pool not in _POOLS:
         raise ConfigError(f"worker_pool: must be one of {', '.join(sorted(_POOLS))}")
     if s.log_format not in {"json", "text"}:

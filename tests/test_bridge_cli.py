@@ -52,7 +52,7 @@ def test_help_explains_every_option():
     ("args", "environ", "key"),
     [
         ((), {"GOKIQ_QUEUES": ""}, "queues"),
-        (("--queues", "a,x"), {}, "queues"),
+        (("--queues", "a,1,2"), {}, "queues"),
         (("--queues", ""), {}, "queues"),
         (("--redis-url", "http://nope"), {}, "redis_url"),
         ((), {"GOKIQ_SIDEKIQ_VERSION": "5"}, "sidekiq_version"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 
 import pytest
@@ -44,11 +45,40 @@ def test_queue_strings_like_sidekiqs_command_line():
 
 
 @pytest.mark.parametrize(
+    ("text", "queues"),
+    [
+        ("critical,default", [("critical", 0), ("default", 0)]),  # Celery's -Q form
+        ("critical,default,low", [("critical", 0), ("default", 0), ("low", 0)]),
+        ("critical,3,default,1", [("critical", 3), ("default", 1)]),
+        ("critical,default,2 low", [("critical", 0), ("default", 2), ("low", 0)]),
+        ("critical,3;default", [("critical", 3), ("default", 0)]),
+        ("q1,5 2x,1", [("q1", 5), ("2x", 1)]),
+    ],
+)
+def test_a_comma_before_a_name_separates_queues(text, queues):
+    assert parse_queues(text) == tuple(QueueSpec(name, weight) for name, weight in queues)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("critical,3,4", "weight 4 in 'critical,3,4' follows no queue name"),
+        ("3,critical", "weight 3 in '3,critical' follows no queue name"),
+        ("critical 3", "weight 3 in 'critical 3' follows no queue name"),
+        ("critical,-1", "weight of 'critical' must be >= 0"),
+    ],
+)
+def test_a_weight_must_follow_a_queue_name(text, message):
+    with pytest.raises(ConfigError, match=re.escape(f"queues: {message}")):
+        parse_queues(text)
+
+
+@pytest.mark.parametrize(
     ("env", "key"),
     [
         ({"GOKIQ_MAX_RETRIES": "many"}, "max_retries"),
         ({"GOKIQ_SIDEKIQ_VERSION": "5"}, "sidekiq_version"),
-        ({"GOKIQ_QUEUES": "critical,x"}, "queues"),
+        ({"GOKIQ_QUEUES": "critical,3,4"}, "queues"),
         ({"GOKIQ_QUEUES": " "}, None),  # blank means unset: the default applies
         ({"REDIS_URL": "http://x"}, "redis_url"),
         ({"CELERY_BROKER_URL": "kafka://x"}, "celery_broker_url"),
@@ -72,6 +102,14 @@ def test_bad_values_name_the_key(env, key):
     assert "secret" not in str(info.value)  # a bad token is named, never shown
 
 
+@pytest.mark.parametrize("pool", ["gevent", "eventlet"])
+def test_a_monkey_patching_pool_is_refused_pointing_at_the_command_line(pool):
+    with pytest.raises(ConfigError) as info:
+        load_settings(environ={"GOKIQ_WORKER_POOL": pool})
+    assert str(info.value).startswith("worker_pool: ")
+    assert f"celery -A gokiq_celery worker -P {pool}" in str(info.value)
+
+
 def test_bad_config_files(tmp_path):
     unknown = tmp_path / "a.yml"
     unknown.write_text("max_retry: 3\n")
@@ -85,9 +123,26 @@ def test_bad_config_files(tmp_path):
         load_settings(broken, environ={})
 
 
-def test_the_worker_refuses_to_start_on_a_bad_setting(tmp_path):
+@pytest.mark.parametrize(
+    ("variable", "value", "message"),
+    [
+        (
+            "GOKIQ_SIDEKIQ_VERSION",
+            "5",
+            "sidekiq_version: must be auto, 6, 7, 8 or a version such as 6.4.1, got '5'",
+        ),
+        (
+            "GOKIQ_WORKER_POOL",
+            "gevent",  # would start, unpatched, and hang
+            "worker_pool: gevent must be given on the worker's command line, where Celery "
+            "monkey-patches before anything loads: leave worker_pool unset and run "
+            "`celery -A gokiq_celery worker -P gevent`",
+        ),
+    ],
+)
+def test_the_worker_refuses_to_start_on_a_bad_setting(tmp_path, variable, value, message):
     """`celery -A gokiq_celery worker` stops with one line naming the key, not a traceback."""
-    env = {**os.environ, "GOKIQ_SIDEKIQ_VERSION": "5"}
+    env = {**os.environ, variable: value}
     result = subprocess.run(
         [str(VENV_BIN / "celery"), "-A", "gokiq_celery", "worker"],
         env=env,
@@ -97,7 +152,4 @@ def test_the_worker_refuses_to_start_on_a_bad_setting(tmp_path):
         timeout=60,
     )
     assert result.returncode == 2
-    assert result.stderr.strip() == (
-        "gokiq: bad setting: sidekiq_version: must be auto, 6, 7, 8 or a version such as 6.4.1, "
-        "got '5'"
-    )
+    assert result.stderr.strip() == f"gokiq: bad setting: {message}"
