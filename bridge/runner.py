@@ -18,6 +18,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import redis
 
+from gokiq_celery.http import StatusServer
 from gokiq_celery.messages import new_delivery_token
 from gokiq_celery.settings import ConfigError, Settings
 from gokiq_celery.sidekiq.job import InvalidJob, Job, epoch_seconds
@@ -25,7 +26,6 @@ from gokiq_celery.sidekiq.store import SidekiqStore
 from gokiq_celery.sidekiq.version import SidekiqVersionResolver
 
 from .fetch import Batch, QueueOrder, ReliableFetcher
-from .http import StatusServer
 from .metrics import BridgeMetrics
 from .publish import Backpressure, Publisher
 from .retrying import Backoff
@@ -169,7 +169,9 @@ class Bridge:
             return
         bind, port = self.settings.bridge_bind, self.settings.bridge_metrics_port
         try:
-            self.status = StatusServer(bind, port, self.metrics.registry, self.ready)
+            self.status = StatusServer(
+                bind, port, self.metrics.registry, self.ready, name="bridge-http"
+            )
         except OSError as exc:
             raise ConfigError(
                 f"bridge_metrics_port: cannot listen on {bind}:{port} ({exc.strerror})"

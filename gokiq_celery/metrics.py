@@ -1,4 +1,5 @@
-"""Prometheus metrics of the Celery worker, served on `worker_metrics_port` (`/metrics`).
+"""Prometheus metrics of the Celery worker, served on `worker_metrics_port` (`/metrics`, and
+`/health`: the worker process is alive).
 
 Counters live in the worker process, which is the only process with the default threads
 pool; with a prefork pool each child counts apart, so use Flower's metrics there.
@@ -8,9 +9,10 @@ from __future__ import annotations
 
 import logging
 
-from prometheus_client import Counter, Gauge, Histogram, start_http_server
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram
 
-from .settings import process_settings
+from .http import StatusServer
+from .settings import Settings, process_settings
 
 log = logging.getLogger(__name__)
 
@@ -32,17 +34,22 @@ def observe_breaker(state: str) -> None:
     BREAKER_STATE.set(_BREAKER_VALUES.get(state, 0))
 
 
-def serve_worker_metrics() -> None:
-    settings = process_settings()
+def serve_worker_metrics(settings: Settings | None = None) -> StatusServer | None:
+    """Start the worker's /metrics and /health, unless its port is 0 or taken."""
+    settings = settings or process_settings()
     if not settings.worker_metrics_port:
-        return
+        return None
     try:
-        start_http_server(settings.worker_metrics_port, addr=settings.worker_metrics_bind)
+        server = StatusServer(
+            settings.worker_metrics_bind, settings.worker_metrics_port, REGISTRY, name="worker-http"
+        )
     except OSError as exc:  # a second worker on the same host: Flower still has the numbers
         log.warning("worker /metrics not served on port %s: %s", settings.worker_metrics_port, exc)
-        return
+        return None
+    server.start()
     log.info(
         "worker metrics on http://%s:%s/metrics",
         settings.worker_metrics_bind,
         settings.worker_metrics_port,
     )
+    return server

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -21,6 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import requests
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
@@ -30,6 +33,8 @@ from .e2e.conftest import Stack, running
 pytestmark = pytest.mark.install
 
 LOCK = REPO / "requirements.lock"
+SOURCES = ("pyproject.toml", "README.md", "celeryconfig.py", "gokiq_celery", "bridge")
+NOT_SOURCES = shutil.ignore_patterns("__pycache__")
 # Installed with any venv; not gokiq's business.
 VENV_TOOLS = {"pip", "setuptools", "wheel"}
 
@@ -46,12 +51,29 @@ def _run(argv: list[str | Path], **kwargs) -> str:
 def installed(tmp_path_factory) -> Path:
     """The bin/ folder of a new venv holding the wheel and its runtime dependencies only."""
     root = tmp_path_factory.mktemp("install")
-    _run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", root / "dist", REPO])
+    # Built from a copy of what docker/Dockerfile copies: setuptools never cleans a build/
+    # folder, so a wheel built in the checkout could carry modules deleted since.
+    source = root / "src"
+    source.mkdir()
+    for name in SOURCES:
+        if (REPO / name).is_dir():
+            shutil.copytree(REPO / name, source / name, ignore=NOT_SOURCES)
+        else:
+            shutil.copy2(REPO / name, source / name)
+    _run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", root / "dist", source])
     [wheel] = (root / "dist").glob("gokiq-*.whl")
     _run([sys.executable, "-m", "venv", root / "venv"])
     bin_dir = root / "venv" / "bin"
     _run([bin_dir / "pip", "install", "-q", "--disable-pip-version-check", "-c", LOCK, wheel])
     return bin_dir
+
+
+def test_the_wheel_is_built_from_what_the_image_copies():
+    dockerfile = (REPO / "docker" / "Dockerfile").read_text()
+    copied = set()
+    for line in re.findall(r"^COPY (?!--from)(.+)$", dockerfile, re.M):
+        copied |= {src.rstrip("/") for src in line.split()[:-1]}
+    assert copied - {"requirements.lock", "docker/healthcheck.py"} == set(SOURCES)
 
 
 def _lock_pins() -> dict[str, str]:
@@ -115,3 +137,4 @@ def test_bridge_and_worker_from_the_installed_venv_run_a_job(installed, installe
     jid = stack.api1({"op": "perform_async", "class": "HardJob", "args": ["installed"]})
     [run] = stack.wait_runs([jid], "HardJob", timeout=120)
     assert json.loads(run["args"]) == ["installed"]
+    assert requests.get(stack.worker_url + "/health", timeout=10).text == "ok\n"

@@ -1,4 +1,5 @@
-"""`/metrics`, `/health` and `/ready` on a small threaded HTTP server."""
+"""`/metrics`, `/health` and `/ready` on a small threaded HTTP server, for the bridge and the
+worker."""
 
 from __future__ import annotations
 
@@ -13,21 +14,25 @@ log = logging.getLogger(__name__)
 
 
 class StatusServer:
-    """Serves the bridge's status in a daemon thread.
+    """Serves a process's status in a daemon thread.
 
-    `/health`: the process is alive (200 "ok"). `/ready`: `ready()` returned True, i.e. Redis
-    and the broker are reachable (200), else 503. `/metrics`: Prometheus text format.
+    `/health`: the process is alive (200 "ok"). `/ready` (only with a `ready` check): `ready()`
+    returned True, e.g. the bridge's Redis and broker are reachable (200), else 503.
+    `/metrics`: Prometheus text format. Any other path: 404.
     """
 
     def __init__(
-        self, bind: str, port: int, registry: CollectorRegistry, ready: Callable[[], bool]
+        self,
+        bind: str,
+        port: int,
+        registry: CollectorRegistry,
+        ready: Callable[[], bool] | None = None,
+        name: str = "status-http",
     ) -> None:
         handler = _handler(registry, ready)
         self.server = ThreadingHTTPServer((bind, port), handler)
         self.server.daemon_threads = True
-        self.thread = threading.Thread(
-            target=self.server.serve_forever, name="bridge-http", daemon=True
-        )
+        self.thread = threading.Thread(target=self.server.serve_forever, name=name, daemon=True)
 
     @property
     def port(self) -> int:
@@ -41,7 +46,7 @@ class StatusServer:
         self.server.server_close()
 
 
-def _handler(registry: CollectorRegistry, ready: Callable[[], bool]):
+def _handler(registry: CollectorRegistry, ready: Callable[[], bool] | None):
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
             path = self.path.split("?", 1)[0]
@@ -49,7 +54,7 @@ def _handler(registry: CollectorRegistry, ready: Callable[[], bool]):
                 self._reply(200, generate_latest(registry), CONTENT_TYPE_LATEST)
             elif path == "/health":
                 self._reply(200, b"ok\n")
-            elif path == "/ready":
+            elif path == "/ready" and ready is not None:
                 ok = _safely(ready)
                 self._reply(200 if ok else 503, b"ready\n" if ok else b"not ready\n")
             else:
