@@ -97,6 +97,7 @@ def drain(port: int, jobs: int, batch_size: int) -> Round:
         REDIS_URL=f"redis://127.0.0.1:{port}/0",
         CELERY_BROKER_URL=f"redis://127.0.0.1:{port}/1",
         GOKIQ_QUEUES="default",
+        GOKIQ_SIDEKIQ_VERSION="7",  # no sidecar publishes one here; poll the sets as in production
         PYTHONPATH=str(REPO),
     )
     broker = redis.Redis(port=port, db=1)

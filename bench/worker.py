@@ -127,6 +127,7 @@ def run_one(pool: str, task_name: str, n: int, server, sidecar) -> Run:
         "GOKIQ_SIDECAR_TOKEN": TOKEN,
         "GOKIQ_QUEUES": QUEUE,
         "GOKIQ_WORKER_POOL": pool,
+        "GOKIQ_SIDEKIQ_VERSION": "7",  # the stand-in sidecar publishes none; beat as in production
         "GOKIQ_WORKER_METRICS_PORT": "0",
         "GOKIQ_LOG_LEVEL": "WARNING",
         "PYTHONPATH": str(REPO),
