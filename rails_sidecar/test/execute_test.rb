@@ -199,7 +199,7 @@ class ExecuteTest < Minitest::Test
   def test_open_routes_need_no_token
     get "/health"
     assert_equal 200, last_response.status
-    assert_equal({"status" => "ok"}, json)
+    assert_equal({"status" => "ok", "sidekiq_version" => Sidekiq::VERSION}, json)
     get "/ready"
     assert_equal 200, last_response.status
     get "/metrics"

@@ -58,7 +58,7 @@ class ServerTest < Minitest::Test
       ready_after = wait_ready(port, pid) - started
       warn format("(sidecar subprocess ready after %.1f s)", ready_after) if ENV["VERBOSE"]
       Net::HTTP.start("127.0.0.1", port, open_timeout: 1, read_timeout: 30) do |http|
-        assert_equal({"status" => "ok"}, JSON.parse(http.get("/health").body))
+        assert_equal({"status" => "ok", "sidekiq_version" => Sidekiq::VERSION}, JSON.parse(http.get("/health").body))
 
         res = post(http, "/jobs/execute", {"class" => "HardJob", "args" => ["é", {"a" => 1.25}], "jid" => "a" * 24})
         assert_equal "200", res.code, res.body
