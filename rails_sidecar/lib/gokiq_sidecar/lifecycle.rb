@@ -32,6 +32,7 @@ module GokiqSidecar
     # Safe to call from a signal trap or Puma's server thread: the hooks run
     # in a thread of their own, which #finish waits for. No-op unless started.
     def stopping
+      advance(from: :new, to: :finished) # stopped while booting: never fire
       return unless advance(from: :started, to: :stopping)
       @stopper = Thread.new do
         fire(:quiet, reverse: true)

@@ -98,8 +98,12 @@ module GokiqSidecar
         option(:lifecycle_events)
       end
 
+      def error_handlers
+        ::Sidekiq.error_handlers
+      end
+
       def handle_exception(error, context)
-        ::Sidekiq.error_handlers.each do |handler|
+        error_handlers.each do |handler|
           handler.call(error, context)
         rescue => e
           ::Sidekiq.logger.error("!!! ERROR HANDLER THREW AN ERROR !!! #{e.class}: #{e.message}")
@@ -159,6 +163,10 @@ module GokiqSidecar
 
       def lifecycle_events
         @config[:lifecycle_events]
+      end
+
+      def error_handlers
+        @config.error_handlers
       end
 
       def handle_exception(error, context)
