@@ -205,25 +205,36 @@ class ServerTest < Minitest::Test
     end
   end
 
-  def assert_boot_failure_reported(root, dir, message)
+  # Exit status 1 and stdout holding one "boot failed" line per process that tried to boot.
+  def assert_boot_failure_reported(root, dir, message, workers: 0)
     pid = Process.spawn({"GOKIQ_SIDECAR_TOKEN" => TOKEN, "GOKIQ_EXAMPLE_DB" => File.join(dir, "x.sqlite3"), "RAILS_ROOT" => nil},
-                        RbConfig.ruby, BIN, "--rails-root", root, "--port", free_port.to_s,
+                        RbConfig.ruby, BIN, "--rails-root", root, "--port", free_port.to_s, "--workers", workers.to_s,
                         out: File.join(dir, "out.log"), err: File.join(dir, "err.log"))
     assert_equal 1, wait_exit(pid).exitstatus
-    lines = File.readlines(File.join(dir, "out.log"))
-    assert_equal 1, lines.size, "one JSON line on stdout: #{lines}"
-    line = JSON.parse(lines.first)
-    assert_equal ["error", "boot failed", "RuntimeError"], [line["level"], line["msg"], line["error_class"]]
-    assert_includes line["error_message"], message
+    lines = File.readlines(File.join(dir, "out.log")).map { |l| JSON.parse(l) }
+    assert_equal 1, lines.size, "one JSON line on stdout: #{lines}" if workers.zero?
+    # Under --workers, a worker still booting when the master stops it may log its own line.
+    assert(lines.all? { |l| l["level"] == "error" && l["msg"] == "boot failed" }, lines.inspect)
+    assert(lines.any? { |l| l["error_class"] == "RuntimeError" && l["error_message"].include?(message) }, lines.inspect)
   end
 
-  def test_boot_failure_in_an_initializer_exits_1_with_one_json_line
-    dir = Dir.mktmpdir("broken-app", TEST_TMP)
+  def broken_example_app(dir)
     broken = File.join(dir, "app")
     FileUtils.cp_r(EXAMPLE_APP, broken)
     Dir[File.join(broken, "db", "*.sqlite3*")].each { |f| File.delete(f) }
     File.write(File.join(broken, "config", "initializers", "zz_broken.rb"), "raise 'broken initializer'\n")
-    assert_boot_failure_reported(broken, dir, "broken initializer")
+    broken
+  end
+
+  def test_boot_failure_in_an_initializer_exits_1_with_one_json_line
+    dir = Dir.mktmpdir("broken-app", TEST_TMP)
+    assert_boot_failure_reported(broken_example_app(dir), dir, "broken initializer")
+  end
+
+  # Instead of Puma forking new workers for ever, each to fail the same way.
+  def test_boot_failure_in_a_puma_worker_stops_the_sidecar_with_1
+    dir = Dir.mktmpdir("broken-cluster", TEST_TMP)
+    assert_boot_failure_reported(broken_example_app(dir), dir, "broken initializer", workers: 2)
   end
 
   # Fails within milliseconds, before Puma could have installed its signal handlers.

@@ -133,7 +133,14 @@ module GokiqSidecar
       # Booted only once Puma is up, so a fast boot failure can stop it.
       launcher.events.on_booted { cli.boot_in_background } if o.workers.zero?
       @launcher = launcher
-      launcher.run
+      # Cluster mode: a worker that cannot boot the app says so here (see #stop_after_boot_failure).
+      @worker_boot_failed, @worker_boot_failure = IO.pipe unless o.workers.zero?
+      begin
+        launcher.run
+      ensure
+        # Cluster mode: Puma's master ends its TERM handler with `exit 0`.
+        exit 1 if worker_boot_failed?
+      end
       finish_lifecycle
       exit 1 if state.boot_error
       @logger.info("stopped", running: state.running_count)
@@ -189,14 +196,19 @@ module GokiqSidecar
 
     # A sidecar that cannot load the app must not sit there answering 503
     # forever: stop Puma, then exit 1 (see #launch). In single mode Puma is
-    # already up (the boot waits for it); a cluster worker asks its own TERM
-    # handler, and the master forks a new worker.
+    # already up (the boot waits for it). A cluster worker tells the master,
+    # which stops every worker and exits 1 (instead of forking new workers
+    # that fail the same way), and ends at once.
     def stop_after_boot_failure
-      if @launcher && @o.workers.zero?
-        @launcher.stop
-      else
-        Process.kill("TERM", Process.pid)
-      end
+      return @launcher.stop if @o.workers.zero?
+      @worker_boot_failure.write("x")
+      Process.kill("TERM", Process.ppid)
+      exit!(1)
+    end
+
+    def worker_boot_failed?
+      return false unless @worker_boot_failed
+      @worker_boot_failed.read_nonblock(1, exception: false).is_a?(String)
     end
   end
 end
