@@ -141,6 +141,37 @@ class ExecuteTest < Minitest::Test
     assert_equal 7, json["class_retry"]
   end
 
+  def test_retry_in_gets_the_job_hash_from_sidekiq_7_1
+    execute("class" => "ThreeArgumentRetryInJob", "args" => [3], "jid" => new_jid, "retry_count" => 1)
+    assert_equal 500, last_response.status
+    if Gem::Version.new(Sidekiq::VERSION) >= Gem::Version.new("7.1")
+      assert_equal 105, json["retry_in"], "block called with (count 2, exception, job)"
+    else
+      assert_equal 50, json["retry_in"], "block called with (count, exception), as Sidekiq < 7.1 does"
+    end
+  end
+
+  def test_jobs_get_a_redis_pool_sized_to_the_sidecars_threads
+    execute("class" => "RedisPoolJob", "args" => [], "jid" => new_jid)
+    assert_equal 200, last_response.status, last_response.body
+    # 6.x server mode: concurrency + 5; 7+: the default capsule's pool, of its concurrency.
+    want = Sidekiq::VERSION.to_i >= 7 ? TEST_THREADS : TEST_THREADS + 5
+    assert_equal want, RedisPoolJob.size
+  end
+
+  def test_backtrace_cleaned_as_sidekiq_does
+    execute("class" => "FailJob", "args" => [], "jid" => new_jid)
+    backtrace = json["backtrace"]
+    if Gem::Version.new(Sidekiq::VERSION) >= Gem::Version.new("7.1")
+      # Rails.backtrace_cleaner: app lines relative to Rails.root, gem lines gone.
+      assert_match %r{\Aapp/jobs/fail_job\.rb:\d+}, backtrace.first
+      assert(backtrace.none? { |l| l.include?("/gems/") }, backtrace.inspect)
+    else
+      assert_equal File.join(EXAMPLE_APP, "app/jobs/fail_job.rb"), backtrace.first.split(":").first
+      assert(backtrace.any? { |l| l.include?("/gems/") }, "6.x keeps the full backtrace")
+    end
+  end
+
   def test_retry_in_null_when_block_raises_or_returns_zero
     execute("class" => "RaisingRetryInJob", "args" => [], "jid" => new_jid)
     assert_equal 500, last_response.status
@@ -199,7 +230,7 @@ class ExecuteTest < Minitest::Test
   def test_open_routes_need_no_token
     get "/health"
     assert_equal 200, last_response.status
-    assert_equal({"status" => "ok"}, json)
+    assert_equal({"status" => "ok", "sidekiq_version" => Sidekiq::VERSION}, json)
     get "/ready"
     assert_equal 200, last_response.status
     get "/metrics"

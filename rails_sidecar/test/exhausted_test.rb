@@ -24,6 +24,25 @@ class ExhaustedTest < Minitest::Test
     assert_equal "FailJob ArgumentError: boom", rows[1].note
   end
 
+  # What gokiq sends for a dead job: the hook alone, then the death handlers alone.
+  def test_one_job_exhausted_line_per_dead_job
+    jid = new_jid
+    exhausted(fail_job(jid), "death_handlers" => false)
+    exhausted(fail_job(jid), run_hook: false)
+    lines = log_lines.select { |l| l["jid"] == jid }
+    assert_equal ["retries-exhausted hook ran", "job exhausted"], lines.map { |l| l["msg"] }
+    assert_equal false, lines[0]["discard"]
+    assert_equal 1, lines[1]["death_handlers"]
+    refute(lines.any? { |l| l.key?("hook_ran") })
+  end
+
+  def test_no_line_for_a_hook_call_that_ran_nothing
+    jid = new_jid
+    exhausted({"class" => "NoopJob", "args" => [], "jid" => jid}, "death_handlers" => false)
+    assert_equal({"status" => "ok", "hook_ran" => false, "discard" => false}, json)
+    assert_empty(log_lines.select { |l| l["jid"] == jid })
+  end
+
   def test_run_hook_false_only_runs_death_handlers
     jid = new_jid
     exhausted(fail_job(jid), run_hook: false)

@@ -28,6 +28,28 @@ class CountingRetryJob
   end
 end
 
+# 7.1+ passes the job hash as a third argument; 6.x and 7.0 pass two.
+class ThreeArgumentRetryInJob
+  include Sidekiq::Worker
+  sidekiq_retry_in { |count, _ex, job| job ? 100 + job["args"].first + count : 50 }
+
+  def perform(_n)
+    raise "three"
+  end
+end
+
+# The size of the Redis pool `Sidekiq.redis` gives this job.
+class RedisPoolJob
+  include Sidekiq::Worker
+  class << self
+    attr_accessor :size
+  end
+
+  def perform
+    RedisPoolJob.size = Sidekiq.redis_pool.size
+  end
+end
+
 class RaisingRetryInJob
   include Sidekiq::Worker
   sidekiq_retry_in { |_count, _ex| raise "broken block" }

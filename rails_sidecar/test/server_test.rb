@@ -15,11 +15,11 @@ class ServerTest < Minitest::Test
     server&.close
   end
 
-  def spawn_sidecar(port, dir, root: EXAMPLE_APP)
+  def spawn_sidecar(port, dir, root: EXAMPLE_APP, env: {}, args: [])
     env = {"GOKIQ_SIDECAR_TOKEN" => TOKEN, "GOKIQ_EXAMPLE_DB" => File.join(dir, "server.sqlite3"),
-           "REDIS_URL" => "redis://127.0.0.1:1/0", "RAILS_ROOT" => nil}
+           "REDIS_URL" => "redis://127.0.0.1:1/0", "RAILS_ROOT" => nil, **env}
     Process.spawn(env, RbConfig.ruby, BIN, "--port", port.to_s, "--threads", "2:4", "--drain-timeout", "10",
-                  "--rails-root", root, out: File.join(dir, "out.log"), err: File.join(dir, "err.log"))
+                  "--rails-root", root, *args, out: File.join(dir, "out.log"), err: File.join(dir, "err.log"))
   end
 
   def wait_ready(port, pid)
@@ -58,7 +58,7 @@ class ServerTest < Minitest::Test
       ready_after = wait_ready(port, pid) - started
       warn format("(sidecar subprocess ready after %.1f s)", ready_after) if ENV["VERBOSE"]
       Net::HTTP.start("127.0.0.1", port, open_timeout: 1, read_timeout: 30) do |http|
-        assert_equal({"status" => "ok"}, JSON.parse(http.get("/health").body))
+        assert_equal({"status" => "ok", "sidekiq_version" => Sidekiq::VERSION}, JSON.parse(http.get("/health").body))
 
         res = post(http, "/jobs/execute", {"class" => "HardJob", "args" => ["é", {"a" => 1.25}], "jid" => "a" * 24})
         assert_equal "200", res.code, res.body
@@ -134,16 +134,116 @@ class ServerTest < Minitest::Test
     end
   end
 
-  def test_boot_failure_exits_non_zero
-    broken = File.join(Dir.mktmpdir("broken-app", TEST_TMP), "app")
+  # The example app's lifecycle evidence: [[event, pid], ...] in the order the hooks ran.
+  def lifecycle_events(path)
+    File.exist?(path) ? File.readlines(path).map { |l| e, pid = l.split; [e, Integer(pid)] } : []
+  end
+
+  def test_lifecycle_hooks_run_once_each_in_a_sidecar_process
+    dir = Dir.mktmpdir("lifecycle", TEST_TMP)
+    evidence = File.join(dir, "lifecycle.log")
+    port = free_port
+    pid = spawn_sidecar(port, dir, env: {"GOKIQ_EXAMPLE_LIFECYCLE_LOG" => evidence, "GOKIQ_EXAMPLE_BROKEN_STARTUP_HOOK" => "1"})
+    begin
+      wait_ready(port, pid)
+      assert_equal [["startup", pid]], lifecycle_events(evidence).select { |e, _| e == "startup" },
+                   "startup ran before the sidecar was ready, despite a broken startup hook next to it"
+      Net::HTTP.start("127.0.0.1", port, read_timeout: 30) do |http|
+        assert_equal "200", post(http, "/jobs/execute", {"class" => "NoopJob", "args" => [], "jid" => "e" * 24}).code
+      end
+      Process.kill("TERM", pid)
+      assert_equal 0, wait_exit(pid).exitstatus
+      pid = nil
+    ensure
+      kill_if_running(pid)
+    end
+    events = lifecycle_events(evidence)
+    names = events.map(&:first)
+    assert_equal %w[startup heartbeat quiet shutdown], names - ["beat"], "each once, in Sidekiq's order"
+    assert_equal [events.first.last], events.map(&:last).uniq, "all from the sidecar process"
+    out = File.readlines(File.join(dir, "out.log")).map { |l| JSON.parse(l) }
+    raised = out.select { |l| l["msg"] == "lifecycle event raised" }
+    assert_equal [["startup", "startup hook broke"]], raised.map { |l| [l["event"], l["error_message"]] }
+  end
+
+  # Puma cluster mode: each worker boots its own app, so each is a sidecar process for
+  # the app's hooks (as each child of a Sidekiq swarm is); the master loads no app.
+  def test_lifecycle_hooks_run_once_per_puma_worker
+    dir = Dir.mktmpdir("lifecycle-cluster", TEST_TMP)
+    evidence = File.join(dir, "lifecycle.log")
+    port = free_port
+    pid = spawn_sidecar(port, dir, env: {"GOKIQ_EXAMPLE_LIFECYCLE_LOG" => evidence}, args: %w[--workers 2])
+    begin
+      deadline = Time.now + 120
+      sleep 0.2 until lifecycle_events(evidence).count { |e, _| e == "heartbeat" } == 2 || Time.now > deadline
+      Process.kill("TERM", pid)
+      assert_equal 0, wait_exit(pid).exitstatus
+      pid_was = pid
+      pid = nil
+      by_pid = lifecycle_events(evidence).group_by(&:last)
+      assert_equal 2, by_pid.size, "two workers: #{by_pid}"
+      refute_includes by_pid.keys, pid_was, "the master fires nothing"
+      by_pid.each_value do |events|
+        assert_equal %w[startup heartbeat quiet shutdown], events.map(&:first) - ["beat"]
+      end
+    ensure
+      kill_if_running(pid)
+    end
+  end
+
+  # Waits for the process to end; kills it and fails after `seconds`.
+  def wait_exit(pid, seconds = 60)
+    deadline = Time.now + seconds
+    loop do
+      _, status = Process.wait2(pid, Process::WNOHANG)
+      return status if status
+      if Time.now > deadline
+        kill_if_running(pid)
+        flunk "sidecar still running after #{seconds} s"
+      end
+      sleep 0.1
+    end
+  end
+
+  # Exit status 1 and stdout holding one "boot failed" line per process that tried to boot.
+  def assert_boot_failure_reported(root, dir, message, workers: 0)
+    pid = Process.spawn({"GOKIQ_SIDECAR_TOKEN" => TOKEN, "GOKIQ_EXAMPLE_DB" => File.join(dir, "x.sqlite3"), "RAILS_ROOT" => nil},
+                        RbConfig.ruby, BIN, "--rails-root", root, "--port", free_port.to_s, "--workers", workers.to_s,
+                        out: File.join(dir, "out.log"), err: File.join(dir, "err.log"))
+    assert_equal 1, wait_exit(pid).exitstatus
+    lines = File.readlines(File.join(dir, "out.log")).map { |l| JSON.parse(l) }
+    assert_equal 1, lines.size, "one JSON line on stdout: #{lines}" if workers.zero?
+    # Under --workers, a worker still booting when the master stops it may log its own line.
+    assert(lines.all? { |l| l["level"] == "error" && l["msg"] == "boot failed" }, lines.inspect)
+    assert(lines.any? { |l| l["error_class"] == "RuntimeError" && l["error_message"].include?(message) }, lines.inspect)
+  end
+
+  def broken_example_app(dir)
+    broken = File.join(dir, "app")
     FileUtils.cp_r(EXAMPLE_APP, broken)
     Dir[File.join(broken, "db", "*.sqlite3*")].each { |f| File.delete(f) }
     File.write(File.join(broken, "config", "initializers", "zz_broken.rb"), "raise 'broken initializer'\n")
-    out, status = Open3.capture2e({"GOKIQ_SIDECAR_TOKEN" => TOKEN, "GOKIQ_EXAMPLE_DB" => File.join(broken, "x.sqlite3")},
-                                  RbConfig.ruby, BIN, "--rails-root", broken, "--port", free_port.to_s)
-    assert_equal 1, status.exitstatus
-    assert_includes out, "boot failed"
-    assert_includes out, "broken initializer"
+    broken
+  end
+
+  def test_boot_failure_in_an_initializer_exits_1_with_one_json_line
+    dir = Dir.mktmpdir("broken-app", TEST_TMP)
+    assert_boot_failure_reported(broken_example_app(dir), dir, "broken initializer")
+  end
+
+  # Instead of Puma forking new workers for ever, each to fail the same way.
+  def test_boot_failure_in_a_puma_worker_stops_the_sidecar_with_1
+    dir = Dir.mktmpdir("broken-cluster", TEST_TMP)
+    assert_boot_failure_reported(broken_example_app(dir), dir, "broken initializer", workers: 2)
+  end
+
+  # Fails within milliseconds, before Puma could have installed its signal handlers.
+  def test_instant_boot_failure_exits_1
+    dir = Dir.mktmpdir("instant-failure", TEST_TMP)
+    app = File.join(dir, "app")
+    FileUtils.mkdir_p(File.join(app, "config"))
+    File.write(File.join(app, "config", "environment.rb"), "raise 'broken environment'\n")
+    assert_boot_failure_reported(app, dir, "broken environment")
   end
 
   def test_refuses_to_start_without_token

@@ -18,6 +18,10 @@ $LOAD_PATH.unshift File.join(SIDECAR_ROOT, "lib")
 require "gokiq_sidecar"
 require "gokiq_sidecar/boot"
 require "gokiq_sidecar/cli"
+# As bin/gokiq-sidecar does with --threads: the jobs' Redis pool follows it.
+TEST_THREADS = 13
+GokiqSidecar::Boot.frameworks
+GokiqSidecar::SidekiqConfig.current.concurrency = TEST_THREADS
 GokiqSidecar::Boot.application(EXAMPLE_APP)
 # Keep the test summary readable: ActiveJob logs every (deliberately) failing
 # job with its backtrace. The sidecar's own JSON log is captured per test.

@@ -19,7 +19,15 @@ class UnitsTest < Minitest::Test
      "ActiveRecord::Base", "Rails", "A::", "::", "HardJob::"].each do |name|
       assert_raises(GokiqSidecar::Resolver::InvalidClass, name) { r.job_class(name) }
     end
-    refute defined?(Sidekiq::ActiveJob), "no global Sidekiq::ActiveJob constant shadowing ::ActiveJob"
+    # Sidekiq 7.3.9+ defines Sidekiq::ActiveJob::Wrapper itself; the sidecar never adds the
+    # module (it would shadow ::ActiveJob inside `module Sidekiq` code of older versions).
+    assert r.wrapper?(ActiveJob::QueueAdapters::SidekiqAdapter::JobWrapper)
+    if defined?(Sidekiq::ActiveJob)
+      assert r.wrapper?(Sidekiq::ActiveJob::Wrapper), "Sidekiq 8.1's JobWrapper is this very class"
+      file, = Object.const_source_location("Sidekiq::ActiveJob")
+      assert_match %r{/sidekiq/rails\.rb\z}, file, "defined by Sidekiq itself"
+      refute file.start_with?(SIDECAR_ROOT)
+    end
   end
 
   def test_metrics_escape_labels

@@ -23,6 +23,8 @@
 #   job_runs       job_class?, jids?           -> [{job_class, jid, args, note, middleware, created_at}]
 #   flaky_attempts key                         -> [created_at floats]
 #   now                                        -> Time.now.to_f
+#   sidekiq_version                            -> {loaded: the app's Sidekiq::VERSION,
+#                                                  published: what the sidecar wrote in Redis}
 require "json"
 
 root = ENV["RAILS_ROOT"] || File.expand_path("../../rails_sidecar/example_app", __dir__)
@@ -30,6 +32,9 @@ Dir.chdir(root)
 require File.join(root, "config", "environment")
 require "sidekiq/api"
 Sidekiq.logger.level = Logger::WARN
+# Only for the name of the key the sidecar publishes the version under (loads no app code).
+$LOAD_PATH.unshift File.expand_path("../../rails_sidecar/lib", __dir__)
+require "gokiq_sidecar"
 
 module SidekiqApi
   module_function
@@ -117,6 +122,9 @@ module SidekiqApi
     when "flaky_attempts"
       FlakyAttempt.where(key: op.fetch("key")).order(:id).map { |r| time_f(r.created_at) }
     when "now" then Time.now.to_f
+    when "sidekiq_version"
+      {"loaded" => Sidekiq::VERSION,
+       "published" => Sidekiq.redis { |conn| conn.get(GokiqSidecar::SIDEKIQ_VERSION_KEY) }}
     else raise ArgumentError, "unknown op #{op["op"].inspect}"
     end
   end

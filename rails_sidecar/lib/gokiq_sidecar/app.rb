@@ -26,7 +26,7 @@ module GokiqSidecar
     def call(env)
       method = env["REQUEST_METHOD"]
       case env["PATH_INFO"]
-      when "/health" then method == "GET" ? reply(200, status: "ok") : not_allowed
+      when "/health" then method == "GET" ? reply(200, status: "ok", sidekiq_version: ::Sidekiq::VERSION) : not_allowed
       when "/ready" then method == "GET" ? ready : not_allowed
       when "/metrics" then method == "GET" ? metrics_page : not_allowed
       when "/jobs/execute" then method == "POST" ? guarded(env) { |body| execute(env, body) } : not_allowed
@@ -124,7 +124,7 @@ module GokiqSidecar
                                     error_class: e.class.name, error_message: message[0, 500])
       reply(500, status: "failed", execution_time: result.duration,
                  error_class: e.class.name, error_message: message,
-                 backtrace: Array(e.backtrace).map { |l| l.to_s.scrub },
+                 backtrace: result.backtrace,
                  retry_in: result.retry_in, class_retry: result.class_retry)
     end
 
@@ -135,9 +135,18 @@ module GokiqSidecar
                                  run_hook: body["run_hook"] == true,
                                  death_handlers: body["death_handlers"] != false)
       @metrics.exhausted(@runner.display_class(job))
-      @logger.info("job exhausted", jid: job["jid"], class: @runner.display_class(job),
-                                    hook_ran: result.hook_ran, discard: result.discard)
+      log_exhausted(job, result)
       reply(200, status: "ok", hook_ran: result.hook_ran, discard: result.discard)
+    end
+
+    # gokiq calls /jobs/exhausted twice for a dead job: the hook, then the
+    # death handlers (the only call for `retry: false`). One "job exhausted"
+    # line per job, on the death-handler call; the hook call only logs a hook
+    # that ran.
+    def log_exhausted(job, result)
+      log = {jid: job["jid"], class: @runner.display_class(job)}
+      @logger.info("retries-exhausted hook ran", **log, discard: result.discard) if result.hook_ran
+      @logger.info("job exhausted", **log, death_handlers: result.death_handlers) if result.death_handlers
     end
 
     def ready

@@ -25,7 +25,8 @@ module GokiqSidecar
       require "sidekiq/rails"
       # stdout is the sidecar's JSON job log. Sidekiq's text logger (which the
       # engine also makes Rails.logger broadcast to) goes to stderr instead.
-      ::Sidekiq.logger = ::Sidekiq::Logger.new($stderr)
+      require "gokiq_sidecar/sidekiq_config"
+      SidekiqConfig.current.logger = ::Sidekiq::Logger.new($stderr)
     end
 
     def self.application(root)

@@ -76,10 +76,11 @@ module GokiqSidecar
       require "gokiq_sidecar/boot"
       Boot.frameworks
       # Jobs that push jobs share Sidekiq's Redis pool, which server mode sizes
-      # from :concurrency; make it match the number of request threads.
-      ::Sidekiq.options[:concurrency] = @o.max_threads
+      # from its concurrency; make it match the number of request threads.
+      SidekiqConfig.current.concurrency = @o.max_threads
 
       @logger = JsonLogger.new
+      @lifecycle = Lifecycle.new(logger: @logger)
       @app = App.new(auth: @o.insecure ? Auth.insecure : Auth.new(@token), logger: @logger,
                      max_body_bytes: @o.max_body_bytes)
       @logger.warn("authentication disabled (--insecure-no-auth)") if @o.insecure
@@ -110,8 +111,10 @@ module GokiqSidecar
           [500, {"Content-Type" => "application/json"}, [JSON.generate(status: "error", error_message: e.message.to_s[0, 500])]]
         end
         # Cluster mode: every worker boots its own copy of the app after fork
-        # (sqlite/Redis connections are not fork-safe to share).
+        # (sqlite/Redis connections are not fork-safe to share), and so fires
+        # the app's lifecycle events once per worker, like a Sidekiq swarm child.
         c.on_worker_boot { cli.boot_in_background }
+        c.on_worker_shutdown { cli.finish_lifecycle }
       end
       # Puma's own messages go to stderr; stdout carries only the JSON job log.
       launcher = Puma::Launcher.new(config, events: Puma::Events.new($stderr, $stderr))
@@ -124,10 +127,23 @@ module GokiqSidecar
           super()
         end
       end
-      boot_in_background if o.workers.zero?
-      launcher.run
-      @logger.info("stopped", running: state.running_count)
+      # Draining starts (any mode, not in a signal trap): :quiet, :shutdown.
+      lifecycle = @lifecycle
+      launcher.events.register(:state) { |status| lifecycle.stopping if status == :stop }
+      # Booted only once Puma is up, so a fast boot failure can stop it.
+      launcher.events.on_booted { cli.boot_in_background } if o.workers.zero?
+      @launcher = launcher
+      # Cluster mode: a worker that cannot boot the app says so here (see #stop_after_boot_failure).
+      @worker_boot_failed, @worker_boot_failure = IO.pipe unless o.workers.zero?
+      begin
+        launcher.run
+      ensure
+        # Cluster mode: Puma's master ends its TERM handler with `exit 0`.
+        exit 1 if worker_boot_failed?
+      end
+      finish_lifecycle
       exit 1 if state.boot_error
+      @logger.info("stopped", running: state.running_count)
     end
 
     public
@@ -141,27 +157,58 @@ module GokiqSidecar
       Thread.new do
         started = Process.clock_gettime(Process::CLOCK_MONOTONIC)
         Boot.application(root)
-        publish_sidekiq_version
-        state.ready! unless state.phase == :draining
+        start_serving
         logger.info("booted", rails_root: root, pid: Process.pid,
                               seconds: (Process.clock_gettime(Process::CLOCK_MONOTONIC) - started).round(3))
       rescue Exception => e # rubocop:disable Lint/RescueException
         logger.error("boot failed", error_class: e.class.name, error_message: e.message.to_s[0, 2000],
                                     backtrace: Array(e.backtrace).first(20))
-        # A sidecar that cannot load the app must not sit there answering 503
-        # forever: stop Puma, then exit 1 (see #launch).
         state.boot_failed!(e)
-        Process.kill("TERM", Process.pid)
+        stop_after_boot_failure
       end
     end
 
-    # The bridge and the workers learn the app's Sidekiq version from this key (their
-    # sidekiq_version setting defaults to auto).
+    def finish_lifecycle
+      @lifecycle.finish
+    end
+
+    # The contract with gokiq's Python side (`sidekiq_version = auto`): the
+    # app's Sidekiq version, in the app's Redis, through the app's Sidekiq.redis.
     def publish_sidekiq_version
-      ::Sidekiq.redis { |r| r.set("gokiq:sidekiq_version", ::Sidekiq::VERSION) }
-    rescue StandardError => e # Redis down: the app may still boot; gokiq waits for a version
-      @logger.warn("Sidekiq version not published", error_class: e.class.name,
-                                                    error_message: e.message.to_s[0, 500])
+      ::Sidekiq.redis { |conn| conn.set(SIDEKIQ_VERSION_KEY, ::Sidekiq::VERSION) }
+    rescue => e
+      @logger.warn("cannot publish the Sidekiq version", key: SIDEKIQ_VERSION_KEY,
+                                                          error_class: e.class.name, error_message: Runner.error_message(e))
+    end
+
+    private
+
+    # The app is loaded: size the jobs' Redis pool again (an initializer may
+    # have set another concurrency), fire :startup, then take jobs.
+    def start_serving
+      state = @app.state
+      return if state.phase == :draining
+      SidekiqConfig.current.concurrency = @o.max_threads
+      return unless @lifecycle.startup
+      publish_sidekiq_version
+      state.ready! unless state.phase == :draining
+    end
+
+    # A sidecar that cannot load the app must not sit there answering 503
+    # forever: stop Puma, then exit 1 (see #launch). In single mode Puma is
+    # already up (the boot waits for it). A cluster worker tells the master,
+    # which stops every worker and exits 1 (instead of forking new workers
+    # that fail the same way), and ends at once.
+    def stop_after_boot_failure
+      return @launcher.stop if @o.workers.zero?
+      @worker_boot_failure.write("x")
+      Process.kill("TERM", Process.ppid)
+      exit!(1)
+    end
+
+    def worker_boot_failed?
+      return false unless @worker_boot_failed
+      @worker_boot_failed.read_nonblock(1, exception: false).is_a?(String)
     end
   end
 end

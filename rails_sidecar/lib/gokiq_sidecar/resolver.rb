@@ -41,8 +41,10 @@ module GokiqSidecar
       klass
     end
 
+    # Sidekiq 8.1 makes Rails' name a constant alias of Sidekiq::ActiveJob::Wrapper
+    # (the class is then named after the latter); 7.3.9+ a subclass of it.
     def wrapper?(klass)
-      klass.name == AJ_WRAPPER
+      klass.name == AJ_WRAPPER || ALIASES.key?(klass.name)
     end
 
     # The ActiveJob class inside a wrapper payload, or nil if it can't be loaded.

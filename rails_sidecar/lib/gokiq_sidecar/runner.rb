@@ -5,14 +5,15 @@ module GokiqSidecar
   # reset), then a fresh instance with its jid, the server middleware chain
   # and perform. It reports what happened; retrying is gokiq's job, not ours.
   class Runner
-    Result = Struct.new(:outcome, :duration, :error, :retry_in, :class_retry, keyword_init: true)
-    ExhaustedResult = Struct.new(:hook_ran, :discard, keyword_init: true)
+    Result = Struct.new(:outcome, :duration, :error, :backtrace, :retry_in, :class_retry, keyword_init: true)
+    ExhaustedResult = Struct.new(:hook_ran, :discard, :death_handlers, keyword_init: true)
 
     MAX_MESSAGE = 10_000
 
-    def initialize(resolver: Resolver.new, logger: JsonLogger.new)
+    def initialize(resolver: Resolver.new, logger: JsonLogger.new, sidekiq: SidekiqConfig.current)
       @resolver = resolver
       @logger = logger
+      @sidekiq = sidekiq
     end
 
     # Raises Resolver::InvalidClass before anything is instantiated.
@@ -29,11 +30,13 @@ module GokiqSidecar
       started = now
       begin
         with_context(job) do
-          reloader.call do
-            worker = klass.new
-            worker.jid = job["jid"]
-            ::Sidekiq.server_middleware.invoke(worker, job, queue) do
-              worker.perform(*job["args"])
+          @sidekiq.job_scope do
+            @sidekiq.reloader.call do
+              worker = klass.new
+              worker.jid = job["jid"]
+              @sidekiq.server_middleware.invoke(worker, job, queue) do
+                worker.perform(*job["args"])
+              end
             end
           end
         end
@@ -44,6 +47,7 @@ module GokiqSidecar
         # its retry budget. Compared by name: Puma is not loaded under rack-test.
         raise if e.class.name == "Puma::ThreadPool::ForceShutdown"
         Result.new(outcome: "failed", duration: now - started, error: e,
+                   backtrace: @sidekiq.clean_backtrace(e.backtrace).map { |l| l.to_s.scrub },
                    retry_in: retry_in(klass, job, e), class_retry: class_retry(klass, job))
       end
     end
@@ -62,20 +66,10 @@ module GokiqSidecar
       end
       result = ExhaustedResult.new(hook_ran: false, discard: false)
       with_context(job) do
-        reloader.call do
-          block = klass && run_hook && hook_owner(klass, job, :sidekiq_retries_exhausted_block)&.sidekiq_retries_exhausted_block
-          if block
-            result.hook_ran = true
-            begin
-              result.discard = block.call(job, exception) == :discard
-            rescue => e
-              log_hook_error("sidekiq_retries_exhausted", job, e)
-            end
-          end
-          (death_handlers ? ::Sidekiq.death_handlers : []).each do |handler|
-            handler.call(job, exception)
-          rescue => e
-            log_hook_error("death handler", job, e)
+        @sidekiq.job_scope do
+          @sidekiq.reloader.call do
+            run_exhausted_hook(klass, job, exception, result) if klass && run_hook
+            run_death_handlers(job, exception, result) if death_handlers
           end
         end
       end
@@ -96,12 +90,6 @@ module GokiqSidecar
 
     def now
       ::Process.clock_gettime(::Process::CLOCK_MONOTONIC)
-    end
-
-    # Sidekiq.options[:reloader] is Sidekiq::Rails::Reloader (Rails executor
-    # + reloader) in a Rails app, a pass-through proc otherwise.
-    def reloader
-      ::Sidekiq.options[:reloader]
     end
 
     # Same context keys as Sidekiq::JobLogger#prepare, so Rails.logger lines
@@ -133,13 +121,14 @@ module GokiqSidecar
     end
 
     # Sidekiq calls the block with the retry_count this failure will record:
-    # 0 on the first failure, the payload's retry_count + 1 afterwards.
+    # 0 on the first failure, the payload's retry_count + 1 afterwards; 7.1+
+    # adds the job hash as a third argument.
     def retry_in(klass, job, exception)
       owner = hook_owner(klass, job, :sidekiq_retry_in_block)
       block = owner&.sidekiq_retry_in_block
       return nil unless block
       count = job["retry_count"].is_a?(Integer) ? job["retry_count"] + 1 : 0
-      value = block.call(count, exception)
+      value = block.call(*@sidekiq.retry_in_arguments(count, exception, job))
       return value.to_s if value == :discard || value == :kill
       # Integer, Float or ActiveSupport::Duration (5.minutes); Sidekiq uses to_i.
       return nil unless value.is_a?(Numeric) || (defined?(::ActiveSupport::Duration) && value.is_a?(::ActiveSupport::Duration))
@@ -170,6 +159,26 @@ module GokiqSidecar
       end
       exception = nil if exception && exception.message != message
       exception || RuntimeError.new([error_class, message].compact.join(": "))
+    end
+
+    def run_exhausted_hook(klass, job, exception, result)
+      block = hook_owner(klass, job, :sidekiq_retries_exhausted_block)&.sidekiq_retries_exhausted_block
+      return unless block
+      result.hook_ran = true
+      result.discard = block.call(job, exception) == :discard
+    rescue => e
+      log_hook_error("sidekiq_retries_exhausted", job, e)
+    end
+
+    # result.death_handlers: how many were called (nil: not asked to).
+    def run_death_handlers(job, exception, result)
+      result.death_handlers = 0
+      @sidekiq.death_handlers.each do |handler|
+        result.death_handlers += 1
+        handler.call(job, exception)
+      rescue => e
+        log_hook_error("death handler", job, e)
+      end
     end
 
     def log_hook_error(what, job, error)
