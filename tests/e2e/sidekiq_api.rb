@@ -13,6 +13,7 @@
 #                  is set as Current.user_id, which the app persists into the job as `cattr`)
 #   perform_in     class, args=[], in=seconds, set={} -> jid
 #   push           item (hash; "class" may name an unknown class) -> jid  (Sidekiq::Client.push)
+#                  middleware=false: a client without the app's client middleware
 #   push_bulk      class, args (list of arg lists), queue?, at? -> [jids]  (one LPUSH)
 #   trickle        class, n, interval, args=[] -> [{jid, at}] (perform_async, sleep; n times)
 #   perform_later  class, args=[], kwargs={}, set={} -> jid (ActiveJob; {"$person": name}
@@ -23,6 +24,10 @@
 #   job_runs       job_class?, jids?           -> [{job_class, jid, args, note, middleware, created_at}]
 #   flaky_attempts key                         -> [created_at floats]
 #   now                                        -> Time.now.to_f
+#   cron_job       name -> {status, last_enqueue_time (float), jid_history} or nil
+#                  (sidekiq-cron's Ruby API: Sidekiq::Cron::Job.find)
+#   web            method, path -> {status, location, body}: Sidekiq's Web UI with sidekiq-cron's
+#                  tab, as a browser session would use it (a POST carries the page's CSRF token)
 require "json"
 
 root = ENV["RAILS_ROOT"] || File.expand_path("../../rails_sidecar/example_app", __dir__)
@@ -60,6 +65,24 @@ module SidekiqApi
     value&.to_f
   end
 
+  def web_call(method, path, session, params = {})
+    require "sidekiq/web"
+    require "sidekiq/cron/web"
+    env = Rack::MockRequest.env_for(path, method: method, params: params, "rack.session" => session)
+    status, headers, body = Sidekiq::Web.new.call(env)
+    text = +""
+    body.each { |part| text << part }
+    {"status" => status, "location" => headers["Location"], "body" => text}
+  end
+
+  def web(method, path)
+    session = {}
+    page = web_call("GET", "/cron", session)
+    return page if method == "GET" && path == "/cron"
+    token = page["body"][/name='authenticity_token' value='([^']+)'/, 1]
+    web_call(method, path, session, method == "GET" ? {} : {"authenticity_token" => token})
+  end
+
   def run(op)
     case op.fetch("op")
     when "perform_async"
@@ -72,7 +95,9 @@ module SidekiqApi
     when "perform_in"
       klass(op["class"]).set(op["set"] || {}).perform_in(op.fetch("in"), *(op["args"] || []))
     when "push"
-      Sidekiq::Client.push(op.fetch("item"))
+      client = Sidekiq::Client.new
+      client.middleware(&:clear) if op["middleware"] == false
+      client.push(op.fetch("item"))
     when "push_bulk"
       item = {"class" => klass(op["class"]), "args" => op.fetch("args")}
       item["queue"] = op["queue"] if op["queue"]
@@ -117,6 +142,11 @@ module SidekiqApi
     when "flaky_attempts"
       FlakyAttempt.where(key: op.fetch("key")).order(:id).map { |r| time_f(r.created_at) }
     when "now" then Time.now.to_f
+    when "cron_job"
+      job = Sidekiq::Cron::Job.find(op.fetch("name"))
+      job && {"status" => job.status, "last_enqueue_time" => time_f(job.last_enqueue_time),
+              "jid_history" => job.jid_history_from_redis}
+    when "web" then web(op.fetch("method"), op.fetch("path"))
     else raise ArgumentError, "unknown op #{op["op"].inspect}"
     end
   end
