@@ -257,13 +257,15 @@ class Stack:
         return self.add_service(name, argv, lambda: _http_ok(url + "/ready"), env=env)
 
     def add_ruby_sidekiq(self, name: str, *args: str) -> Service:
-        """A Ruby `sidekiq` process on the example app, as during a migration."""
+        """A Ruby `sidekiq` process on the example app, as during a migration; ready once its
+        launcher's first heartbeat lists it (identity `host:pid:...`) in `processes`."""
         service: Service
 
-        def started() -> bool:
-            return any("Starting processing" in line for line in service.lines())
+        def listed() -> bool:
+            identities = self.sidekiq_redis.smembers("processes")
+            return any(f":{service.pid}:".encode() in identity for identity in identities)
 
-        service = self.add_service(name, ["sidekiq", *args], started, cwd=EXAMPLE_APP)
+        service = self.add_service(name, ["sidekiq", *args], listed, cwd=EXAMPLE_APP)
         return service
 
     # -- the app's side: real Sidekiq client, Sidekiq's API, the app's database ------------
