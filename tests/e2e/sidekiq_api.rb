@@ -26,6 +26,9 @@
 #   now                                        -> Time.now.to_f
 #   cron_job       name -> {status, last_enqueue_time (float), jid_history} or nil
 #                  (sidekiq-cron's Ruby API: Sidekiq::Cron::Job.find)
+#   cron_claims    pollers -> how many of `pollers` threads, each with its own unsaved
+#                  sidekiq-cron job object (as each poller loads one), won the same tick
+#                  (Job#should_enque?: the gem's ZADD on cron_job:<name>:enqueued)
 #   web            method, path -> {status, location, body}: Sidekiq's Web UI with sidekiq-cron's
 #                  tab, as a browser session would use it (a POST carries the page's CSRF token)
 require "json"
@@ -81,6 +84,15 @@ module SidekiqApi
     return page if method == "GET" && path == "/cron"
     token = page["body"][/name='authenticity_token' value='([^']+)'/, 1]
     web_call(method, path, session, method == "GET" ? {} : {"authenticity_token" => token})
+  end
+
+  def cron_claims(pollers)
+    name = "gokiq_claim_probe_#{SecureRandom.hex(4)}"
+    jobs = Array.new(pollers) { Sidekiq::Cron::Job.new(name: name, cron: "* * * * *", class: "NoopJob") }
+    tick = Time.now.utc
+    won = jobs.map { |job| Thread.new { job.should_enque?(tick) } }.map(&:value)
+    jobs.first.destroy # never saved: this only removes its :enqueued set
+    won.count(true)
   end
 
   def run(op)
@@ -147,6 +159,7 @@ module SidekiqApi
       job && {"status" => job.status, "last_enqueue_time" => time_f(job.last_enqueue_time),
               "jid_history" => job.jid_history_from_redis}
     when "web" then web(op.fetch("method"), op.fetch("path"))
+    when "cron_claims" then cron_claims(op.fetch("pollers"))
     else raise ArgumentError, "unknown op #{op["op"].inspect}"
     end
   end

@@ -112,6 +112,11 @@ def test_a_ruby_sidekiq_with_sidekiq_cron_alongside_enqueues_no_tick_twice(cron:
     assert history[0]["jid"] == last_run["jid"]  # newest first
 
 
+def test_of_many_pollers_one_claims_a_tick(cron: Stack):
+    """The de-duplication everything above relies on, forced: 8 pollers, one tick."""
+    assert cron.api1({"op": "cron_claims", "pollers": 8}) == 1
+
+
 def test_disabling_the_job_in_the_web_ui_stops_it(cron: Stack):
     page = cron.api1({"op": "web", "method": "GET", "path": "/cron"})
     assert page["status"] == 200
