@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-APT_PACKAGES := redis-server ruby ruby-sidekiq ruby-rails puma ruby-sqlite3 ruby-rack-test \
+APT_PACKAGES := redis-server ruby ruby-sidekiq ruby-sidekiq-cron ruby-fugit ruby-rails puma ruby-sqlite3 ruby-rack-test \
 	ruby-minitest docker-compose
 
 .PHONY: test run lint format deps system-deps bench clean

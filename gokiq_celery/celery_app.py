@@ -1,4 +1,4 @@
-"""The Celery app: configured from `celeryconfig.py`, with gokiq's one task registered."""
+"""The Celery app: configured from `celeryconfig.py`, with gokiq's tasks registered."""
 
 import logging
 
@@ -22,7 +22,7 @@ if not logging.getLogger().handlers:
 
 app = Celery("gokiq")
 app.config_from_object("celeryconfig")
-app.conf.include = ["gokiq_celery.tasks"]
+app.conf.include = ["gokiq_celery.tasks", "gokiq_celery.enqueue"]
 app.steps["consumer"].add(SidekiqHeartbeat)
 
 

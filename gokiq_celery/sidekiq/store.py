@@ -179,7 +179,11 @@ class SidekiqStore:
 
     def schedule(self, job: Job, at: float) -> None:
         """What `perform_at` does: the job waits in `schedule` until `at`."""
-        self.redis.zadd(SCHEDULE, {job.text: _score(at)})
+        self.schedule_payloads([(job.text, at)])
+
+    def schedule_payloads(self, scheduled: Sequence[tuple[str, float]]) -> None:
+        """`perform_at` for one job or a bulk push: (payload, at) pairs, one ZADD."""
+        self.redis.zadd(SCHEDULE, {payload: _score(at) for payload, at in scheduled})
 
     def retry_set(self) -> list[tuple[bytes, float]]:
         return self.redis.zrange(RETRY, 0, -1, withscores=True)

@@ -113,6 +113,7 @@ class ServerTest < Minitest::Test
       gem "activerecord"
       gem "activejob"
       gem "sidekiq"
+      gem "sidekiq-cron"
       gem "puma"
       gem "sqlite3"
     GEMFILE

@@ -224,7 +224,7 @@ class Stack:
             lambda: _http_ok(self.worker_url + "/metrics"),
             cwd=workdir,
         )
-        self.services = (self.sidecar, self.bridge, self.worker)
+        self.services = [self.sidecar, self.bridge, self.worker]  # + add_service's, in order
 
     def start(self) -> Stack:
         # The sidecar first: its boot creates the app's schema in the fresh sqlite file.
@@ -233,29 +233,56 @@ class Stack:
         return self
 
     def stop(self) -> None:
-        for service in (self.bridge, self.worker, self.sidecar):
+        for service in (*self.services[3:], self.bridge, self.worker, self.sidecar):
             service.stop()
         self.redis.process.terminate()
         self.redis.process.wait(10)
+
+    # -- more processes: a second sidecar or bridge, a Ruby Sidekiq beside gokiq -------------
+
+    def add_service(
+        self,
+        name: str,
+        argv: list[str],
+        ready: Callable[[], bool],
+        env: dict[str, str] | None = None,
+        cwd: Path = REPO,
+    ) -> Service:
+        """One more process (not started), stopped and logged with the stack's own."""
+        log = self.tmp / "logs" / f"{name}.log"
+        service = Service(name, argv, {**self.env, **(env or {})}, log, ready, cwd=cwd)
+        self.services.append(service)
+        return service
+
+    def add_sidecar(self, name: str, *args: str) -> Service:
+        """Another sidecar on the app (its own port; the workers call the first one)."""
+        url = f"http://127.0.0.1:{free_port()}"
+        argv = ["ruby", str(SIDECAR_BIN), "--port", url.rsplit(":", 1)[1], *args]
+        return self.add_service(name, argv, lambda: _http_ok(url + "/ready"), cwd=EXAMPLE_APP)
+
+    def add_bridge(self, name: str) -> Service:
+        url = f"http://127.0.0.1:{free_port()}"
+        env = {"GOKIQ_BRIDGE_METRICS_PORT": url.rsplit(":", 1)[1]}
+        argv = [str(VENV_BIN / "gokiq-bridge")]
+        return self.add_service(name, argv, lambda: _http_ok(url + "/ready"), env=env)
+
+    def add_ruby_sidekiq(self, name: str, *args: str) -> Service:
+        """A Ruby `sidekiq` process on the example app, as during a migration; ready once its
+        launcher's first heartbeat lists it (identity `host:pid:...`) in `processes`."""
+        service: Service
+
+        def listed() -> bool:
+            identities = self.sidekiq_redis.smembers("processes")
+            return any(f":{service.pid}:".encode() in identity for identity in identities)
+
+        service = self.add_service(name, ["sidekiq", *args], listed, cwd=EXAMPLE_APP)
+        return service
 
     # -- the app's side: real Sidekiq client, Sidekiq's API, the app's database ------------
 
     def api(self, *ops: dict[str, Any], timeout: float = 180) -> list[Any]:
         """Run operations in one Ruby process (see sidekiq_api.rb); their results, in order."""
-        env = {**self.env, "RAILS_ROOT": str(EXAMPLE_APP)}
-        done = subprocess.run(
-            ["ruby", str(API_RB)],
-            input=json.dumps(list(ops)),
-            capture_output=True,
-            text=True,
-            env=env,
-            cwd=EXAMPLE_APP,
-            timeout=timeout,
-        )
-        for line in done.stdout.splitlines():
-            if line.startswith("GOKIQ_RESULT "):
-                return json.loads(line[len("GOKIQ_RESULT ") :])
-        raise AssertionError(f"sidekiq_api.rb failed ({done.returncode}):\n{done.stderr[-4000:]}")
+        return sidekiq_api(self.env, *ops, timeout=timeout)
 
     def api1(self, op: dict[str, Any]) -> Any:
         return self.api(op)[0]
@@ -314,6 +341,24 @@ class Stack:
         if any(r.llen(k) for k in r.scan_iter("gokiq:moving:*")):
             return False
         return not any(b.llen(q) for q in QUEUES) and not b.hlen("unacked")
+
+
+def sidekiq_api(env: dict[str, str], *ops: dict[str, Any], timeout: float = 180) -> list[Any]:
+    """sidekiq_api.rb's operations, in one Ruby process booting the example app with `env`
+    (REDIS_URL, GOKIQ_EXAMPLE_DB); their results, in order."""
+    done = subprocess.run(
+        ["ruby", str(API_RB)],
+        input=json.dumps(list(ops)),
+        capture_output=True,
+        text=True,
+        env={**env, "RAILS_ROOT": str(EXAMPLE_APP)},
+        cwd=EXAMPLE_APP,
+        timeout=timeout,
+    )
+    for line in done.stdout.splitlines():
+        if line.startswith("GOKIQ_RESULT "):
+            return json.loads(line[len("GOKIQ_RESULT ") :])
+    raise AssertionError(f"sidekiq_api.rb failed ({done.returncode}):\n{done.stderr[-4000:]}")
 
 
 def metric_value(text: str, name: str, **labels: str) -> float:

@@ -13,6 +13,7 @@
 #                  is set as Current.user_id, which the app persists into the job as `cattr`)
 #   perform_in     class, args=[], in=seconds, set={} -> jid
 #   push           item (hash; "class" may name an unknown class) -> jid  (Sidekiq::Client.push)
+#                  middleware=false: a client without the app's client middleware
 #   push_bulk      class, args (list of arg lists), queue?, at? -> [jids]  (one LPUSH)
 #   trickle        class, n, interval, args=[] -> [{jid, at}] (perform_async, sleep; n times)
 #   perform_later  class, args=[], kwargs={}, set={} -> jid (ActiveJob; {"$person": name}
@@ -25,6 +26,13 @@
 #   now                                        -> Time.now.to_f
 #   sidekiq_version                            -> {loaded: the app's Sidekiq::VERSION,
 #                                                  published: what the sidecar wrote in Redis}
+#   cron_job       name -> {status, last_enqueue_time (float), jid_history} or nil
+#                  (sidekiq-cron's Ruby API: Sidekiq::Cron::Job.find)
+#   cron_claims    pollers -> how many of `pollers` threads, each with its own unsaved
+#                  sidekiq-cron job object (as each poller loads one), won the same tick
+#                  (Job#should_enque?: the gem's ZADD on cron_job:<name>:enqueued)
+#   web            method, path -> {status, location, body}: Sidekiq's Web UI with sidekiq-cron's
+#                  tab, as a browser session would use it (a POST carries the page's CSRF token)
 require "json"
 
 root = ENV["RAILS_ROOT"] || File.expand_path("../../rails_sidecar/example_app", __dir__)
@@ -65,6 +73,33 @@ module SidekiqApi
     value&.to_f
   end
 
+  def web_call(method, path, session, params = {})
+    require "sidekiq/web"
+    require "sidekiq/cron/web"
+    env = Rack::MockRequest.env_for(path, method: method, params: params, "rack.session" => session)
+    status, headers, body = Sidekiq::Web.new.call(env)
+    text = +""
+    body.each { |part| text << part }
+    {"status" => status, "location" => headers["Location"], "body" => text}
+  end
+
+  def web(method, path)
+    session = {}
+    page = web_call("GET", "/cron", session)
+    return page if method == "GET" && path == "/cron"
+    token = page["body"][/name='authenticity_token' value='([^']+)'/, 1]
+    web_call(method, path, session, method == "GET" ? {} : {"authenticity_token" => token})
+  end
+
+  def cron_claims(pollers)
+    name = "gokiq_claim_probe_#{SecureRandom.hex(4)}"
+    jobs = Array.new(pollers) { Sidekiq::Cron::Job.new(name: name, cron: "* * * * *", class: "NoopJob") }
+    tick = Time.now.utc
+    won = jobs.map { |job| Thread.new { job.should_enque?(tick) } }.map(&:value)
+    jobs.first.destroy # never saved: this only removes its :enqueued set
+    won.count(true)
+  end
+
   def run(op)
     case op.fetch("op")
     when "perform_async"
@@ -77,7 +112,9 @@ module SidekiqApi
     when "perform_in"
       klass(op["class"]).set(op["set"] || {}).perform_in(op.fetch("in"), *(op["args"] || []))
     when "push"
-      Sidekiq::Client.push(op.fetch("item"))
+      client = Sidekiq::Client.new
+      client.middleware(&:clear) if op["middleware"] == false
+      client.push(op.fetch("item"))
     when "push_bulk"
       item = {"class" => klass(op["class"]), "args" => op.fetch("args")}
       item["queue"] = op["queue"] if op["queue"]
@@ -125,6 +162,12 @@ module SidekiqApi
     when "sidekiq_version"
       {"loaded" => Sidekiq::VERSION,
        "published" => Sidekiq.redis { |conn| conn.get(GokiqSidecar::SIDEKIQ_VERSION_KEY) }}
+    when "cron_job"
+      job = Sidekiq::Cron::Job.find(op.fetch("name"))
+      job && {"status" => job.status, "last_enqueue_time" => time_f(job.last_enqueue_time),
+              "jid_history" => job.jid_history_from_redis}
+    when "web" then web(op.fetch("method"), op.fetch("path"))
+    when "cron_claims" then cron_claims(op.fetch("pollers"))
     else raise ArgumentError, "unknown op #{op["op"].inspect}"
     end
   end

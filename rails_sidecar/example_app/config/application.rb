@@ -4,6 +4,9 @@ require "rails"
 require "active_record/railtie"
 require "active_job/railtie"
 require "sidekiq"
+# Periodic jobs (config/initializers/cron.rb). In server mode the gem hooks its poller into
+# Sidekiq's launcher; gokiq-sidecar runs that poller too (lib/gokiq_sidecar/cron.rb).
+require "sidekiq-cron"
 
 module ExampleApp
   class Application < Rails::Application

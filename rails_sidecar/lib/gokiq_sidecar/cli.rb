@@ -113,8 +113,11 @@ module GokiqSidecar
         # Cluster mode: every worker boots its own copy of the app after fork
         # (sqlite/Redis connections are not fork-safe to share), and so fires
         # the app's lifecycle events once per worker, like a Sidekiq swarm child.
-        c.on_worker_boot { cli.boot_in_background }
-        c.on_worker_shutdown { cli.finish_lifecycle }
+        c.on_worker_boot { |index| cli.boot_in_background(index) }
+        c.on_worker_shutdown do
+          Cron.stop
+          cli.finish_lifecycle
+        end
       end
       # Puma's own messages go to stderr; stdout carries only the JSON job log.
       launcher = Puma::Launcher.new(config, events: Puma::Events.new($stderr, $stderr))
@@ -141,6 +144,7 @@ module GokiqSidecar
         # Cluster mode: Puma's master ends its TERM handler with `exit 0`.
         exit 1 if worker_boot_failed?
       end
+      Cron.stop
       finish_lifecycle
       exit 1 if state.boot_error
       @logger.info("stopped", running: state.running_count)
@@ -149,8 +153,9 @@ module GokiqSidecar
     public
 
     # Puma listens first so /health answers and /jobs/* say 503 "booting"
-    # instead of refusing connections while Rails loads.
-    def boot_in_background
+    # instead of refusing connections while Rails loads. `worker_index` is
+    # the Puma worker's (cluster mode): the app's cron poller runs in worker 0.
+    def boot_in_background(worker_index = 0)
       state = @app.state
       logger = @logger
       root = @o.rails_root
@@ -160,6 +165,7 @@ module GokiqSidecar
         start_serving
         logger.info("booted", rails_root: root, pid: Process.pid,
                               seconds: (Process.clock_gettime(Process::CLOCK_MONOTONIC) - started).round(3))
+        Cron.start(logger) if worker_index.zero? && state.ready?
       rescue Exception => e # rubocop:disable Lint/RescueException
         logger.error("boot failed", error_class: e.class.name, error_message: e.message.to_s[0, 2000],
                                     backtrace: Array(e.backtrace).first(20))

@@ -1,0 +1,151 @@
+"""Enqueue Sidekiq jobs from Python, exactly as `Sidekiq::Client.push` writes them.
+
+For Python code that schedules the Rails app's jobs: Celery beat (the `gokiq.enqueue` task in
+`gokiq_celery.enqueue`), a script, another service. A job pushed here is indistinguishable from
+one the app pushed with a class *name* (`Sidekiq::Client.push("class" => "HardJob", ...)`):
+Sidekiq's default options (`"retry": true`, `"queue": "default"`) overlaid with the caller's,
+a 24-hex-digit jid, `created_at` and `enqueued_at` in the app's Sidekiq version's format (float
+seconds for 6 and 7, integer milliseconds for 8), then SADD `queues` and LPUSH `queue:<q>` in
+one pipeline; or, with `at`/`in_`, a ZADD on `schedule` without `enqueued_at`, as
+`perform_at`/`perform_in` do. The class's own `sidekiq_options` live in Ruby, so give the ones
+that matter (queue, retry, ...) here; the app's client middleware does not run (it would add
+e.g. `cattr` for `Sidekiq::CurrentAttributes`).
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+from .settings import Settings, process_settings
+from .sidekiq.job import dumps, timestamp
+from .sidekiq.store import SidekiqStore
+
+# Sidekiq.default_job_options: every push starts from these, in this order.
+DEFAULT_OPTIONS: Mapping[str, Any] = {"retry": True, "queue": "default"}
+# Fields the client writes itself (`at` is the `at=` argument; it is never in the payload).
+RESERVED_KEYS = frozenset({"class", "args", "jid", "at", "created_at", "enqueued_at"})
+
+
+def sidekiq_version(settings: Settings) -> int:
+    """The app's Sidekiq major version, which decides the timestamp format written."""
+    return settings.sidekiq_version
+
+
+def new_jid() -> str:
+    """Sidekiq's `SecureRandom.hex(12)`."""
+    return secrets.token_hex(12)
+
+
+class SidekiqClient:
+    """Pushes jobs into one Sidekiq Redis, as the given Sidekiq version's client would."""
+
+    def __init__(self, store: SidekiqStore, version: int) -> None:
+        self.store = store
+        self.version = version
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> SidekiqClient:
+        return cls(SidekiqStore.from_settings(settings), sidekiq_version(settings))
+
+    def push(
+        self,
+        job_class: str,
+        args: Sequence[Any] = (),
+        *,
+        at: float | None = None,
+        in_: float | None = None,
+        **options: Any,
+    ) -> str:
+        """Enqueue one job; return its jid. `options` are Sidekiq job options (`queue`,
+        `retry`, `backtrace`, `dead`, `tags`, ...). `at` (epoch seconds) or `in_` (seconds from
+        now) schedules it, as `perform_at` / `perform_in`; a time not in the future enqueues
+        it now, as Sidekiq does."""
+        return self.push_bulk(job_class, [args], at=at, in_=in_, **options)[0]
+
+    def push_bulk(
+        self,
+        job_class: str,
+        args_list: Iterable[Sequence[Any]],
+        *,
+        at: float | None = None,
+        in_: float | None = None,
+        **options: Any,
+    ) -> list[str]:
+        """Enqueue one job per argument list in one round trip (`Sidekiq::Client.push_bulk`):
+        same options, own jids. Returns the jids in order."""
+        now = time.time()
+        when = _schedule_time(at, in_, now)
+        base = self._normalize(job_class, options, now)
+        jobs = [{**base, "args": _json_args(args), "jid": new_jid()} for args in args_list]
+        if not jobs:
+            return []
+        if when is not None:
+            self.store.schedule_payloads([(dumps(job), when) for job in jobs])
+        else:
+            enqueued_at = timestamp(self.version)
+            payloads = [dumps({**job, "enqueued_at": enqueued_at}) for job in jobs]
+            self.store.push(base["queue"], *payloads)
+        return [job["jid"] for job in jobs]
+
+    def _normalize(self, job_class: str, options: Mapping[str, Any], now: float) -> dict:
+        """`normalize_item`: defaults, then the item's own keys (class, args, options), in
+        Ruby's Hash#merge order, so the JSON reads as Sidekiq's."""
+        if not isinstance(job_class, str) or not job_class:
+            raise ValueError("job_class: the job's class name, e.g. 'HardJob'")
+        reserved = RESERVED_KEYS.intersection(options)
+        if reserved:
+            raise ValueError(f"not a job option here: {', '.join(sorted(reserved))}")
+        fields: dict[str, Any] = dict(DEFAULT_OPTIONS)
+        # "args" and "jid" are set per job; their places are kept, as in Ruby.
+        fields.update({"class": job_class, "args": [], **options, "jid": ""})
+        if not isinstance(fields["queue"], str) or not fields["queue"]:
+            raise ValueError("queue: must be a non-empty queue name")
+        if "tags" in fields and not isinstance(fields["tags"], list):
+            raise ValueError("tags: must be a list")
+        fields["created_at"] = timestamp(self.version, now)
+        return fields
+
+
+def _json_args(args: Sequence[Any]) -> list[Any]:
+    """The job's arguments, refused unless they survive JSON unchanged (Sidekiq 7's strict
+    arguments): a tuple, a datetime or a set would reach Ruby as something else."""
+    if isinstance(args, str | bytes) or not isinstance(args, Sequence):
+        raise ValueError("args: must be a list of the job's arguments")
+    args = list(args)
+    try:
+        same = json.loads(dumps(args)) == args
+    except (TypeError, ValueError):
+        same = False
+    if not same:
+        raise ValueError(
+            "args: must be native JSON types (str, int, float, bool, None, list, dict)"
+        )
+    return args
+
+
+def _schedule_time(at: float | None, in_: float | None, now: float) -> float | None:
+    """When to run, or None for now. `perform_in` takes an interval below 1e9 as relative."""
+    if at is not None and in_ is not None:
+        raise ValueError("give `at` or `in_`, not both")
+    if in_ is not None:
+        at = now + in_ if in_ < 1_000_000_000 else in_
+    if at is None or at <= now:
+        return None
+    return float(at)
+
+
+def push(
+    job_class: str, args: Sequence[Any] = (), *, settings: Settings | None = None, **options: Any
+) -> str:
+    """Enqueue one job (see `SidekiqClient.push`) into the Redis of `settings`, by default
+    this process's (REDIS_URL, GOKIQ_SIDEKIQ_VERSION, ...). For many pushes, keep a
+    `SidekiqClient`: this builds one, and its Redis connection, per call."""
+    client = SidekiqClient.from_settings(settings or process_settings())
+    try:
+        return client.push(job_class, args, **options)
+    finally:
+        client.store.redis.close()
