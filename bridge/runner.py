@@ -215,7 +215,7 @@ class Bridge:
     def _deliver(self, batch: Batch) -> None:
         while batch.poison:
             raw, reason = batch.poison[0]
-            self.fetcher.bury(batch.queue, raw)
+            self.fetcher.bury(batch.queue, raw, reason)
             batch.poison.pop(0)
             self.metrics.poison.labels(batch.queue, reason).inc()
             log.warning(

@@ -24,7 +24,7 @@ from .messages import TASK_NAME, argsrepr, new_delivery_token
 from .settings import Settings, process_settings
 from .settler import DeliverySettler
 from .sidecar import Execution, SidecarClient, SidecarUnavailable
-from .sidekiq.job import InvalidJob, Job
+from .sidekiq.job import InvalidJob, Job, poison_entry
 from .sidekiq.retry import Decision, Failure, Outcome, RetryPolicy
 from .sidekiq.store import SidekiqStore
 
@@ -34,6 +34,11 @@ log = logging.getLogger("gokiq.worker")
 # transaction that settles its delivery (a retry's when it is re-published: PerformTask.retry).
 # The other outcomes (unavailable, duplicate, invalid, stale) ran no job.
 RUN_COUNTS = {"ok": (1, 0), **dict.fromkeys(("parked", "dead", "dropped", "discarded"), (1, 1))}
+
+
+# What a payload's values can raise in gokiq's own handling (never Redis or broker errors, which
+# must propagate: the delivery ledger publishes the job again).
+UNHANDLED_PAYLOAD_ERRORS = (ValueError, TypeError, ArithmeticError, LookupError, RecursionError)
 
 
 class JobFailed(Exception):
@@ -93,7 +98,7 @@ class Worker:
         try:
             job = Job.parse(payload)
         except InvalidJob as exc:
-            self.store.add_dead(payload)
+            self.store.add_dead(poison_entry(payload, exc.reason))
             log.error(
                 "invalid job payload sent to the dead set: %s", exc.reason, extra={"queue": queue}
             )
@@ -119,7 +124,17 @@ class Worker:
                 extra=job.log_context(queue),
             )
             return "unavailable"
-        return self._handle_result(job, queue, execution)
+        try:
+            return self._handle_result(job, queue, execution)
+        except UNHANDLED_PAYLOAD_ERRORS as exc:
+            # The job ran, but something in its payload breaks what follows. Raising would leave
+            # its delivery unsettled and the job re-published (and run) forever: bury it.
+            self.store.add_dead(poison_entry(job.text, f"{type(exc).__name__}: {exc}"[:500]))
+            log.error(
+                "job ran, but its payload broke its retry handling: sent to the dead set",
+                extra=job.log_context(queue),
+            )
+            return "dead"
 
     def _handle_result(self, job: Job, queue: str, execution: Execution) -> str:
         if execution.status == "duplicate":

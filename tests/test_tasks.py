@@ -3,6 +3,7 @@ redis-server as Sidekiq's Redis and as the broker, and a real HTTP server for th
 
 from __future__ import annotations
 
+import json
 import random
 import time
 
@@ -297,3 +298,57 @@ def test_a_retry_carries_a_new_token_and_settles_at_the_end(env, stack):
     settle(stack[2])
     wait_for(lambda: store.delivery_tokens() == [], message="deliveries never settled")
     assert store.stats() == {"processed": 2, "failed": 1}
+
+
+def with_member(job: Job, member: str) -> Job:
+    """The job's text with one more member, written as is (NaN, escapes: what Job.build won't)."""
+    return Job(job.text[:-1] + "," + member + "}", job.fields)
+
+
+@pytest.mark.parametrize(
+    "member",
+    ['"retry_count":"abc"', '"retry_count":NaN', '"retry_queue":"\\ud800"', '"retry_count":-1'],
+)
+def test_a_payload_that_would_break_after_its_run_is_dead_before_it(env, stack, member):
+    """These used to run, then raise in the retry handling: Celery acked, nobody settled the
+    delivery, and the ledger published the job (and ran its side effects) every ~10 minutes."""
+    sidecar, store = env
+    job = with_member(make_job("FailJob", []), member)
+    send_tracked(store, job)
+    wait_for(lambda: store.dead_set(), message="poison payload not buried")
+    settle(stack[2])
+    wait_for(lambda: store.delivery_tokens() == [], message="delivery never settled")
+    [(raw, _)] = store.dead_set()
+    assert json.loads(raw)["error_class"] == "Gokiq::InvalidJob"
+    assert json.loads(raw)["jid"] == job.jid and sidecar.executed(job.jid) == []
+
+
+def test_an_infinite_retry_in_from_the_sidecar_is_ignored(env, stack):
+    """`retry_in: Infinity` in a reply made the delay computation raise after the run."""
+    sidecar, store = env
+    job = make_job("FailJob", [0], retry=1)  # the stand-in answers retry_in = args[0]
+    job = Job.parse(job.text.replace('"args":[0]', '"args":[1e400]'))  # a float: infinity
+    send_tracked(store, job)
+    wait_for(lambda: dead_jobs(store), timeout=60, message="job never exhausted")
+    assert dead_jobs(store)[0].get("error_class") == "ArgumentError"
+    assert len(sidecar.executed(job.jid)) == 2  # the default delay, then exhausted
+    settle(stack[2])
+    wait_for(lambda: store.delivery_tokens() == [], message="delivery never settled")
+
+
+def test_whatever_still_breaks_after_a_run_sends_the_job_to_the_dead_set(env, stack, monkeypatch):
+    sidecar, store = env
+
+    def broken(*args, **kwargs):
+        raise OverflowError("a value no one foresaw")
+
+    monkeypatch.setattr(perform.worker.policy, "decide", broken)
+    job = make_job("FailJob", [])
+    send_tracked(store, job)
+    wait_for(lambda: store.dead_set(), message="job not buried")
+    settle(stack[2])
+    wait_for(lambda: store.delivery_tokens() == [], message="delivery never settled")
+    [(raw, _)] = store.dead_set()
+    dead = json.loads(raw)
+    assert dead["error_class"] == "Gokiq::InvalidJob" and "OverflowError" in dead["error_message"]
+    assert len(sidecar.executed(job.jid)) == 1 and store.stats() == {"processed": 1, "failed": 1}

@@ -16,9 +16,12 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
-from .job import Job, epoch_seconds, timestamp
+from .job import Job, epoch_seconds, finite_number, timestamp
 
 MAX_ERROR_MESSAGE = 10_000
+# A delay past this (a retry_count or `sidekiq_retry_in` in the millions) is this: later than any
+# deploy will live, and still a finite float for Redis scores and Celery countdowns.
+MAX_DELAY = 100 * 365 * 86400.0
 
 
 @dataclass(frozen=True)
@@ -84,11 +87,11 @@ class RetryPolicy:
     def delay(self, count: int, custom: Any = None) -> float:
         """`count⁴ + 15` or the custom delay, plus Sidekiq's jitter for this version."""
         base = count**4 + 15
-        if isinstance(custom, int | float) and not isinstance(custom, bool) and custom > 0:
+        if _finite(custom) and custom > 0:
             base = int(custom)
         if self.sidekiq_version >= 8:
-            return base + self.rng.randrange(10 * (count + 1))
-        return base + self.rng.randrange(10) * (count + 1)
+            return min(base + self.rng.randrange(10 * (count + 1)), MAX_DELAY)
+        return min(base + self.rng.randrange(10) * (count + 1), MAX_DELAY)
 
     def _error_fields(self, job: Job, failure: Failure, queue: str, now: float) -> dict[str, Any]:
         stamp = timestamp(self.sidekiq_version, now)
@@ -97,8 +100,9 @@ class RetryPolicy:
             "error_message": _scrub(failure.error_message)[:MAX_ERROR_MESSAGE],
             "error_class": failure.error_class,
         }
-        if "retry_count" in job:
-            fields["retry_count"] = int(job.get("retry_count") or 0) + 1
+        # Job.parse let through only a non-negative integer or null (which Sidekiq reads as none).
+        if job.get("retry_count") is not None:
+            fields["retry_count"] = job.get("retry_count") + 1
             fields["retried_at"] = stamp
         else:
             fields["retry_count"] = 0
@@ -110,7 +114,7 @@ class RetryPolicy:
 
     def _exhausted(self, job: Job, count: int, limit: int, now: float) -> bool:
         retry_for = job.get("retry_for")
-        if isinstance(retry_for, int | float) and not isinstance(retry_for, bool):
+        if _finite(retry_for):
             started = epoch_seconds(job.get("failed_at")) or now
             out_of_time = started + retry_for < now
             if self.sidekiq_version >= 8:  # 8.1: the window replaces the count
@@ -141,6 +145,11 @@ def _backtrace_lines(option: Any, lines: tuple[str, ...]) -> list[str] | None:
     if isinstance(option, int) and not isinstance(option, bool):
         return list(lines[:option])
     return list(lines)
+
+
+def _finite(value: Any) -> bool:
+    """A JSON number usable as seconds (with a time added to it, still a float)."""
+    return finite_number(value) and abs(value) <= MAX_DELAY * 1000
 
 
 def _scrub(text: str) -> str:
