@@ -78,14 +78,17 @@ module GokiqSidecar
       require "puma/launcher"
       require "gokiq_sidecar"
       require "gokiq_sidecar/boot"
+      require "gokiq_sidecar/puma_guard"
       Boot.frameworks
       # Jobs that push jobs share Sidekiq's Redis pool, which server mode sizes
       # from :concurrency; make it match the number of request threads.
       ::Sidekiq.options[:concurrency] = @o.max_threads
 
       @logger = JsonLogger.new
-      @app = App.new(auth: @o.insecure ? Auth.insecure : Auth.new(@token), logger: @logger,
-                     max_body_bytes: @o.max_body_bytes, policy: policy)
+      auth = @o.insecure ? Auth.insecure : Auth.new(@token)
+      @app = App.new(auth: auth, logger: @logger, max_body_bytes: @o.max_body_bytes, policy: policy)
+      # Token and size checked before Puma buffers a body (see PumaGuard).
+      PumaGuard.install(auth: auth, max_body: @o.max_body_bytes)
       @logger.warn("authentication disabled (--insecure-no-auth)") if @o.insecure
       launch
     end
