@@ -102,15 +102,19 @@ class Worker:
             log.error(
                 "invalid job payload sent to the dead set: %s", exc.reason, extra={"queue": queue}
             )
-            metrics.JOBS.labels(queue, "(invalid)", "invalid").inc()
+            metrics.JOBS.labels(self._queue_label(queue), "(invalid)", "invalid").inc()
             return "invalid"
         outcome = "retry"
         try:
             outcome = self._run(job, queue)
             return outcome
         finally:
-            metrics.JOBS.labels(queue, job.display_class, outcome).inc()
+            labels = self._queue_label(queue), metrics.CLASS_LABELS.label(job), outcome
+            metrics.JOBS.labels(*labels).inc()
             metrics.DURATION.observe(time.monotonic() - started)
+
+    def _queue_label(self, queue: str) -> str:
+        return metrics.queue_label(queue, (spec.name for spec in self.settings.queues))
 
     def _run(self, job: Job, queue: str) -> str:
         try:
@@ -124,6 +128,8 @@ class Worker:
                 extra=job.log_context(queue),
             )
             return "unavailable"
+        if execution.status in metrics.RESOLVED_STATUSES:
+            metrics.CLASS_LABELS.learn(job)
         try:
             return self._handle_result(job, queue, execution)
         except UNHANDLED_PAYLOAD_ERRORS as exc:

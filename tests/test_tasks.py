@@ -11,6 +11,7 @@ import pytest
 from celery.canvas import Signature
 from celery.contrib.testing.worker import start_worker
 
+from gokiq_celery import metrics
 from gokiq_celery.celery_app import app
 from gokiq_celery.messages import TASK_NAME, new_delivery_token, publish_options
 from gokiq_celery.settings import load_settings
@@ -352,3 +353,31 @@ def test_whatever_still_breaks_after_a_run_sends_the_job_to_the_dead_set(env, st
     dead = json.loads(raw)
     assert dead["error_class"] == "Gokiq::InvalidJob" and "OverflowError" in dead["error_message"]
     assert len(sidecar.executed(job.jid)) == 1 and store.stats() == {"processed": 1, "failed": 1}
+
+
+def test_metric_labels_are_resolved_classes_and_configured_queues(env, stack):
+    """A payload's display_class, a class the sidecar does not know, or a retry_queue nobody
+    configured must not become a label: each would grow /metrics without bound."""
+    _sidecar, store = env
+    for n in range(3):
+        send(make_job("OkJob", [], display_class=f"spam-display-{n}"))
+        send(make_job(f"SpamUnknown{n}", [], retry=False))
+    send(make_job("FailJob", [], retry=0, retry_queue="spam-queue"))
+    wait_for(lambda: store.stats()["processed"] == 7, message="jobs did not run")
+    settle(stack[2])
+    labels = {
+        (sample.labels["queue"], sample.labels["class"])
+        for metric in metrics.JOBS.collect()
+        for sample in metric.samples
+    }
+    assert not [label for label in labels if "spam" in "".join(label)], labels
+    assert ("default", "OkJob") in labels and ("default", "(other)") in labels
+    assert ("default", "FailJob") in labels  # the queue it ran from; the retry_queue is not a label
+
+
+def test_class_labels_are_capped():
+    labels = metrics.ClassLabels(limit=2)
+    jobs = [make_job(f"Job{n}", []) for n in range(3)]
+    for job in jobs:
+        labels.learn(job)
+    assert [labels.label(job) for job in jobs] == ["Job0", "Job1", "(other)"]
