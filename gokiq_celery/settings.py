@@ -224,6 +224,8 @@ def _validate(s: Settings) -> None:
         raise ConfigError("sidecar_url: must be an http:// or https:// URL with a host")
     if not valid_header_value(s.sidecar_token):  # the value is a secret: not in the message
         raise ConfigError("sidecar_token: must be printable ASCII (it is sent as an HTTP header)")
+    if "change-me" in s.sidecar_token:  # docker/.env.example's placeholder, known to everyone
+        raise ConfigError("sidecar_token: still the change-me placeholder of .env.example")
     if s.sidekiq_version not in (6, 7, 8):
         raise ConfigError(f"sidekiq_version: must be 6, 7 or 8, got {s.sidekiq_version}")
     if s.log_level.upper() not in _LOG_LEVELS:

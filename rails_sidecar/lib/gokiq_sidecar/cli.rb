@@ -69,6 +69,12 @@ module GokiqSidecar
         abort "gokiq-sidecar: GOKIQ_SIDECAR_TOKEN is not set. Set it to the token the Celery workers send, " \
               "or pass --insecure-no-auth for local development."
       end
+      placeholders = {"GOKIQ_SIDECAR_TOKEN" => @token, "SECRET_KEY_BASE" => ENV["SECRET_KEY_BASE"]}
+                     .select { |_, value| value.to_s.include?("change-me") }.keys
+      unless placeholders.empty?
+        abort "gokiq-sidecar: #{placeholders.join(", ")} still hold the change-me placeholder of " \
+              "docker/.env.example; set real secrets"
+      end
       policy = allow_list
       # Rails apps assume the working directory is their root.
       Dir.chdir(@o.rails_root)
