@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -170,12 +171,18 @@ def _coerce(name: str, raw: Any) -> Any:
         if kind == "int":
             return int(raw)
         if kind == "float":
-            return float(raw)
+            return _finite(float(raw))
         return str(raw)
     except (TypeError, ValueError) as exc:
         if isinstance(exc, ConfigError):
             raise
         raise ConfigError(f"{name}: expected {kind}, got {raw!r}") from None
+
+
+def _finite(value: float) -> float:
+    if not math.isfinite(value):  # "nan" and "inf" parse as floats; no duration is either
+        raise ValueError(value)
+    return value
 
 
 def _is_queue_specs(raw: Any) -> bool:

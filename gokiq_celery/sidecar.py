@@ -77,18 +77,7 @@ class SidecarClient:
             return Execution(
                 "failed", self.settings.job_timeout, Failure("Gokiq::JobTimeout", str(exc))
             )
-        body = _json(response.body)
-        elapsed = _seconds(body.get("execution_time"))
-        if response.status == 200:
-            return Execution("ok", elapsed)
-        if response.status == 409:
-            return Execution("duplicate")
-        status = body.get("status")
-        return Execution(
-            status if isinstance(status, str) and status else "failed",
-            elapsed,
-            _failure(response, body),
-        )
+        return parse_execution(response)
 
     def exhausted(
         self, job: Job, failure: Failure, *, run_hook: bool, death_handlers: bool
@@ -228,6 +217,22 @@ class _BreakerMetrics(pybreaker.CircuitBreakerListener):
         log.warning(
             "sidecar circuit breaker %s -> %s", old_state and old_state.name, new_state.name
         )
+
+
+def parse_execution(response: Reply) -> Execution:
+    """What a `/jobs/execute` answer says, whatever its body holds (never raises)."""
+    body = _json(response.body)
+    elapsed = _seconds(body.get("execution_time"))
+    if response.status == 200:
+        return Execution("ok", elapsed)
+    if response.status == 409:
+        return Execution("duplicate")
+    status = body.get("status")
+    return Execution(
+        status if isinstance(status, str) and status else "failed",
+        elapsed,
+        _failure(response, body),
+    )
 
 
 # Answers that say the payload itself can never run (Ruby's JSON refused it, or it is too
