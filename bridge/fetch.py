@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from gokiq_celery.messages import new_delivery_token
 from gokiq_celery.settings import QueueSpec
-from gokiq_celery.sidekiq.job import InvalidJob, Job
+from gokiq_celery.sidekiq.job import InvalidJob, Job, poison_entry
 from gokiq_celery.sidekiq.store import SidekiqStore
 
 
@@ -107,9 +107,9 @@ class ReliableFetcher:
         batch.handed_over = True
         return batch.drop(missing)
 
-    def bury(self, queue: str, raw: bytes) -> None:
-        """Not a job: to the dead set, raw, and out of the in-flight list, atomically."""
-        self.store.bury_inflight(self.bridge_id, queue, raw)
+    def bury(self, queue: str, raw: bytes, reason: str) -> None:
+        """Not a job: to the dead set (saying why) and out of the in-flight list, atomically."""
+        self.store.bury_inflight(self.bridge_id, queue, raw, entry=poison_entry(raw, reason))
 
     def inflight_count(self) -> int:
         return self.store.inflight_count(self.bridge_id, self.queues)

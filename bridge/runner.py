@@ -21,7 +21,7 @@ import redis
 from gokiq_celery.http import StatusServer
 from gokiq_celery.messages import new_delivery_token
 from gokiq_celery.settings import ConfigError, Settings
-from gokiq_celery.sidekiq.job import InvalidJob, Job, epoch_seconds
+from gokiq_celery.sidekiq.job import InvalidJob, Job, epoch_seconds, poison_entry
 from gokiq_celery.sidekiq.store import SidekiqStore
 from gokiq_celery.sidekiq.version import SidekiqVersionResolver
 
@@ -220,7 +220,7 @@ class Bridge:
     def _deliver(self, batch: Batch) -> None:
         while batch.poison:
             raw, reason = batch.poison[0]
-            self.fetcher.bury(batch.queue, raw)
+            self.fetcher.bury(batch.queue, raw, reason)
             batch.poison.pop(0)
             self.metrics.poison.labels(batch.queue, reason).inc()
             log.warning(
@@ -267,18 +267,29 @@ class Bridge:
         )
         by_queue: dict[str, list[tuple[str, Job]]] = {}
         for token, queue, payload in taken:
-            by_queue.setdefault(queue, []).append((token, Job.parse(payload)))
+            try:
+                by_queue.setdefault(queue, []).append((token, Job.parse(payload)))
+            except InvalidJob as exc:  # entered by an older gokiq that let it through
+                self._bury_delivery(token, payload, exc.reason)
         for queue, entries in by_queue.items():
             tokens, jobs = zip(*entries, strict=True)
             self._broker_call(self.publisher.publish, queue, jobs, tokens)
             self.store.extend_deliveries(tokens, time.time() + self.settings.delivery_timeout)
-            self.metrics.republished.labels(queue).inc(len(jobs))
+            label = queue if queue in self.queues else "(other)"  # a retry_queue: any string
+            self.metrics.republished.labels(label).inc(len(jobs))
             log.warning(
                 "published %d jobs again: no worker settled them in time",
                 len(jobs),
                 extra={"queue": queue, "jids": [job.jid for job in jobs][:20]},
             )
         return len(taken)
+
+    def _bury_delivery(self, token: str, payload: str, reason: str) -> None:
+        """A ledger entry that is not a job: dead set (saying why), then out of the ledger.
+        Published, it would fail every round and hold back the whole fetch loop."""
+        self.store.add_dead(poison_entry(payload, reason))
+        self.store.settle_deliveries([token])
+        log.warning("not a job in the delivery ledger: moved to the dead set (%s)", reason)
 
     def _broker_call(self, func, *args):
         try:

@@ -18,7 +18,7 @@ import logging
 import threading
 import time
 
-from gokiq_celery.sidekiq.job import InvalidJob, Job, timestamp
+from gokiq_celery.sidekiq.job import InvalidJob, Job, poison_entry, timestamp
 from gokiq_celery.sidekiq.store import SCHEDULED_SETS, SidekiqStore
 from gokiq_celery.sidekiq.version import SidekiqVersionResolver, SidekiqVersionUnknown
 
@@ -91,10 +91,15 @@ class Scheduler:
         for raw in members:
             try:
                 job = Job.parse(raw)
+                enqueued = job.replace({"enqueued_at": timestamp(major)})
             except InvalidJob as exc:
                 self._bury(set_name, raw, exc.reason)
                 continue
-            enqueued = job.replace({"enqueued_at": timestamp(major)})
+            except (ValueError, RecursionError) as exc:
+                # Whatever else one member breaks must not hold back the batch (or every later
+                # poll, which would take the same members again): that member is poison.
+                self._bury(set_name, raw, type(exc).__name__)
+                continue
             moves.append((job.queue, enqueued.text, raw))
         if moves:
             self.store.enqueue_moved(set_name, self.bridge_id, moves)
@@ -102,7 +107,7 @@ class Scheduler:
         return len(moves)
 
     def _bury(self, set_name: str, raw: bytes, reason: str) -> None:
-        self.store.bury_moved(set_name, self.bridge_id, raw)
+        self.store.bury_moved(set_name, self.bridge_id, raw, poison_entry(raw, reason))
         self.metrics.poison.labels(set_name, reason).inc()
         log.warning(
             "not a job in the %s set: moved to the dead set (%s)",

@@ -8,11 +8,14 @@ pool; with a prefork pool each child counts apart, so use Flower's metrics there
 from __future__ import annotations
 
 import logging
+import threading
+from collections.abc import Iterable
 
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram
 
 from .http import StatusServer
 from .settings import Settings, process_settings
+from .sidekiq.job import Job
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +31,47 @@ BREAKER_STATE = Gauge(
     "gokiq_worker_breaker_state", "Sidecar circuit breaker: 0 closed, 1 half-open, 2 open"
 )
 _BREAKER_VALUES = {"closed": 0, "half-open": 1, "open": 2}
+
+
+OTHER = "(other)"
+# Statuses the sidecar gives only after it resolved the job's class (README: HTTP contract).
+RESOLVED_STATUSES = frozenset({"ok", "failed", "duplicate"})
+
+
+class ClassLabels:
+    """The `class` label values: class names the sidecar resolved, so a payload cannot mint
+    labels (its `display_class`, or a made-up class, would grow every scrape without bound);
+    anything else, and any class past `limit`, is counted as "(other)"."""
+
+    def __init__(self, limit: int = 500) -> None:
+        self.limit = limit
+        self._known: set[str] = set()
+        self._lock = threading.Lock()
+
+    def learn(self, job: Job) -> None:
+        name = class_name(job)
+        if name not in self._known:
+            with self._lock:
+                if len(self._known) < self.limit:
+                    self._known.add(name)
+
+    def label(self, job: Job) -> str:
+        name = class_name(job)
+        return name if name in self._known else OTHER
+
+
+CLASS_LABELS = ClassLabels()
+
+
+def class_name(job: Job) -> str:
+    """The class the sidecar runs: ActiveJob's `wrapped` (it checks it), else `class`."""
+    wrapped = job.get("wrapped")
+    return wrapped if job.is_active_job and isinstance(wrapped, str) else job.class_name
+
+
+def queue_label(queue: str, configured: Iterable[str]) -> str:
+    """A queue label: the configured queues only (a payload's retry_queue may be any string)."""
+    return queue if queue in configured else OTHER
 
 
 def observe_breaker(state: str) -> None:

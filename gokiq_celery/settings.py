@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -188,12 +189,18 @@ def _coerce(name: str, raw: Any) -> Any:
         if kind == "int":
             return int(raw)
         if kind == "float":
-            return float(raw)
+            return _finite(float(raw))
         return str(raw)
     except (TypeError, ValueError) as exc:
         if isinstance(exc, ConfigError):
             raise
         raise ConfigError(f"{name}: expected {kind}, got {raw!r}") from None
+
+
+def _finite(value: float) -> float:
+    if not math.isfinite(value):  # "nan" and "inf" parse as floats; no duration is either
+        raise ValueError(value)
+    return value
 
 
 def _is_queue_specs(raw: Any) -> bool:
@@ -243,6 +250,8 @@ def _validate(s: Settings) -> None:
         raise ConfigError("sidecar_url: must be an http:// or https:// URL with a host")
     if not valid_header_value(s.sidecar_token):  # the value is a secret: not in the message
         raise ConfigError("sidecar_token: must be printable ASCII (it is sent as an HTTP header)")
+    if "change-me" in s.sidecar_token:  # docker/.env.example's placeholder, known to everyone
+        raise ConfigError("sidecar_token: still the change-me placeholder of .env.example")
     if str(s.sidekiq_version).strip().lower() != AUTO:
         try:
             SidekiqVersion.parse(s.sidekiq_version)

@@ -26,7 +26,7 @@ import redis
 from . import metrics
 from .connection import ConnectFailed, Reply, SidecarConnection, valid_header_value
 from .settings import Settings
-from .sidekiq.job import Job, dumps
+from .sidekiq.job import Job, dumps, finite_number
 from .sidekiq.retry import Failure
 from .sidekiq.store import BREAKER_NAMESPACE
 
@@ -77,16 +77,7 @@ class SidecarClient:
             return Execution(
                 "failed", self.settings.job_timeout, Failure("Gokiq::JobTimeout", str(exc))
             )
-        body = _json(response.body)
-        if response.status == 200:
-            return Execution("ok", float(body.get("execution_time") or 0.0))
-        if response.status == 409:
-            return Execution("duplicate")
-        return Execution(
-            body.get("status") or "failed",
-            float(body.get("execution_time") or 0.0),
-            _failure(response, body),
-        )
+        return parse_execution(response)
 
     def exhausted(
         self, job: Job, failure: Failure, *, run_hook: bool, death_handlers: bool
@@ -95,15 +86,17 @@ class SidecarClient:
 
         Returns True when the hook asked for the job to be discarded (no dead set entry).
         """
-        payload = {
-            "job": job.fields,
+        others = {
             "error_class": failure.error_class,
             "error_message": failure.error_message,
             "run_hook": run_hook,
             "death_handlers": death_handlers,
         }
+        # The job's own text, not its decoded fields: a "\ud800" escape in its args stays an
+        # escape (decoded, it is a lone surrogate that UTF-8 cannot carry).
+        body = b'{"job":' + job.raw + b"," + _dumps(others)[1:]
         try:
-            response = self._post("/jobs/exhausted", _dumps(payload), {})
+            response = self._post("/jobs/exhausted", body, {})
         except SidecarTimeout:
             log.warning("sidecar did not answer /jobs/exhausted in time", extra=job.log_context())
             return False
@@ -226,21 +219,57 @@ class _BreakerMetrics(pybreaker.CircuitBreakerListener):
         )
 
 
+def parse_execution(response: Reply) -> Execution:
+    """What a `/jobs/execute` answer says, whatever its body holds (never raises)."""
+    body = _json(response.body)
+    elapsed = _seconds(body.get("execution_time"))
+    if response.status == 200:
+        return Execution("ok", elapsed)
+    if response.status == 409:
+        return Execution("duplicate")
+    status = body.get("status")
+    return Execution(
+        status if isinstance(status, str) and status else "failed",
+        elapsed,
+        _failure(response, body),
+    )
+
+
+# Answers that say the payload itself can never run (Ruby's JSON refused it, or it is too
+# large): retrying would fail the same way, so the job is killed (dead set) at once.
+UNRUNNABLE_STATUSES = frozenset({400, 413})
+
+
 def _failure(response: Reply, body: dict[str, Any]) -> Failure:
     retry_in = body.get("retry_in")
+    if response.status in UNRUNNABLE_STATUSES:
+        retry_in = "kill"
+    elif retry_in not in ("discard", "kill") and not (finite_number(retry_in) and retry_in > 0):
+        retry_in = None
+    backtrace = body.get("backtrace")
     return Failure(
-        error_class=str(body.get("error_class") or f"Gokiq::SidecarHTTP{response.status}"),
-        error_message=str(body.get("error_message") or response.reason or ""),
-        backtrace=tuple(str(line) for line in body.get("backtrace") or ()),
-        retry_in=retry_in if isinstance(retry_in, int | float | str) else None,
+        error_class=_text(body.get("error_class")) or f"Gokiq::SidecarHTTP{response.status}",
+        error_message=_text(body.get("error_message")) or _text(response.reason),
+        backtrace=tuple(map(_text, backtrace)) if isinstance(backtrace, list) else (),
+        retry_in=retry_in,
         class_retry=body.get("class_retry"),
     )
+
+
+def _seconds(value: Any) -> float:
+    return float(value) if finite_number(value) and 0 <= value < 1e9 else 0.0
+
+
+def _text(value: Any) -> str:
+    """A reply's string as UTF-8 can carry it (a "\ud800" escape decodes to a lone surrogate)."""
+    text = value if isinstance(value, str) else "" if value is None else str(value)
+    return text.encode("utf-8", "replace").decode("utf-8")
 
 
 def _json(data: bytes) -> dict[str, Any]:
     try:
         body = json.loads(data)
-    except ValueError:
+    except (ValueError, RecursionError):
         return {}
     return body if isinstance(body, dict) else {}
 

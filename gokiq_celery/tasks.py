@@ -24,7 +24,7 @@ from .messages import TASK_NAME, argsrepr, new_delivery_token
 from .settings import Settings, process_settings
 from .settler import DeliverySettler
 from .sidecar import Execution, SidecarClient, SidecarUnavailable
-from .sidekiq.job import InvalidJob, Job
+from .sidekiq.job import InvalidJob, Job, poison_entry
 from .sidekiq.retry import Decision, Failure, Outcome, RetryPolicy
 from .sidekiq.store import SidekiqStore
 from .sidekiq.version import SidekiqVersionResolver, SidekiqVersionUnknown
@@ -35,6 +35,11 @@ log = logging.getLogger("gokiq.worker")
 # transaction that settles its delivery (a retry's when it is re-published: PerformTask.retry).
 # The other outcomes (unavailable, duplicate, invalid, stale) ran no job.
 RUN_COUNTS = {"ok": (1, 0), **dict.fromkeys(("parked", "dead", "dropped", "discarded"), (1, 1))}
+
+
+# What a payload's values can raise in gokiq's own handling (never Redis or broker errors, which
+# must propagate: the delivery ledger publishes the job again).
+UNHANDLED_PAYLOAD_ERRORS = (ValueError, TypeError, ArithmeticError, LookupError, RecursionError)
 
 
 class JobFailed(Exception):
@@ -100,26 +105,42 @@ class Worker:
         try:
             job = Job.parse(payload)
         except InvalidJob as exc:
-            self.store.add_dead(payload)
+            self.store.add_dead(poison_entry(payload, exc.reason))
             log.error(
                 "invalid job payload sent to the dead set: %s", exc.reason, extra={"queue": queue}
             )
-            metrics.JOBS.labels(queue, "(invalid)", "invalid").inc()
+            metrics.JOBS.labels(self._queue_label(queue), "(invalid)", "invalid").inc()
             return "invalid"
         outcome = "retry"
         try:
             outcome = self._run(job, queue)
             return outcome
         finally:
-            metrics.JOBS.labels(queue, job.display_class, outcome).inc()
+            labels = self._queue_label(queue), metrics.CLASS_LABELS.label(job), outcome
+            metrics.JOBS.labels(*labels).inc()
             metrics.DURATION.observe(time.monotonic() - started)
+
+    def _queue_label(self, queue: str) -> str:
+        return metrics.queue_label(queue, (spec.name for spec in self.settings.queues))
 
     def _run(self, job: Job, queue: str) -> str:
         try:
             execution = self.sidecar.execute(job, queue)
         except SidecarUnavailable as exc:
             return self._put_back(job, queue, exc)
-        return self._handle_result(job, queue, execution)
+        if execution.status in metrics.RESOLVED_STATUSES:
+            metrics.CLASS_LABELS.learn(job)
+        try:
+            return self._handle_result(job, queue, execution)
+        except UNHANDLED_PAYLOAD_ERRORS as exc:
+            # The job ran, but something in its payload breaks what follows. Raising would leave
+            # its delivery unsettled and the job re-published (and run) forever: bury it.
+            self.store.add_dead(poison_entry(job.text, f"{type(exc).__name__}: {exc}"[:500]))
+            log.error(
+                "job ran, but its payload broke its retry handling: sent to the dead set",
+                extra=job.log_context(queue),
+            )
+            return "dead"
 
     def _put_back(self, job: Job, queue: str, reason: Exception) -> str:
         # Not the job's fault: back to the tail of its queue (it runs next), no retry spent.

@@ -10,6 +10,7 @@ import urllib.request
 
 from bridge.fetch import QueueOrder, ReliableFetcher
 from gokiq_celery.settings import QueueSpec, parse_queues
+from gokiq_celery.sidekiq.job import poison_entry
 from gokiq_celery.sidekiq.store import DEAD, QUEUES, RETRY, SCHEDULE, queue_key
 
 from .conftest import free_port
@@ -69,7 +70,7 @@ def test_fetch_moves_exact_bytes_into_the_inflight_list_in_run_order(bridge_env)
     fetcher.hand_over(batch, deadline=1e10)  # the jobs, not the poison, which the bridge buries
     assert store.inflight_jobs("b1", "default") == [b"{not json"]
     assert len(batch.tokens) == 3 and store.delivery_tokens() == sorted(batch.tokens)
-    fetcher.bury("default", b"{not json")
+    fetcher.bury("default", b"{not json", "not JSON")
     assert store.inflight_jobs("b1", "default") == []
     assert [m for m, _ in store.dead_set()] == [b"{not json"]
 
@@ -132,24 +133,38 @@ def test_recovery_never_touches_live_bridges_or_pro_private_queues(bridge_env):
     assert store.redis.llen(pro) == 1
 
 
-def test_poison_payloads_go_to_the_dead_set_raw_and_the_bridge_carries_on(bridge_env):
+def deep(levels: int) -> bytes:
+    return b'{"class":"HardJob","args":' + b"[" * levels + b"]" * levels + b"}"
+
+
+def test_poison_payloads_go_to_the_dead_set_and_the_bridge_carries_on(bridge_env):
     port = free_port()
     garbage = random.Random(3).randbytes(5 * 1024 * 1024)
-    poison = [
-        b"",
-        b"{not json",
-        b"[1,2]",
-        json.dumps({"args": [1], "jid": "x" * 24}).encode(),  # no class
-        json.dumps({"class": "HardJob", "args": "nope"}).encode(),
-        garbage,
-    ]
-    bridge_env.push("default", [*poison, make_job(1)])
+    poison = {  # payload: why it is not a job
+        b"": "not JSON",
+        b"{not json": "not JSON",
+        b"[1,2]": "not a JSON object",
+        json.dumps({"args": [1], "jid": "x" * 24}).encode(): "no class",
+        json.dumps({"class": "HardJob", "args": "nope"}).encode(): "args is not an array",
+        garbage: "not JSON",
+        # json.loads raises RecursionError, which used to strand the whole batch in flight.
+        deep(1000): "nested too deep",
+        deep(100): "nested too deep",  # Ruby's JSON.parse refuses more than 100 levels
+        b'{"class":"HardJob","args":[],"retry_count":"abc"}': "retry_count is not a non-negative"
+        " integer",
+        b'{"class":"HardJob","args":[],"retry_count":NaN}': "not JSON",
+        b'{"class":"HardJob","args":[],"retry_queue":"\\ud800"}': "a name field is not valid UTF-8",
+    }
+    bridge_env.push("default", [*poison, make_job(1), deep(99)])
     with BridgeProcess(bridge_env, "--metrics-port", str(port), "--max-pending", "1000") as bridge:
-        wait_for(lambda: bridge_env.broker_count("default") == 1, timeout=20)
+        wait_for(lambda: bridge_env.broker_count("default") == 2, timeout=20)
         wait_for(lambda: bridge_env.redis.zcard(DEAD) == len(poison), timeout=10)
         assert bridge.alive()
-        assert sorted(m for m, _ in bridge_env.store().dead_set()) == sorted(poison)
-        assert bridge_env.published_jids("default") == [f"{1:024x}"]
+        assert sorted(m for m, _ in bridge_env.store().dead_set()) == sorted(
+            poison_entry(raw, reason) for raw, reason in poison.items()
+        )
+        assert not any(bridge_env.store().held_by_bridges().values())  # nothing stranded
+        assert f"{1:024x}" in bridge_env.published_jids("default")
         metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read().decode()
         counted = sum(
             float(line.rsplit(" ", 1)[1])

@@ -4,8 +4,10 @@ run three at a time, cut off from their broker, and held back by backpressure.""
 from __future__ import annotations
 
 import collections
+import json
 import random
 import time
+import urllib.request
 from datetime import UTC, datetime
 
 import pybreaker
@@ -207,3 +209,27 @@ def test_overdue_deliveries_are_published_again_under_a_new_token(bridge_env):
     assert message["args"] == [job, "default"] and token != "lost-token"
     assert store.delivery_tokens() == [token]
     assert any("published 1 jobs again" in line.get("msg", "") for line in bridge.log_lines())
+
+
+def test_a_poison_ledger_entry_is_buried_and_republishing_goes_on(bridge_env):
+    """An entry an older gokiq let in (now refused by Job.parse) made every round raise: the
+    fetch loop never fetched again. And a retry_queue is not a label of republished_total."""
+    store = bridge_env.store()
+    poison = make_job(1, retry_count="abc")
+    past = time.time() - 1
+    store.record_deliveries([("poison", "default", poison)], deadline=past)
+    store.record_deliveries([("lost", "default", make_job(2))], deadline=past)
+    store.record_deliveries([("odd", "spam-queue", make_job(3, "spam-queue"))], deadline=past)
+    port = free_port()
+    with BridgeProcess(bridge_env, *FAST_RECOVERY, "--metrics-port", str(port)) as bridge:
+        wait_for(lambda: bridge_env.broker_count("default") == 1, timeout=15)
+        bridge_env.push("default", [make_job(4)])
+        wait_for(lambda: bridge_env.broker_count("default") == 2, timeout=15)
+        wait_for(lambda: bridge_env.broker_count("spam-queue") == 1, timeout=15)
+        page = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read().decode()
+        assert bridge.alive()
+    [(dead, _)] = store.dead_set()
+    assert json.loads(dead)["error_class"] == "Gokiq::InvalidJob"
+    assert "poison" not in store.delivery_tokens() and len(store.delivery_tokens()) == 3
+    assert 'gokiq_bridge_republished_total{queue="(other)"} 1.0' in page
+    assert "spam-queue" not in page

@@ -9,6 +9,7 @@ import time
 
 from bridge.metrics import BridgeMetrics
 from bridge.scheduler import Scheduler
+from gokiq_celery.sidekiq.job import poison_entry
 from gokiq_celery.sidekiq.store import DEAD, QUEUES, RETRY, SCHEDULE
 from gokiq_celery.sidekiq.version import SidekiqVersionResolver
 
@@ -96,6 +97,25 @@ def test_a_member_that_is_not_a_job_goes_to_the_dead_set_raw(bridge_env):
     assert sorted(store.redis.zrange(DEAD, 0, -1)) == [b"[1,2]", b"{not json"]
     assert bridge_env.held_by_bridges() == 0
     assert metrics.poison.labels("schedule", "not JSON")._value.get() == 1
+
+
+def test_poison_in_a_due_batch_is_buried_and_the_batch_goes_on(bridge_env):
+    """A member nested 1,000 deep made json.loads raise RecursionError: the poll failed, and
+    every poll after it took the same batch again, so none of its jobs ever moved."""
+    store = bridge_env.store()
+    deep = '{"class":"HardJob","args":' + "[" * 1000 + "]" * 1000 + "}"
+    bad_count = scheduled_job(998, retry_count="abc")
+    good = [scheduled_job(n) for n in range(150)]  # more than one BATCH of 100
+    due = time.time() - 1
+    store.redis.zadd(RETRY, {deep: due, bad_count: due, **dict.fromkeys(good, due)})
+    assert Scheduler(store, "b1", BridgeMetrics()).move_due() == 150
+    assert store.queue_size("default") == 150
+    assert {raw for raw, _ in store.dead_set()} == {
+        deep.encode(),  # too deep to add fields to: kept as it was
+        poison_entry(bad_count, "retry_count is not a non-negative integer"),
+    }
+    assert json.loads(poison_entry(bad_count, "x"))["error_class"] == "Gokiq::InvalidJob"
+    assert bridge_env.held_by_bridges() == 0
 
 
 def test_many_schedulers_move_each_job_exactly_once(bridge_env):

@@ -448,6 +448,82 @@ def test_compose_production_settings(compose):
         assert len(values) == 1, f"{key} differs between services: {values}"
 
 
+def _placeholder_secrets() -> dict[str, str]:
+    return {k: v for k, v in _env_example().items() if "change-me" in v}
+
+
+def _entrypoint(*argv: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        ["sh", str(DOCKER / "entrypoint.sh"), *argv],
+        env={"PATH": os.environ["PATH"], **env},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+
+
+def test_the_python_image_refuses_env_example_placeholders_at_start():
+    text = (DOCKER / "Dockerfile").read_text()
+    assert "COPY docker/entrypoint.sh /usr/local/bin/gokiq-entrypoint" in text
+    assert json.loads(re.search(r"^ENTRYPOINT (\[.*\])", text, re.M).group(1)) == [
+        "gokiq-entrypoint"
+    ]
+    assert os.access(DOCKER / "entrypoint.sh", os.X_OK)
+    placeholders = _placeholder_secrets()
+    assert {"GOKIQ_SIDECAR_TOKEN", "FLOWER_BASIC_AUTH"} <= set(placeholders)
+    for name, value in placeholders.items():
+        refused = _entrypoint("sh", "-c", "echo started", **{name: value})
+        assert refused.returncode == 78 and "started" not in refused.stdout, name
+        assert name in refused.stderr
+    ran = _entrypoint("sh", "-c", 'echo "started $0"', "x", GOKIQ_SIDECAR_TOKEN="3f9a0c")
+    assert (ran.returncode, ran.stdout) == (0, "started x\n")
+
+
+def test_grafana_refuses_the_placeholder_password(compose):
+    argv = compose["services"]["grafana"]["entrypoint"]
+    assert argv[:2] == ["/bin/sh", "-c"] and "exec /run.sh" in argv[2]
+    fake = [*argv[:2], argv[2].replace("exec /run.sh", "exec echo"), *argv[3:], "grafana-ran"]
+    for password, code, out in (("change-me-grafana", 78, ""), ("9c1e", 0, "grafana-ran\n")):
+        proc = subprocess.run(
+            fake, env={"GF_SECURITY_ADMIN_PASSWORD": password}, capture_output=True, text=True
+        )
+        assert (proc.returncode, proc.stdout) == (code, out), proc.stderr
+
+
+def test_the_sidecar_refuses_env_example_placeholders_at_start(tmp_path):
+    for name in ("GOKIQ_SIDECAR_TOKEN", "SECRET_KEY_BASE"):
+        env = {**os.environ, "GOKIQ_SIDECAR_TOKEN": "3f9a0c", name: _env_example()[name]}
+        proc = subprocess.run(
+            ["ruby", str(REPO / "rails_sidecar" / "bin" / "gokiq-sidecar"), "--port", "0",
+             "--rails-root", str(REPO / "rails_sidecar" / "example_app")],
+            env=env, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert proc.returncode != 0 and f"{name} still hold" in proc.stderr, proc.stderr
+
+
+def test_the_image_listens_on_loopback_unless_compose_says_otherwise(compose):
+    """The image's defaults are the settings' (127.0.0.1); compose opens /metrics on its
+    internal network only, for Prometheus."""
+    lines = (DOCKER / "Dockerfile").read_text().splitlines()
+    assert not [line for line in lines if "0.0.0.0" in line and not line.startswith("#")]
+    for name, key in (("bridge", "GOKIQ_BRIDGE_BIND"), ("worker", "GOKIQ_WORKER_METRICS_BIND")):
+        service = compose["services"][name]
+        assert service["environment"][key] == "0.0.0.0" and "ports" not in service
+        assert service["networks"] == ["gokiq"] and compose["networks"]["gokiq"]["internal"]
+
+
+def test_documented_flower_commands_are_authenticated_and_on_loopback():
+    """Flower's task API can publish gokiq.perform: whoever reaches it runs jobs. (In compose,
+    Flower listens in its container and is published on the host's 127.0.0.1 only: above.)"""
+    for doc in (REPO / "README.md",):
+        text = doc.read_text()
+        commands = re.findall(r"celery -A gokiq_celery flower[^`\n]*", text)
+        assert commands, doc
+        for command in commands:
+            assert "--address=127.0.0.1" in command, f"{doc.name}: {command}"
+            assert "FLOWER_BASIC_AUTH" in text.split(command)[0][-300:], f"{doc.name}: {command}"
+
+
 # ---------------------------------------------------------------------------------------------
 # monitoring
 
@@ -585,7 +661,8 @@ class Stack:
         env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
         env["HOSTNAME"] = socket.gethostname()
         for key, value in self.compose["services"][name].get("environment", {}).items():
-            env[key] = self.rewrite(str(value))
+            # .env.example's placeholders are refused at start: stand in real-looking secrets.
+            env[key] = self.rewrite(str(value)).replace("change-me", "e2e-secret")
         if name == "sidecar":
             env["GOKIQ_EXAMPLE_DB"] = str(self.tmp / "example.sqlite3")
         return env

@@ -88,6 +88,7 @@ def test_a_weight_must_follow_a_queue_name(text, message):
         ({"GOKIQ_LOG_LEVEL": "chatty"}, "log_level"),
         ({"GOKIQ_SIDECAR_URL": "http:///jobs"}, "sidecar_url"),
         ({"GOKIQ_SIDECAR_TOKEN": "secret\r\nX-Evil: 1"}, "sidecar_token"),
+        ({"GOKIQ_SIDECAR_TOKEN": "change-me-sidecar-token"}, "sidecar_token"),  # .env.example's
         ({"GOKIQ_SIDEKIQ_HEARTBEAT": "60"}, "sidekiq_heartbeat"),  # readers drop it at 60 s
         ({"GOKIQ_SIDEKIQ_HEARTBEAT": "-1"}, "sidekiq_heartbeat"),
     ],

@@ -3,6 +3,7 @@ redis-server as Sidekiq's Redis and as the broker, and a real HTTP server for th
 
 from __future__ import annotations
 
+import json
 import random
 import time
 
@@ -10,6 +11,7 @@ import pytest
 from celery.canvas import Signature
 from celery.contrib.testing.worker import start_worker
 
+from gokiq_celery import metrics
 from gokiq_celery.celery_app import app
 from gokiq_celery.messages import TASK_NAME, new_delivery_token, publish_options
 from gokiq_celery.settings import load_settings
@@ -298,3 +300,85 @@ def test_a_retry_carries_a_new_token_and_settles_at_the_end(env, stack):
     settle(stack[2])
     wait_for(lambda: store.delivery_tokens() == [], message="deliveries never settled")
     assert store.stats() == {"processed": 2, "failed": 1}
+
+
+def with_member(job: Job, member: str) -> Job:
+    """The job's text with one more member, written as is (NaN, escapes: what Job.build won't)."""
+    return Job(job.text[:-1] + "," + member + "}", job.fields)
+
+
+@pytest.mark.parametrize(
+    "member",
+    ['"retry_count":"abc"', '"retry_count":NaN', '"retry_queue":"\\ud800"', '"retry_count":-1'],
+)
+def test_a_payload_that_would_break_after_its_run_is_dead_before_it(env, stack, member):
+    """These used to run, then raise in the retry handling: Celery acked, nobody settled the
+    delivery, and the ledger published the job (and ran its side effects) every ~10 minutes."""
+    sidecar, store = env
+    job = with_member(make_job("FailJob", []), member)
+    send_tracked(store, job)
+    wait_for(lambda: store.dead_set(), message="poison payload not buried")
+    settle(stack[2])
+    wait_for(lambda: store.delivery_tokens() == [], message="delivery never settled")
+    [(raw, _)] = store.dead_set()
+    assert json.loads(raw)["error_class"] == "Gokiq::InvalidJob"
+    assert json.loads(raw)["jid"] == job.jid and sidecar.executed(job.jid) == []
+
+
+def test_an_infinite_retry_in_from_the_sidecar_is_ignored(env, stack):
+    """`retry_in: Infinity` in a reply made the delay computation raise after the run."""
+    sidecar, store = env
+    job = make_job("FailJob", [0], retry=1)  # the stand-in answers retry_in = args[0]
+    job = Job.parse(job.text.replace('"args":[0]', '"args":[1e400]'))  # a float: infinity
+    send_tracked(store, job)
+    wait_for(lambda: dead_jobs(store), timeout=60, message="job never exhausted")
+    assert dead_jobs(store)[0].get("error_class") == "ArgumentError"
+    assert len(sidecar.executed(job.jid)) == 2  # the default delay, then exhausted
+    settle(stack[2])
+    wait_for(lambda: store.delivery_tokens() == [], message="delivery never settled")
+
+
+def test_whatever_still_breaks_after_a_run_sends_the_job_to_the_dead_set(env, stack, monkeypatch):
+    sidecar, store = env
+
+    def broken(*args, **kwargs):
+        raise OverflowError("a value no one foresaw")
+
+    monkeypatch.setattr(perform.worker.policy, "decide", broken)
+    job = make_job("FailJob", [])
+    send_tracked(store, job)
+    wait_for(lambda: store.dead_set(), message="job not buried")
+    settle(stack[2])
+    wait_for(lambda: store.delivery_tokens() == [], message="delivery never settled")
+    [(raw, _)] = store.dead_set()
+    dead = json.loads(raw)
+    assert dead["error_class"] == "Gokiq::InvalidJob" and "OverflowError" in dead["error_message"]
+    assert len(sidecar.executed(job.jid)) == 1 and store.stats() == {"processed": 1, "failed": 1}
+
+
+def test_metric_labels_are_resolved_classes_and_configured_queues(env, stack):
+    """A payload's display_class, a class the sidecar does not know, or a retry_queue nobody
+    configured must not become a label: each would grow /metrics without bound."""
+    _sidecar, store = env
+    for n in range(3):
+        send(make_job("OkJob", [], display_class=f"spam-display-{n}"))
+        send(make_job(f"SpamUnknown{n}", [], retry=False))
+    send(make_job("FailJob", [], retry=0, retry_queue="spam-queue"))
+    wait_for(lambda: store.stats()["processed"] == 7, message="jobs did not run")
+    settle(stack[2])
+    labels = {
+        (sample.labels["queue"], sample.labels["class"])
+        for metric in metrics.JOBS.collect()
+        for sample in metric.samples
+    }
+    assert not [label for label in labels if "spam" in "".join(label)], labels
+    assert ("default", "OkJob") in labels and ("default", "(other)") in labels
+    assert ("default", "FailJob") in labels  # the queue it ran from; the retry_queue is not a label
+
+
+def test_class_labels_are_capped():
+    labels = metrics.ClassLabels(limit=2)
+    jobs = [make_job(f"Job{n}", []) for n in range(3)]
+    for job in jobs:
+        labels.learn(job)
+    assert [labels.label(job) for job in jobs] == ["Job0", "Job1", "(other)"]

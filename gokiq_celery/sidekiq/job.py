@@ -9,6 +9,7 @@ fields gokiq does not know (Pro's `bid`, `cattr`, a user's own options) travel u
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Iterator, Mapping
 from functools import cached_property
@@ -20,6 +21,20 @@ ACTIVE_JOB_WRAPPERS = frozenset(
 
 _decoder = json.JSONDecoder()
 _WHITESPACE = " \t\n\r"
+
+# Ruby's JSON.parse (what Sidekiq and the sidecar read payloads with) refuses NaN and Infinity,
+# and nesting deeper than 100: neither could ever run, so neither is a job.
+MAX_NESTING = 100
+
+
+def _no_constants(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+_strict_decoder = json.JSONDecoder(parse_constant=_no_constants)
+# Fields gokiq uses as names (Redis keys, Celery queues and headers, metric labels): strings
+# that can be written back as UTF-8 (no lone surrogate from a "\ud800" escape).
+_NAME_FIELDS = ("class", "jid", "queue", "retry_queue", "wrapped", "display_class")
 
 
 class InvalidJob(ValueError):
@@ -47,18 +62,17 @@ class Job:
     def parse(cls, raw: bytes | str) -> Job:
         """Decode and validate a payload; raise `InvalidJob` for anything Sidekiq could not run."""
         try:
-            text = raw.decode("utf-8") if isinstance(raw, bytes) else raw
-            fields = json.loads(text)
+            # A str (a Celery message's argument) may hold lone surrogates that bytes cannot.
+            text = raw.decode("utf-8") if isinstance(raw, bytes) else _checked(raw)
+            fields = _strict_decoder.decode(text)
         except (UnicodeDecodeError, ValueError):
             raise InvalidJob("not JSON", raw) from None
+        except RecursionError:
+            raise InvalidJob("nested too deep", raw) from None
         if not isinstance(fields, dict):
             raise InvalidJob("not a JSON object", raw)
-        if not isinstance(fields.get("class"), str) or not fields["class"]:
-            raise InvalidJob("no class", raw)
-        if not isinstance(fields.get("args"), list):
-            raise InvalidJob("args is not an array", raw)
-        if "jid" in fields and not isinstance(fields["jid"], str):
-            raise InvalidJob("jid is not a string", raw)
+        if reason := _invalid_fields(text, fields):
+            raise InvalidJob(reason, raw)
         return cls(text, fields)
 
     @classmethod
@@ -145,10 +159,82 @@ class Job:
         return list(_scan_members(self.text))
 
 
+POISON_ERROR_CLASS = "Gokiq::InvalidJob"
+
+
+def poison_entry(raw: bytes | str, reason: str) -> bytes:
+    """What the dead set keeps of a payload that is not a job: its bytes, plus Sidekiq's
+    `error_class` / `error_message` fields (saying why) when it is a JSON object, the other
+    members kept byte for byte."""
+    data = raw if isinstance(raw, bytes) else raw.encode("utf-8", "backslashreplace")
+    try:
+        text = data.decode("utf-8")
+        if not isinstance(json.loads(text), dict):
+            return data
+        kept = [
+            f"{key_text}:{value_text}"
+            for key_text, key, value_text in _scan_members(text)
+            if key not in ("error_class", "error_message")
+        ]
+    except (ValueError, RecursionError, IndexError):
+        return data
+    kept.append(f'"error_class":{dumps(POISON_ERROR_CLASS)}')
+    kept.append(f'"error_message":{dumps(f"not a job: {reason}")}')
+    return ("{" + ",".join(kept) + "}").encode("utf-8")
+
+
+def _checked(text: str) -> str:
+    text.encode("utf-8")  # raises UnicodeEncodeError (a ValueError) on a lone surrogate
+    return text
+
+
+def _invalid_fields(text: str, fields: dict[str, Any]) -> str | None:
+    """Why Sidekiq could not run these fields, or what gokiq could not write back; None if fine."""
+    if not isinstance(fields.get("class"), str) or not fields["class"]:
+        return "no class"
+    if not isinstance(fields.get("args"), list):
+        return "args is not an array"
+    for key in _NAME_FIELDS[1:]:
+        if fields.get(key) is not None and not isinstance(fields[key], str):
+            return f"{key} is not a string"
+    count = fields.get("retry_count")
+    if count is not None and (not isinstance(count, int) or isinstance(count, bool) or count < 0):
+        return "retry_count is not a non-negative integer"
+    if "\\u" in text and not all(_encodable(fields.get(key)) for key in _NAME_FIELDS):
+        return "a name field is not valid UTF-8"
+    # Only a text with that many brackets can be nested that deep: most payloads skip the walk.
+    if text.count("[") + text.count("{") > MAX_NESTING and _depth(fields) > MAX_NESTING:
+        return "nested too deep"
+    return None
+
+
+def _encodable(value: Any) -> bool:
+    if not isinstance(value, str):
+        return True
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _depth(value: Any) -> int:
+    """Nesting depth of a decoded JSON value (an object or array counts one), iteratively."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        value, depth = stack.pop()
+        children = value.values() if isinstance(value, dict) else value
+        if isinstance(value, dict | list):
+            deepest = max(deepest, depth)
+            stack.extend((child, depth + 1) for child in children)
+    return deepest
+
+
 def _scan_members(text: str) -> Iterator[tuple[str, str, str]]:
     """Yield (key text, key, value text) for each member of a top-level JSON object."""
     pos = _skip(text, 0)
-    assert text[pos] == "{"
+    if text[pos] != "{":
+        raise ValueError("not a JSON object")
     pos = _skip(text, pos + 1)
     if text[pos] == "}":
         return
@@ -181,10 +267,23 @@ def timestamp(version: int, now: float | None = None) -> float | int:
     return int(now * 1000) if version >= 8 else now
 
 
+def finite_number(value: Any) -> bool:
+    """A JSON number gokiq can compute with: not a bool, NaN, infinite or beyond a float."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an integer too large for a float
+        return False
+
+
 def epoch_seconds(value: Any) -> float | None:
     """Read either timestamp form: a float is seconds, a large integer is milliseconds."""
     if isinstance(value, bool) or not isinstance(value, int | float):
         return None
-    if isinstance(value, int) and value > 100_000_000_000:
-        return value / 1000.0
-    return float(value)
+    try:
+        if isinstance(value, int) and value > 100_000_000_000:
+            return value / 1000.0
+        return float(value)
+    except OverflowError:  # an integer beyond a float's range: no time at all
+        return None

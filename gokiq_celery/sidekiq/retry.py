@@ -16,10 +16,13 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
-from .job import Job, epoch_seconds, timestamp
+from .job import Job, epoch_seconds, finite_number, timestamp
 from .version import SidekiqVersionResolver
 
 MAX_ERROR_MESSAGE = 10_000
+# A delay past this (a retry_count or `sidekiq_retry_in` in the millions) is this: later than any
+# deploy will live, and still a finite float for Redis scores and Celery countdowns.
+MAX_DELAY = 100 * 365 * 86400.0
 
 
 @dataclass(frozen=True)
@@ -93,11 +96,11 @@ class RetryPolicy:
 
     def _delay(self, count: int, custom: Any, major: int) -> float:
         base = count**4 + 15
-        if isinstance(custom, int | float) and not isinstance(custom, bool) and custom > 0:
+        if _finite(custom) and custom > 0:
             base = int(custom)
         if major >= 8:
-            return base + self.rng.randrange(10 * (count + 1))
-        return base + self.rng.randrange(10) * (count + 1)
+            return min(base + self.rng.randrange(10 * (count + 1)), MAX_DELAY)
+        return min(base + self.rng.randrange(10) * (count + 1), MAX_DELAY)
 
     def _error_fields(
         self, job: Job, failure: Failure, queue: str, now: float, major: int
@@ -108,8 +111,9 @@ class RetryPolicy:
             "error_message": _scrub(failure.error_message)[:MAX_ERROR_MESSAGE],
             "error_class": failure.error_class,
         }
-        if "retry_count" in job:
-            fields["retry_count"] = int(job.get("retry_count") or 0) + 1
+        # Job.parse let through only a non-negative integer or null (which Sidekiq reads as none).
+        if job.get("retry_count") is not None:
+            fields["retry_count"] = job.get("retry_count") + 1
             fields["retried_at"] = stamp
         else:
             fields["retry_count"] = 0
@@ -121,7 +125,7 @@ class RetryPolicy:
 
     def _exhausted(self, job: Job, count: int, limit: int, now: float, major: int) -> bool:
         retry_for = job.get("retry_for")
-        if isinstance(retry_for, int | float) and not isinstance(retry_for, bool):
+        if _finite(retry_for):
             started = epoch_seconds(job.get("failed_at")) or now
             out_of_time = started + retry_for < now
             if major >= 8:  # 8.1: the window replaces the count
@@ -152,6 +156,11 @@ def _backtrace_lines(option: Any, lines: tuple[str, ...]) -> list[str] | None:
     if isinstance(option, int) and not isinstance(option, bool):
         return list(lines[:option])
     return list(lines)
+
+
+def _finite(value: Any) -> bool:
+    """A JSON number usable as seconds (with a time added to it, still a float)."""
+    return finite_number(value) and abs(value) <= MAX_DELAY * 1000
 
 
 def _scrub(text: str) -> str:

@@ -341,11 +341,13 @@ class SidekiqStore:
             return None
         return queues[int(result[0]) - 1], list(result[1:])
 
-    def bury_inflight(self, bridge_id: str, queue: str, raw: bytes, reason: str = "") -> None:
-        """A fetched payload that is not a job: into the dead set as the exact bytes read, and
-        out of the in-flight list, in one transaction."""
+    def bury_inflight(
+        self, bridge_id: str, queue: str, raw: bytes, reason: str = "", entry: bytes = b""
+    ) -> None:
+        """A fetched payload that is not a job: into the dead set (as `entry`, default the exact
+        bytes read), and out of the in-flight list, in one transaction."""
         with self.redis.pipeline(transaction=True) as pipe:
-            self._add_dead(pipe, raw)
+            self._add_dead(pipe, entry or raw)
             pipe.lrem(inflight_key(bridge_id, queue), 1, raw)
             pipe.execute()
 
@@ -405,10 +407,11 @@ class SidekiqStore:
                 pipe.lrem(key, 1, original)
             pipe.execute()
 
-    def bury_moved(self, set_name: str, bridge_id: str, raw: bytes) -> None:
-        """A set member that is not a job: dead set, exact bytes, out of the moving list."""
+    def bury_moved(self, set_name: str, bridge_id: str, raw: bytes, entry: bytes = b"") -> None:
+        """A set member that is not a job: dead set (as `entry`, default its exact bytes), out of
+        the moving list."""
         with self.redis.pipeline(transaction=True) as pipe:
-            self._add_dead(pipe, raw)
+            self._add_dead(pipe, entry or raw)
             pipe.lrem(moving_key(bridge_id, set_name), 1, raw)
             pipe.execute()
 

@@ -13,11 +13,12 @@ module GokiqSidecar
     attr_reader :state, :metrics
 
     def initialize(auth:, state: State.new, runner: nil, metrics: Metrics.new,
-                   logger: JsonLogger.new, max_body_bytes: DEFAULT_MAX_BODY, ready_check: nil)
+                   logger: JsonLogger.new, max_body_bytes: DEFAULT_MAX_BODY, ready_check: nil,
+                   policy: JobPolicy.new)
       @auth = auth
       @state = state
       @logger = logger
-      @runner = runner || Runner.new(logger: logger)
+      @runner = runner || Runner.new(resolver: Resolver.new(policy: policy), logger: logger)
       @metrics = metrics
       @max_body = max_body_bytes
       @ready_check = ready_check || method(:database_ok?)
@@ -97,8 +98,9 @@ module GokiqSidecar
         return reply(422, status: "invalid_class", error_class: "NameError", error_message: e.message)
       end
 
+      label = Resolver.label(klass, job)
       unless @state.claim(job["jid"])
-        @metrics.job_rejected(log[:class], "duplicate")
+        @metrics.job_rejected(label, "duplicate")
         @logger.info("job done", **log, duration: 0.0, outcome: "duplicate")
         return reply(409, status: "duplicate")
       end
@@ -108,7 +110,7 @@ module GokiqSidecar
         result = @runner.execute(klass, job, queue)
       ensure
         @state.release(job["jid"])
-        @metrics.job_finished(log[:class], result&.outcome || "aborted", result&.duration || 0.0)
+        @metrics.job_finished(label, result&.outcome || "aborted", result&.duration || 0.0)
       end
       respond_to_result(result, log)
     end
@@ -134,9 +136,15 @@ module GokiqSidecar
       result = @runner.exhausted(job, body["error_class"], body["error_message"],
                                  run_hook: body["run_hook"] == true,
                                  death_handlers: body["death_handlers"] != false)
-      @metrics.exhausted(@runner.display_class(job))
+      @metrics.exhausted(exhausted_label(job))
       log_exhausted(job, result)
       reply(200, status: "ok", hook_ran: result.hook_ran, discard: result.discard)
+    end
+
+    def exhausted_label(job)
+      Resolver.label(@runner.resolve(job), job)
+    rescue Resolver::InvalidClass
+      "(invalid)"
     end
 
     # gokiq calls /jobs/exhausted twice for a dead job: the hook, then the

@@ -4,7 +4,8 @@ module GokiqSidecar
   # Command line: parse options, boot the app, serve it with Puma.
   class CLI
     Options = Struct.new(:port, :bind, :min_threads, :max_threads, :workers, :tls_cert, :tls_key,
-                         :insecure, :max_body_bytes, :drain_timeout, :rails_root, keyword_init: true)
+                         :insecure, :max_body_bytes, :drain_timeout, :rails_root, :allow_file,
+                         keyword_init: true)
 
     def self.parse(argv)
       o = Options.new(port: 7433, bind: "127.0.0.1", min_threads: 5, max_threads: 20, workers: 0,
@@ -32,6 +33,7 @@ module GokiqSidecar
         p.on("--insecure-no-auth", "Accept requests without a token (development only)") { o.insecure = true }
         p.on("--max-body-bytes N", Integer, "Largest request body accepted, else 413 (default 10485760)") { |v| o.max_body_bytes = v }
         p.on("--drain-timeout SECONDS", Float, "On SIGTERM, wait this long for running jobs (default 25)") { |v| o.drain_timeout = v }
+        p.on("--allow-file FILE", "Allow-list of job classes / Namespace::* (one a line), as GOKIQ_SIDECAR_ALLOW") { |v| o.allow_file = v }
         p.on("--rails-root DIR", "Rails app root (default $RAILS_ROOT, else the current directory)") { |v| o.rails_root = v }
         p.on("-h", "--help", "Show this help") do
           puts p
@@ -41,6 +43,7 @@ module GokiqSidecar
               GOKIQ_SIDECAR_TOKEN  bearer token callers must present (required unless --insecure-no-auth)
               RAILS_ROOT           Rails app root, as --rails-root
               GOKIQ_LOG_LEVEL      debug|info|warn|error for the JSON log on stdout (default info)
+              GOKIQ_SIDECAR_ALLOW  job classes / Namespace::* allowed (comma-separated; see README)
             Routes: POST /jobs/execute, POST /jobs/exhausted, GET /health, /ready, /metrics
           TXT
           exit 0
@@ -66,6 +69,13 @@ module GokiqSidecar
         abort "gokiq-sidecar: GOKIQ_SIDECAR_TOKEN is not set. Set it to the token the Celery workers send, " \
               "or pass --insecure-no-auth for local development."
       end
+      placeholders = {"GOKIQ_SIDECAR_TOKEN" => @token, "SECRET_KEY_BASE" => ENV["SECRET_KEY_BASE"]}
+                     .select { |_, value| value.to_s.include?("change-me") }.keys
+      unless placeholders.empty?
+        abort "gokiq-sidecar: #{placeholders.join(", ")} still hold the change-me placeholder of " \
+              "docker/.env.example; set real secrets"
+      end
+      policy = allow_list
       # Rails apps assume the working directory is their root.
       Dir.chdir(@o.rails_root)
       Boot.bundler(@o.rails_root)
@@ -74,6 +84,7 @@ module GokiqSidecar
       require "puma/launcher"
       require "gokiq_sidecar"
       require "gokiq_sidecar/boot"
+      require "gokiq_sidecar/puma_guard"
       Boot.frameworks
       # Jobs that push jobs share Sidekiq's Redis pool, which server mode sizes
       # from its concurrency; make it match the number of request threads.
@@ -81,13 +92,23 @@ module GokiqSidecar
 
       @logger = JsonLogger.new
       @lifecycle = Lifecycle.new(logger: @logger)
-      @app = App.new(auth: @o.insecure ? Auth.insecure : Auth.new(@token), logger: @logger,
-                     max_body_bytes: @o.max_body_bytes)
+      auth = @o.insecure ? Auth.insecure : Auth.new(@token)
+      @app = App.new(auth: auth, logger: @logger, max_body_bytes: @o.max_body_bytes, policy: policy)
+      # Token and size checked before Puma buffers a body (see PumaGuard).
+      PumaGuard.install(auth: auth, max_body: @o.max_body_bytes)
       @logger.warn("authentication disabled (--insecure-no-auth)") if @o.insecure
       launch
     end
 
     private
+
+    # Read before the chdir: a relative --allow-file is relative to where we were started.
+    def allow_list
+      require "gokiq_sidecar/job_policy"
+      JobPolicy.from(ENV["GOKIQ_SIDECAR_ALLOW"], @o.allow_file)
+    rescue ArgumentError, SystemCallError => e
+      abort "gokiq-sidecar: #{e.message}"
+    end
 
     def launch
       cli = self

@@ -3,11 +3,16 @@ module GokiqSidecar
   # machines). Per process: under `--workers N` each Puma worker has its own.
   class Metrics
     BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300].freeze
+    # Class labels are resolved class names (App), so they are bounded by the app's classes;
+    # this caps them anyway, so no app, however large, grows a scrape without bound.
+    MAX_CLASSES = 500
+    OTHER = "(other)".freeze
 
     def initialize
       @lock = Mutex.new
       @jobs = Hash.new(0)          # [class, outcome] => count
       @exhausted = Hash.new(0)     # class => count
+      @classes = {}                # class labels in use
       @in_progress = 0
       @bucket_counts = Array.new(BUCKETS.size, 0)
       @duration_sum = 0.0
@@ -28,11 +33,11 @@ module GokiqSidecar
     # Outcomes that never ran a job (invalid class, duplicate) are counted
     # but kept out of the duration histogram.
     def job_rejected(klass, outcome)
-      @lock.synchronize { @jobs[[klass, outcome]] += 1 }
+      @lock.synchronize { @jobs[[bounded(klass), outcome]] += 1 }
     end
 
     def exhausted(klass)
-      @lock.synchronize { @exhausted[klass] += 1 }
+      @lock.synchronize { @exhausted[bounded(klass)] += 1 }
     end
 
     def to_prometheus
@@ -63,8 +68,16 @@ module GokiqSidecar
 
     private
 
+    # Called under @lock.
+    def bounded(klass)
+      return klass if @classes.key?(klass)
+      return OTHER if @classes.size >= MAX_CLASSES
+      @classes[klass] = true
+      klass
+    end
+
     def record(klass, outcome, duration)
-      @jobs[[klass, outcome]] += 1
+      @jobs[[bounded(klass), outcome]] += 1
       i = BUCKETS.index { |le| duration <= le }
       @bucket_counts[i] += 1 if i
       @duration_sum += duration

@@ -13,6 +13,25 @@ module GokiqSidecar
     # for any code written inside `module Sidekiq`.
     ALIASES = {"Sidekiq::ActiveJob::Wrapper" => AJ_WRAPPER}.freeze
 
+    def initialize(policy: JobPolicy.new)
+      @policy = policy
+    end
+
+    # The class to run for a payload: a Sidekiq job class that the JobPolicy lets run; for the
+    # ActiveJob wrapper, its job_class is checked too, before ActiveJob constantizes it.
+    def runnable_class(job)
+      klass = job_class(job["class"])
+      wrapper?(klass) ? @policy.check_active_job!(job, self) : @policy.check_worker!(klass)
+      klass
+    end
+
+    # The metric label of a runnable class: a real class name (the ActiveJob class for the
+    # wrapper), never a payload's display_class, so a payload cannot mint labels.
+    def self.label(klass, job)
+      return klass.name.to_s unless klass.name == AJ_WRAPPER
+      job["args"][0]["job_class"].delete_prefix("::")
+    end
+
     # Any constant path; raises InvalidClass (message like NameError's).
     def constant(name)
       raise InvalidClass, "class name must be a non-empty string" unless name.is_a?(String) && !name.empty?

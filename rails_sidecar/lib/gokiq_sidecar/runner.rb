@@ -18,7 +18,7 @@ module GokiqSidecar
 
     # Raises Resolver::InvalidClass before anything is instantiated.
     def resolve(job)
-      @resolver.job_class(job["class"])
+      @resolver.runnable_class(job)
     end
 
     def display_class(job)
@@ -60,7 +60,7 @@ module GokiqSidecar
     def exhausted(job, error_class, error_message, run_hook:, death_handlers: true)
       exception = build_exception(error_class, error_message)
       klass = begin
-        @resolver.job_class(job["class"])
+        @resolver.runnable_class(job)
       rescue Resolver::InvalidClass
         nil
       end
