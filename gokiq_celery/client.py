@@ -23,16 +23,12 @@ from typing import Any
 from .settings import Settings, process_settings
 from .sidekiq.job import dumps, timestamp
 from .sidekiq.store import SidekiqStore
+from .sidekiq.version import SidekiqVersionResolver
 
 # Sidekiq.default_job_options: every push starts from these, in this order.
 DEFAULT_OPTIONS: Mapping[str, Any] = {"retry": True, "queue": "default"}
 # Fields the client writes itself (`at` is the `at=` argument; it is never in the payload).
 RESERVED_KEYS = frozenset({"class", "args", "jid", "at", "created_at", "enqueued_at"})
-
-
-def sidekiq_version(settings: Settings) -> int:
-    """The app's Sidekiq major version, which decides the timestamp format written."""
-    return settings.sidekiq_version
 
 
 def new_jid() -> str:
@@ -43,13 +39,22 @@ def new_jid() -> str:
 class SidekiqClient:
     """Pushes jobs into one Sidekiq Redis, as the given Sidekiq version's client would."""
 
-    def __init__(self, store: SidekiqStore, version: int) -> None:
+    def __init__(self, store: SidekiqStore, version: int | str | SidekiqVersionResolver) -> None:
         self.store = store
-        self.version = version
+        self.versions = SidekiqVersionResolver.of(version)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> SidekiqClient:
-        return cls(SidekiqStore.from_settings(settings), sidekiq_version(settings))
+        """With `sidekiq_version: auto`, the version a sidecar published; a push before one is
+        known raises SidekiqVersionUnknown rather than guess the timestamp format."""
+        store = SidekiqStore.from_settings(settings)
+        versions = SidekiqVersionResolver(settings.sidekiq_version, store.published_sidekiq_version)
+        return cls(store, versions)
+
+    @property
+    def version(self) -> int:
+        """The app's Sidekiq major version, which decides the timestamp format written."""
+        return self.versions.require().major
 
     def push(
         self,

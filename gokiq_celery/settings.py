@@ -128,6 +128,8 @@ def parse_queues(text: str | list[Any]) -> tuple[QueueSpec, ...]:
     specs = []
     for item in items:
         if isinstance(item, list | tuple):
+            if not 1 <= len(item) <= 2:
+                raise ConfigError(f"queues: {item!r} must be [name] or [name, weight]")
             name, weight = (item[0], item[1] if len(item) > 1 else 0)
         else:
             name, _, weight = str(item).partition(",")

@@ -18,7 +18,8 @@ import redis
 
 from gokiq_celery.client import SidekiqClient, push
 from gokiq_celery.settings import load_settings
-from gokiq_celery.sidekiq.store import SidekiqStore
+from gokiq_celery.sidekiq.store import SIDEKIQ_VERSION_KEY, SidekiqStore
+from gokiq_celery.sidekiq.version import SidekiqVersionUnknown
 
 from .e2e.conftest import sidekiq_api
 
@@ -174,10 +175,15 @@ def test_sidekiq_8_writes_integer_milliseconds(redis_client):
 
 
 def test_module_push_uses_the_settings_redis_and_version(redis_url, redis_client):
-    jid = push("HardJob", [7], settings=load_settings(environ={"REDIS_URL": redis_url}))
+    settings = load_settings(environ={"REDIS_URL": redis_url})  # sidekiq_version: auto
+    with pytest.raises(SidekiqVersionUnknown):  # nothing published: no guessed timestamps
+        push("HardJob", [7], settings=settings)
+    assert redis_client.keys("queue:*") == []
+    redis_client.set(SIDEKIQ_VERSION_KEY, "8.0.1")  # what a sidecar publishes at boot
+    jid = push("HardJob", [7], settings=settings)
     job = json.loads(redis_client.lindex("queue:default", 0))
     assert job["jid"] == jid and job["args"] == [7]
-    assert isinstance(job["created_at"], float)  # sidekiq_version's default, 7: seconds
+    assert isinstance(job["created_at"], int)  # Sidekiq 8: milliseconds
 
 
 REFUSED = [

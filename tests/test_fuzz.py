@@ -182,7 +182,7 @@ class _RecordingStore:
 @given(st.lists(payloads, max_size=5))
 def test_the_scheduler_moves_or_buries_every_member(raws):
     store = _RecordingStore()
-    Scheduler(store, "fuzz", BridgeMetrics())._enqueue("retry", raws)
+    Scheduler(store, "fuzz", BridgeMetrics())._enqueue("retry", raws, 7)
     assert len(store.moved) + len(store.buried) == len(raws)
 
 
