@@ -364,8 +364,7 @@ def _route_exists(service: str, path: str) -> bool:
 
         patterns = [h[0] if isinstance(h, tuple) else h.regex.pattern for h in handlers]
         return any(p.rstrip("$") == path for p in patterns)
-    if service == "bridge":
-        # The bridge serves its routes through gokiq_celery/http.py's StatusServer.
+    if service == "bridge":  # its status server is gokiq_celery/http.py, the worker's too
         files = [*(REPO / "bridge").glob("*.py"), REPO / "gokiq_celery" / "http.py"]
         sources = "\n".join(p.read_text() for p in files)
     else:

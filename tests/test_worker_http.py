@@ -3,8 +3,7 @@ bridge's StatusServer, shared)."""
 
 from __future__ import annotations
 
-import urllib.error
-import urllib.request
+import requests
 
 from gokiq_celery import metrics
 from gokiq_celery.settings import load_settings
@@ -13,11 +12,8 @@ from .conftest import free_port
 
 
 def _get(url: str) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(url, timeout=10) as resp:
-            return resp.status, resp.read().decode()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode()
+    response = requests.get(url, timeout=10)
+    return response.status_code, response.text
 
 
 def test_worker_serves_health_and_metrics_and_nothing_else():

@@ -111,12 +111,12 @@ class SidekiqVersionResolver:
         return version
 
     def _read(self) -> None:
+        self._read_at = self._clock()  # a known version: next read in `refresh` s, even on errors
         try:
             text = self._read_published()
         except redis.RedisError as exc:
             log.debug("cannot read the published Sidekiq version: %s", exc)
             return
-        self._read_at = self._clock()
         if text is None:
             return
         try:
