@@ -27,7 +27,7 @@ import redis
 
 REPO = Path(__file__).resolve().parent.parent
 VENV_BIN = REPO / ".venv" / "bin"
-DATABASES = 128  # per redis-server: a test takes a pair of its own (redis_db)
+DATABASES = 256  # per redis-server: a test takes a pair of its own (redis_db)
 
 
 def free_port() -> int:
