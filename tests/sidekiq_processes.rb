@@ -7,6 +7,15 @@
 # {"processes": [every attribute of each Sidekiq::Process], "work": [[identity, tid, work], ...]}
 require "json"
 require "sidekiq/api"
+# stdout is the JSON answer; Sidekiq 7 logs its Redis connection at INFO there.
+Sidekiq.logger.level = Logger::WARN
+
+# Sidekiq 6.x yields each running job as a hash; 7+ as a Sidekiq::Work, whose payload is the
+# job's JSON string. Both become {"queue", "run_at", "payload" => the job hash}.
+def work_entry(work)
+  return work unless defined?(Sidekiq::Work) && work.is_a?(Sidekiq::Work)
+  {"queue" => work.queue, "run_at" => work.raw("run_at"), "payload" => work.job.item}
+end
 
 processes = Sidekiq::ProcessSet.new.to_a
 processes.each(&:quiet!) if ARGV[0] == "quiet"
@@ -14,5 +23,5 @@ processes.each(&:stop!) if ARGV[0] == "stop"
 attributes = %w[identity hostname pid tag concurrency queues labels busy beat quiet rss rtt_us]
 puts JSON.generate(
   "processes" => processes.map { |p| attributes.to_h { |name| [name, p[name]] }.merge("stopping" => p.stopping?) },
-  "work" => Sidekiq::WorkSet.new.map { |identity, tid, work| [identity, tid, work] }
+  "work" => Sidekiq::WorkSet.new.map { |identity, tid, work| [identity, tid, work_entry(work)] }
 )

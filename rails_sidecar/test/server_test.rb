@@ -152,6 +152,8 @@ class ServerTest < Minitest::Test
       Net::HTTP.start("127.0.0.1", port, read_timeout: 30) do |http|
         assert_equal "200", post(http, "/jobs/execute", {"class" => "NoopJob", "args" => [], "jid" => "e" * 24}).code
       end
+      deadline = Time.now + 60 # the first beat runs in a thread of its own
+      sleep 0.1 until lifecycle_events(evidence).any? { |e, _| e == "heartbeat" } || Time.now > deadline
       Process.kill("TERM", pid)
       assert_equal 0, wait_exit(pid).exitstatus
       pid = nil
