@@ -125,6 +125,8 @@ def parse_queues(text: str | list[Any]) -> tuple[QueueSpec, ...]:
     specs = []
     for item in items:
         if isinstance(item, list | tuple):
+            if not item:
+                raise ConfigError(f"queues: empty entry in {text!r}")
             name, weight = (item[0], item[1] if len(item) > 1 else 0)
         else:
             name, _, weight = str(item).partition(",")
