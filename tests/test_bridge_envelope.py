@@ -16,12 +16,9 @@ from kombu.utils import json as kombu_json
 from bridge.envelope import EnvelopeTemplate, TaskMessages
 from gokiq_celery.sidekiq.job import Job, dumps
 
+finite = st.floats(allow_nan=False, allow_infinity=False)  # Ruby writes no NaN or Infinity
 json_values = st.recursive(
-    st.none()
-    | st.booleans()
-    | st.integers()
-    | st.floats(allow_nan=False, allow_infinity=False)
-    | st.text(),
+    st.none() | st.booleans() | st.integers() | finite | st.text(),
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(), inner, max_size=3),
     max_leaves=8,
 )
