@@ -46,18 +46,6 @@ def redacted(url: str) -> str:
     return url
 
 
-def sidekiq_store(settings: Settings) -> SidekiqStore:
-    # Timeouts so that a stalled Redis raises (and is retried) instead of hanging the bridge.
-    client = redis.Redis.from_url(
-        settings.redis_url, socket_timeout=10, socket_connect_timeout=3, health_check_interval=30
-    )
-    return SidekiqStore(
-        client,
-        dead_max_jobs=settings.dead_max_jobs,
-        dead_timeout_in_seconds=settings.dead_timeout_in_seconds,
-    )
-
-
 class Bridge:
     # Polling is how the bridge waits for work: a Lua script (needed to fetch from several
     # queues atomically) cannot block. An empty round costs one EVALSHA; 50 ms keeps pickup
@@ -79,7 +67,7 @@ class Bridge:
     ) -> None:
         self.settings = settings
         self.bridge_id = bridge_id or new_bridge_id()
-        self.store = store or sidekiq_store(settings)
+        self.store = store or SidekiqStore.from_settings(settings)
         self.metrics = metrics or BridgeMetrics()
         self.queues = [spec.name for spec in settings.queues]
         self.order = QueueOrder(settings.queues, settings.strict)

@@ -23,7 +23,7 @@ from .celery_app import app
 from .messages import TASK_NAME, argsrepr, new_delivery_token
 from .settings import Settings, process_settings
 from .settler import DeliverySettler
-from .sidecar import Execution, SidecarClient, SidecarUnavailable
+from .sidecar import Execution, SidecarClient, SidecarDied, SidecarUnavailable
 from .sidekiq.job import InvalidJob, Job
 from .sidekiq.retry import Decision, Failure, Outcome, RetryPolicy
 from .sidekiq.store import SidekiqStore
@@ -34,6 +34,14 @@ log = logging.getLogger("gokiq.worker")
 # transaction that settles its delivery (a retry's when it is re-published: PerformTask.retry).
 # The other outcomes (unavailable, duplicate, invalid, stale) ran no job.
 RUN_COUNTS = {"ok": (1, 0), **dict.fromkeys(("parked", "dead", "dropped", "discarded"), (1, 1))}
+# Outcomes that leave the job's fate unknown: a 409 means another run of the jid is still in the
+# sidecar (e.g. one whose answer timed out), and it may yet fail with nobody to hear it. Their
+# ledger entry is not settled, so the bridge publishes the job again once the claim's deadline
+# (`run_window`) has passed.
+UNSETTLED = frozenset({"duplicate"})
+# A job the sidecar died running this many times (exit!, OOM: a connection broken after the job
+# was sent) fails with Gokiq::SidecarDied instead of going back to its queue again.
+SIDECAR_DEATHS_MAX = 3
 
 
 class JobFailed(Exception):
@@ -53,9 +61,12 @@ class Worker:
     sidecar: SidecarClient
     policy: RetryPolicy
     settler: DeliverySettler = field(init=False)
+    served_queues: frozenset[str] = field(init=False)
 
     def __post_init__(self) -> None:
         self.settler = DeliverySettler(self.store)
+        # The Sidekiq queues gokiq hands over: a worker consumes their Celery queues.
+        self.served_queues = frozenset(spec.name for spec in self.settings.queues)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Worker:
@@ -83,6 +94,8 @@ class Worker:
             )
             return "stale"
         outcome = self._perform(payload, queue)
+        if outcome in UNSETTLED:
+            return outcome
         processed, failed = RUN_COUNTS.get(outcome, (0, 0))
         if delivery or processed:
             self.settler.settle(delivery, processed, failed)
@@ -111,6 +124,9 @@ class Worker:
         try:
             execution = self.sidecar.execute(job, queue)
         except SidecarUnavailable as exc:
+            killer = self._killed_sidecar(job, exc)
+            if killer is not None:
+                return self._handle_result(job, queue, killer)
             # Not the job's fault: back to the tail of its queue (it runs next), no retry spent.
             self.store.requeue(queue, job.text)
             log.warning(
@@ -120,6 +136,19 @@ class Worker:
             )
             return "unavailable"
         return self._handle_result(job, queue, execution)
+
+    def _killed_sidecar(self, job: Job, exc: SidecarUnavailable) -> Execution | None:
+        """The failure of a job the sidecar died running SIDECAR_DEATHS_MAX times, else None.
+
+        Every job in flight when the sidecar dies gets a death on its count; only one that kills
+        it each time it runs reaches the limit (the count lives SIDECAR_DEATHS_TTL)."""
+        if not isinstance(exc, SidecarDied) or not job.jid:
+            return None
+        deaths = self.store.count_sidecar_death(job.jid)
+        if deaths < SIDECAR_DEATHS_MAX:
+            return None
+        message = f"the sidecar died {deaths} times while running this job (exit!, out of memory?)"
+        return Execution("failed", failure=Failure("Gokiq::SidecarDied", message))
 
     def _handle_result(self, job: Job, queue: str, execution: Execution) -> str:
         if execution.status == "duplicate":
@@ -150,7 +179,10 @@ class Worker:
     def _carry_out(self, job: Job, queue: str, failure: Failure, decision: Decision) -> str:
         outcome = decision.outcome
         if outcome is Outcome.RETRY:
-            if decision.delay <= self.settings.max_celery_countdown:
+            # A retry_queue no worker consumes would hold a Celery retry for ever: the retry
+            # set instead, whence the bridge moves it to that Sidekiq queue when due.
+            short = decision.delay <= self.settings.max_celery_countdown
+            if short and decision.job.queue in self.served_queues:
                 raise JobFailed(decision, failure)
             self.park(decision)
             return "parked"

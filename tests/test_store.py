@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import socket
 import time
 from datetime import UTC, datetime
 
 import pytest
+import redis
 
+from gokiq_celery.settings import load_settings
 from gokiq_celery.sidekiq import Job, SidekiqStore
 
 
@@ -96,3 +99,16 @@ def test_ledger_entries_keep_any_queue_name_and_payload_exact(redis_client):
     store.record_deliveries(odd, deadline=1.0)
     taken = store.take_overdue_deliveries(2.0, ["n1", "n2"], deadline=10.0)
     assert sorted((q, p) for _, q, p in taken) == sorted((q, p) for _, q, p in odd)
+
+
+def test_a_stalled_redis_raises_instead_of_hanging(monkeypatch):
+    """Every process's client (bridge, worker) times out on a Redis that accepts and never
+    answers, as a stalled or half-dead server does."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        port = silent.getsockname()[1]
+        monkeypatch.setattr(SidekiqStore, "SOCKET_TIMEOUT", 0.5)
+        store = SidekiqStore.from_settings(load_settings(redis_url=f"redis://127.0.0.1:{port}/0"))
+        with pytest.raises(redis.TimeoutError):
+            store.redis.ping()

@@ -16,7 +16,8 @@ from gokiq_celery.settings import load_settings
 from gokiq_celery.sidecar import SidecarClient
 from gokiq_celery.sidekiq import Job, RetryPolicy, SidekiqStore
 from gokiq_celery.sidekiq.retry import decode_backtrace
-from gokiq_celery.tasks import Worker, perform
+from gokiq_celery.sidekiq.store import DELIVERY_DEADLINES
+from gokiq_celery.tasks import SIDECAR_DEATHS_MAX, Worker, perform
 
 from .conftest import free_port, wait_for
 from .stand_in_sidecar import TOKEN, StandInSidecar
@@ -41,6 +42,7 @@ def stack(redis_server):
             sidecar_token=TOKEN,
             breaker_reset_timeout=1,
             breaker_fail_max=3,
+            queues="default critical low",
         )
         store = SidekiqStore.from_settings(settings)
         perform.worker = Worker(
@@ -297,3 +299,63 @@ def test_a_retry_carries_a_new_token_and_settles_at_the_end(env, stack):
     settle(stack[2])
     wait_for(lambda: store.delivery_tokens() == [], message="deliveries never settled")
     assert store.stats() == {"processed": 2, "failed": 1}
+
+
+def test_a_409_leaves_the_job_in_the_ledger_until_the_other_run_is_over(env, stack):
+    """409: another run of the jid still holds it (one whose answer timed out, say) and may yet
+    fail unheard. This delivery must not settle the job: the ledger publishes it again later."""
+    sidecar, store = env
+    job = make_job("BusyJob", [])
+    token = send_tracked(store, job)
+    wait_for(lambda: sidecar.executed(job.jid), message="job never reached the sidecar")
+    settle(stack[2])
+    perform.worker.settler.flush()
+    assert store.delivery_tokens() == [token]
+    deadline = store.redis.zscore(DELIVERY_DEADLINES, token)
+    assert deadline > time.time() + perform.worker.settings.job_timeout
+    assert store.stats() == {"processed": 0, "failed": 0}
+
+
+def test_a_job_that_keeps_killing_the_sidecar_fails_after_a_few_deaths(env, stack):
+    """A connection cut after the job was sent is a sidecar death: put back (not the job's
+    fault) until the same jid has been in flight at SIDECAR_DEATHS_MAX of them."""
+    sidecar, store = env
+    job = make_job("CrashJob", [], retry=0)
+    settings = load_settings(
+        redis_url=perform.worker.settings.redis_url,
+        sidecar_url=sidecar.url,
+        sidecar_token=TOKEN,
+        breaker_fail_max=50,  # the deaths must not open the other tests' breaker
+        queues="default critical low",
+    )
+    healthy = perform.worker
+    perform.worker = Worker(settings, store, SidecarClient(settings, store.redis), healthy.policy)
+    try:
+        send(job)
+        for death in range(1, SIDECAR_DEATHS_MAX):
+            wait_for(lambda: store.queue_size("default") == 1, message=f"not put back ({death})")
+            again = Job.parse(store.redis.rpop("queue:default"))
+            assert "retry_count" not in again  # no retry spent on a death below the limit
+            send(again)
+        wait_for(lambda: dead_jobs(store), message="the sidecar's killer never failed")
+    finally:
+        perform.worker = healthy
+    [dead] = dead_jobs(store)
+    assert dead.jid == job.jid and dead.get("error_class") == "Gokiq::SidecarDied"
+    assert len(sidecar.executed(job.jid)) == SIDECAR_DEATHS_MAX
+    assert store.queue_size("default") == 0
+
+
+def test_a_retry_queue_no_worker_consumes_is_parked_in_the_retry_set(env, stack):
+    """A Celery retry sent to a queue nobody consumes would wait there for ever."""
+    sidecar, store = env
+    job = make_job("FailJob", [1], retry_queue="nobody-consumes")
+    send(job)
+    wait_for(lambda: store.retry_set(), message="retry not parked")
+    settle(stack[2])
+    [(raw, score)] = store.retry_set()
+    parked = Job.parse(raw)
+    assert parked.queue == "nobody-consumes" and parked.get("retry_count") == 0
+    assert score <= time.time() + 2  # due after the job's own short delay
+    assert stack[2].llen("nobody-consumes") == 0
+    assert len(sidecar.executed(job.jid)) == 1

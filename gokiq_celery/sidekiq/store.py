@@ -46,6 +46,9 @@ BRIDGES = "gokiq:bridges"
 # again under a new token, and a message whose token is no longer here is stale and skipped.
 DELIVERIES = "gokiq:deliveries"  # hash: token -> {"queue": ..., "payload": job text}
 DELIVERY_DEADLINES = "gokiq:deliveries:due"  # zset: token -> when to presume the message lost
+# How many times the sidecar died while running a job (a counter per jid, with a TTL): a job
+# that keeps killing it (exit!, OOM) is failed instead of being put back for ever.
+SIDECAR_DEATHS_TTL = 3600
 SCHEDULED_SETS = (RETRY, SCHEDULE)  # the poller's order: retries first, as Sidekiq does
 
 _LUA_DIR = Path(__file__).with_name("lua")
@@ -53,6 +56,10 @@ _LUA_DIR = Path(__file__).with_name("lua")
 
 def queue_key(queue: str) -> str:
     return f"queue:{queue}"
+
+
+def sidecar_deaths_key(jid: str) -> str:
+    return f"gokiq:sidecar-deaths:{jid}"
 
 
 def bridge_key(bridge_id: str) -> str:
@@ -123,10 +130,21 @@ class SidekiqStore:
         self.dead_timeout_in_seconds = dead_timeout_in_seconds
         self._scripts: dict[str, redis.commands.core.Script] = {}
 
+    # Timeouts so that a stalled Redis raises (and is retried) instead of hanging a thread.
+    SOCKET_TIMEOUT = 10.0
+    CONNECT_TIMEOUT = 3.0
+
     @classmethod
     def from_settings(cls, settings) -> SidekiqStore:  # settings: gokiq_celery.settings.Settings
+        """The one way every process (bridge, worker, Flower) connects to Sidekiq's Redis."""
+        client = redis.Redis.from_url(
+            settings.redis_url,
+            socket_timeout=cls.SOCKET_TIMEOUT,
+            socket_connect_timeout=cls.CONNECT_TIMEOUT,
+            health_check_interval=30,
+        )
         return cls(
-            redis.Redis.from_url(settings.redis_url),
+            client,
             dead_max_jobs=settings.dead_max_jobs,
             dead_timeout_in_seconds=settings.dead_timeout_in_seconds,
         )
@@ -483,6 +501,15 @@ class SidekiqStore:
 
     def delivery_tokens(self) -> list[str]:
         return sorted(token.decode() for token in self.redis.hkeys(DELIVERIES))
+
+    def count_sidecar_death(self, jid: str) -> int:
+        """The sidecar died while running `jid`: one more death on its count (kept
+        SIDECAR_DEATHS_TTL after the last one). Returns the count."""
+        key = sidecar_deaths_key(jid)
+        with self.redis.pipeline(transaction=True) as pipe:
+            pipe.incr(key)
+            pipe.expire(key, SIDECAR_DEATHS_TTL)
+            return int(pipe.execute()[0])
 
     # -- the sidecar's circuit breaker, as the workers share it --------------------------------
 
