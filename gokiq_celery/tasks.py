@@ -12,15 +12,15 @@ import logging
 import time
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any
+from typing import Any, NoReturn
 
 from celery import Task
-from celery.exceptions import Ignore, Reject
+from celery.exceptions import Ignore, Reject, Retry
 from celery.signals import worker_process_shutdown, worker_shutdown
 
 from . import metrics
 from .celery_app import app
-from .messages import TASK_NAME, argsrepr, new_delivery_token
+from .messages import TASK_NAME, argsrepr, new_delivery_token, task_id
 from .settings import Settings, process_settings
 from .settler import DeliverySettler
 from .sidecar import Execution, SidecarClient, SidecarDied, SidecarUnavailable
@@ -52,6 +52,37 @@ class JobFailed(Exception):
         self.decision = decision
 
 
+class JobEnded(Exception):
+    """The job failed for good (dead set, dropped, discarded, not a job), its fate stored and its
+    delivery settled: the task fails, so Flower shows it as FAILURE with the error. Celery acks a
+    failed task like any other."""
+
+    def __init__(self, outcome: str, error: str) -> None:
+        super().__init__(f"{outcome}: {error}"[:500])
+        self.outcome, self.error = outcome, error
+
+    def __reduce__(self):  # Celery pickles a task's exception (for its events and backend)
+        return type(self), (self.outcome, self.error)
+
+
+class JobParked(Exception):
+    """A retry parked in Sidekiq's `retry` set, delivery settled: the task ends as a Celery
+    retry (RETRY in Flower, a task-retried event) although the bridge, not Celery, re-sends it."""
+
+    outcome = "parked"
+
+    def __init__(self, error: str, delay: float) -> None:
+        super().__init__(error[:500])
+        self.error, self.delay = error, delay
+
+    def __reduce__(self):
+        return type(self), (self.error, self.delay)
+
+
+def _error(failure: Failure) -> str:
+    return f"{failure.error_class}: {failure.error_message}"
+
+
 @dataclass
 class Worker:
     """What a worker process needs to run jobs, built once per process (after a fork)."""
@@ -79,7 +110,8 @@ class Worker:
         )
 
     def perform(self, payload: str, queue: str, delivery: str | None = None) -> str:
-        """Run one delivery of a job; return its outcome, or raise `JobFailed` for a Celery retry.
+        """Run one delivery of a job; return its outcome, or raise `JobFailed` for a Celery retry,
+        `JobParked` for a retry parked in the retry set, `JobEnded` for a job that failed for good.
 
         `delivery` is the message's token in the delivery ledger (None: published without one,
         run untracked). The token is settled (in the next batch of `DeliverySettler`) once the
@@ -93,13 +125,19 @@ class Worker:
                 extra={"queue": queue, "delivery": delivery},
             )
             return "stale"
-        outcome = self._perform(payload, queue)
-        if outcome in UNSETTLED:
-            return outcome
+        try:
+            outcome = self._perform(payload, queue)
+        except (JobEnded, JobParked) as ended:
+            self._settle(delivery, ended.outcome)
+            raise
+        if outcome not in UNSETTLED:
+            self._settle(delivery, outcome)
+        return outcome
+
+    def _settle(self, delivery: str | None, outcome: str) -> None:
         processed, failed = RUN_COUNTS.get(outcome, (0, 0))
         if delivery or processed:
             self.settler.settle(delivery, processed, failed)
-        return outcome
 
     def _perform(self, payload: str, queue: str) -> str:
         started = time.monotonic()
@@ -111,11 +149,14 @@ class Worker:
                 "invalid job payload sent to the dead set: %s", exc.reason, extra={"queue": queue}
             )
             metrics.JOBS.labels(queue, "(invalid)", "invalid").inc()
-            return "invalid"
+            raise JobEnded("invalid", exc.reason) from None
         outcome = "retry"
         try:
             outcome = self._run(job, queue)
             return outcome
+        except (JobEnded, JobParked) as ended:
+            outcome = ended.outcome
+            raise
         finally:
             metrics.JOBS.labels(queue, job.display_class, outcome).inc()
             metrics.DURATION.observe(time.monotonic() - started)
@@ -176,7 +217,7 @@ class Worker:
         )
         return self._carry_out(job, queue, failure, decision)
 
-    def _carry_out(self, job: Job, queue: str, failure: Failure, decision: Decision) -> str:
+    def _carry_out(self, job: Job, queue: str, failure: Failure, decision: Decision) -> NoReturn:
         outcome = decision.outcome
         if outcome is Outcome.RETRY:
             # A retry_queue no worker consumes would hold a Celery retry for ever: the retry
@@ -185,14 +226,14 @@ class Worker:
             if short and decision.job.queue in self.served_queues:
                 raise JobFailed(decision, failure)
             self.park(decision)
-            return "parked"
+            raise JobParked(_error(failure), decision.delay)
         if outcome is Outcome.DEAD:
             self._bury(decision, failure)
-            return "dead"
+            raise JobEnded("dead", _error(failure))
         if outcome is Outcome.DROP or self.settings.sidekiq_version >= 8:
             # `retry: false` (and 8.x's :discard) still runs the app's death handlers.
             self._exhausted_hooks(decision.job, failure, run_hook=False, death_handlers=True)
-        return "dropped" if outcome is Outcome.DROP else "discarded"
+        raise JobEnded("dropped" if outcome is Outcome.DROP else "discarded", _error(failure))
 
     def park(self, decision: Decision) -> None:
         """Hold a retry in Sidekiq's `retry` set; the bridge re-enqueues it when due."""
@@ -238,6 +279,7 @@ class PerformTask(Task):
     """Celery's retry machinery, driven by Sidekiq's count: `request.retries` = failures so far."""
 
     autoretry_for = (JobFailed,)
+    throws = (JobEnded,)  # an expected failure: logged in one line, no traceback
     retry_backoff = False  # the delay is Sidekiq's curve (count⁴ + 15 + jitter), set per retry
     retry_jitter = False
     acks_late = True
@@ -282,6 +324,7 @@ class PerformTask(Task):
                 max_retries=decision.limit,
                 argsrepr=argsrepr(decision.job, queue),
                 queue=settings.celery_queue(queue),
+                task_id=task_id(decision.job),  # a run of its own: this one stays RETRY in Flower
             )
         except Reject:
             # Re-publishing failed (broker down): keep the job in Sidekiq's retry set instead.
@@ -293,7 +336,10 @@ class PerformTask(Task):
 # Not shared: other Celery apps in the same process (the bridge's, tests') must not inherit it.
 @app.task(bind=True, base=PerformTask, name=TASK_NAME, shared=False)
 def perform(self: PerformTask, payload: str, queue: str, delivery: str | None = None) -> str:
-    return self.worker.perform(payload, queue, delivery)
+    try:
+        return self.worker.perform(payload, queue, delivery)
+    except JobParked as parked:  # acked like any retry: the job waits in Sidekiq's retry set
+        raise Retry(exc=parked, when=parked.delay) from None
 
 
 @worker_shutdown.connect  # the threads pool (and solo) run jobs in the main process

@@ -9,6 +9,7 @@ import time
 import pytest
 from celery.canvas import Signature
 from celery.contrib.testing.worker import start_worker
+from celery.signals import task_failure, task_retry, task_success
 
 from gokiq_celery.celery_app import app
 from gokiq_celery.messages import TASK_NAME, new_delivery_token, publish_options
@@ -359,3 +360,65 @@ def test_a_retry_queue_no_worker_consumes_is_parked_in_the_retry_set(env, stack)
     assert score <= time.time() + 2  # due after the job's own short delay
     assert stack[2].llen("nobody-consumes") == 0
     assert len(sidecar.executed(job.jid)) == 1
+
+
+@pytest.fixture
+def task_states():
+    """What Flower would show: the final state of each task id, from Celery's own signals."""
+    states: dict[str, tuple[str, str]] = {}
+
+    def record(state):
+        def receiver(sender=None, request=None, task_id=None, exception=None, reason=None, **kw):
+            tid = task_id or (request.id if request is not None else None)
+            if tid is None:  # task_success: the task's own request
+                tid = sender.request.id
+            states[tid] = (state, str(exception or reason or kw.get("result")))
+
+        return receiver
+
+    receivers = {
+        task_failure: record("FAILURE"),
+        task_retry: record("RETRY"),
+        task_success: record("SUCCESS"),
+    }
+    for signal, receiver in receivers.items():
+        signal.connect(receiver, weak=False)
+    yield states
+    for signal, receiver in receivers.items():
+        signal.disconnect(receiver)
+
+
+def test_flower_sees_a_dead_job_fail_and_each_retried_attempt_as_a_retry(env, task_states):
+    _sidecar, store = env
+    dead = make_job("FailJob", [0], retry=1)  # retry_in 0: retried at once, then dead
+    flaky = make_job("FlakyJob", [1, 0])
+    parked = make_job("FailJob", [1000])
+    send(dead)
+    send(flaky)
+    send(parked)
+    wait_for(lambda: len(task_states) == 5, timeout=20, message=f"tasks: {task_states}")
+    assert task_states[dead.jid][0] == "RETRY"
+    assert task_states[f"{dead.jid}.1"] == ("FAILURE", "dead: ArgumentError: boom")
+    assert task_states[flaky.jid][0] == "RETRY" and "flaky 1" in task_states[flaky.jid][1]
+    assert task_states[f"{flaky.jid}.1"] == ("SUCCESS", "ok")
+    assert task_states[parked.jid][0] == "RETRY"  # parked in the retry set: still a retry
+    assert [job.jid for job in dead_jobs(store)] == [dead.jid]
+
+
+def test_a_job_put_back_for_the_sidecar_is_neither_failed_nor_retried(env, stack, task_states):
+    _sidecar, store = env
+    settings = load_settings(
+        redis_url=perform.worker.settings.redis_url,
+        sidecar_token=TOKEN,
+        sidecar_url=f"http://127.0.0.1:{free_port()}",
+        breaker_fail_max=50,
+    )
+    healthy = perform.worker
+    perform.worker = Worker(settings, store, SidecarClient(settings, store.redis), healthy.policy)
+    try:
+        job = make_job("OkJob", [7])
+        send(job)
+        wait_for(lambda: job.jid in task_states, message="task never ended")
+    finally:
+        perform.worker = healthy
+    assert task_states[job.jid] == ("SUCCESS", "unavailable")
