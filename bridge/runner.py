@@ -55,6 +55,7 @@ class Bridge:
     BREAKER_SLEEP = 0.1
     GAUGE_INTERVAL = 1.0
     OVERDUE_INTERVAL = 1.0  # how often the ledger is checked for overdue deliveries
+    WORKER_RECOVERY_INTERVAL = 5.0  # how often dead worker processes' deliveries are looked for
 
     def __init__(
         self,
@@ -279,10 +280,14 @@ class Bridge:
         ttl = self.settings.bridge_heartbeat_ttl
         tick = min(ttl / 3, self.GAUGE_INTERVAL)
         next_recovery = time.monotonic() + self.settings.bridge_recovery_interval
+        next_workers = time.monotonic()
         while not self.stopping.wait(tick):
             try:
                 self.fetcher.register(ttl)
                 self.refresh_gauges()
+                if time.monotonic() >= next_workers:
+                    next_workers = time.monotonic() + self.WORKER_RECOVERY_INTERVAL
+                    self.recover_dead_workers()
                 if time.monotonic() >= next_recovery:
                     next_recovery = time.monotonic() + self.settings.bridge_recovery_interval
                     self._recover()
@@ -297,6 +302,17 @@ class Bridge:
                 bridge_id,
                 extra={"dead_bridge": bridge_id, "returned": count},
             )
+
+    def recover_dead_workers(self) -> int:
+        """Deliveries of worker processes that died go back out now, not at their deadline."""
+        count, dead = self.store.recover_dead_workers(self.settings.delivery_timeout)
+        if dead:
+            log.warning(
+                "worker processes stopped giving signs of life: %d deliveries published again",
+                count,
+                extra={"dead_workers": dead[:20], "returned": count},
+            )
+        return count
 
     def refresh_gauges(self) -> None:
         now = time.time()

@@ -119,7 +119,8 @@ class Worker:
         when the token's deadline passes.
         """
         deadline = time.time() + self.settings.run_window
-        if delivery and not self.store.claim_delivery(delivery, deadline):
+        self.settler.start()
+        if delivery and not self.store.claim_delivery(delivery, deadline, self.settler.holder):
             log.info(
                 "stale message skipped: its job was settled or published again",
                 extra={"queue": queue, "delivery": delivery},
@@ -347,4 +348,4 @@ def perform(self: PerformTask, payload: str, queue: str, delivery: str | None = 
 def _flush_settlements(**_kwargs) -> None:
     worker = perform.__dict__.get("worker")  # built on a process's first job, if any
     if worker is not None:
-        worker.settler.flush()
+        worker.settler.leave()
