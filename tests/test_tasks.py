@@ -3,6 +3,7 @@ redis-server as Sidekiq's Redis and as the broker, and a real HTTP server for th
 
 from __future__ import annotations
 
+import contextlib
 import random
 import time
 
@@ -93,6 +94,23 @@ def settle(broker) -> None:
         ),
         message="messages never acked",
     )
+
+
+@contextlib.contextmanager
+def worker_with(store: SidekiqStore, **settings_overrides):
+    """The module's worker runs with other settings (another sidecar, say) for a while."""
+    settings = load_settings(
+        redis_url=perform.worker.settings.redis_url,
+        sidecar_token=TOKEN,
+        queues="default critical low",
+        **settings_overrides,
+    )
+    healthy = perform.worker
+    perform.worker = Worker(settings, store, SidecarClient(settings, store.redis), healthy.policy)
+    try:
+        yield
+    finally:
+        perform.worker = healthy
 
 
 def dead_jobs(store: SidekiqStore) -> list[Job]:
@@ -206,20 +224,10 @@ def test_invalid_payload_goes_to_dead_set_verbatim(env):
 
 def test_sidecar_down_spends_no_retry(env, stack):
     _sidecar, store = env
-    settings = load_settings(
-        redis_url=perform.worker.settings.redis_url,
-        sidecar_token=TOKEN,
-        sidecar_url=f"http://127.0.0.1:{free_port()}",
-        breaker_fail_max=50,
-    )
-    healthy = perform.worker
-    perform.worker = Worker(settings, store, SidecarClient(settings, store.redis), healthy.policy)
-    try:
+    with worker_with(store, sidecar_url=f"http://127.0.0.1:{free_port()}", breaker_fail_max=50):
         job = make_job("OkJob", [7])
         send(job, "critical")
         wait_for(lambda: store.queue_size("critical") == 1, message="job not put back")
-    finally:
-        perform.worker = healthy
     [raw] = store.queue_jobs("critical")
     assert raw == job.raw  # the same bytes, no retry_count, no error fields
     assert store.stats() == {"processed": 0, "failed": 0}
@@ -322,16 +330,8 @@ def test_a_job_that_keeps_killing_the_sidecar_fails_after_a_few_deaths(env, stac
     fault) until the same jid has been in flight at SIDECAR_DEATHS_MAX of them."""
     sidecar, store = env
     job = make_job("CrashJob", [], retry=0)
-    settings = load_settings(
-        redis_url=perform.worker.settings.redis_url,
-        sidecar_url=sidecar.url,
-        sidecar_token=TOKEN,
-        breaker_fail_max=50,  # the deaths must not open the other tests' breaker
-        queues="default critical low",
-    )
-    healthy = perform.worker
-    perform.worker = Worker(settings, store, SidecarClient(settings, store.redis), healthy.policy)
-    try:
+    # breaker_fail_max: the deaths must not open the other tests' breaker
+    with worker_with(store, sidecar_url=sidecar.url, breaker_fail_max=50):
         send(job)
         for death in range(1, SIDECAR_DEATHS_MAX):
             wait_for(lambda: store.queue_size("default") == 1, message=f"not put back ({death})")
@@ -339,8 +339,6 @@ def test_a_job_that_keeps_killing_the_sidecar_fails_after_a_few_deaths(env, stac
             assert "retry_count" not in again  # no retry spent on a death below the limit
             send(again)
         wait_for(lambda: dead_jobs(store), message="the sidecar's killer never failed")
-    finally:
-        perform.worker = healthy
     [dead] = dead_jobs(store)
     assert dead.jid == job.jid and dead.get("error_class") == "Gokiq::SidecarDied"
     assert len(sidecar.executed(job.jid)) == SIDECAR_DEATHS_MAX
@@ -407,18 +405,8 @@ def test_flower_sees_a_dead_job_fail_and_each_retried_attempt_as_a_retry(env, ta
 
 def test_a_job_put_back_for_the_sidecar_is_neither_failed_nor_retried(env, stack, task_states):
     _sidecar, store = env
-    settings = load_settings(
-        redis_url=perform.worker.settings.redis_url,
-        sidecar_token=TOKEN,
-        sidecar_url=f"http://127.0.0.1:{free_port()}",
-        breaker_fail_max=50,
-    )
-    healthy = perform.worker
-    perform.worker = Worker(settings, store, SidecarClient(settings, store.redis), healthy.policy)
-    try:
+    with worker_with(store, sidecar_url=f"http://127.0.0.1:{free_port()}", breaker_fail_max=50):
         job = make_job("OkJob", [7])
         send(job)
         wait_for(lambda: job.jid in task_states, message="task never ended")
-    finally:
-        perform.worker = healthy
     assert task_states[job.jid] == ("SUCCESS", "unavailable")
