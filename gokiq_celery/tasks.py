@@ -115,8 +115,8 @@ class Worker:
 
         `delivery` is the message's token in the delivery ledger (None: published without one,
         run untracked). The token is settled (in the next batch of `DeliverySettler`) once the
-        job's fate is stored; if this process dies first, the bridge publishes the job again
-        when the token's deadline passes.
+        job's fate is stored; if this process dies first, a bridge publishes the job again
+        once the process has been silent for WORKER_TTL (the claim names it).
         """
         deadline = time.time() + self.settings.run_window
         self.settler.start()

@@ -486,7 +486,9 @@ class SidekiqStore:
         """A clean exit: what the process held is settled, nothing to hand back."""
         self.redis.zrem(WORKERS, holder)
 
-    def recover_dead_workers(self, delivery_timeout: float, now: float | None = None):
+    def recover_dead_workers(
+        self, delivery_timeout: float, now: float | None = None
+    ) -> tuple[int, list[str]]:
         """Hand back the deliveries of worker processes silent for WORKER_TTL (see
         lua/recover_workers.lua): returns (deliveries handed back, dead processes)."""
         now = time.time() if now is None else now
