@@ -21,7 +21,6 @@ import logging
 import os
 import re
 import socket
-import uuid
 from collections.abc import Mapping
 from json.encoder import encode_basestring_ascii as json_string
 from typing import Any
@@ -30,7 +29,7 @@ from celery import Celery
 from kombu import serialization
 from kombu.utils import json as kombu_json
 
-from gokiq_celery.messages import TASK_NAME, argsrepr, celery_retries
+from gokiq_celery.messages import TASK_NAME, argsrepr, celery_retries, task_id
 from gokiq_celery.sidekiq.job import Job
 
 log = logging.getLogger(__name__)
@@ -95,7 +94,7 @@ class TaskMessages:
     def task_message(self, job: Job, queue: str, token: str, *, jid: str | None = None):
         """Celery's protocol 2 message: `gokiq.perform(payload_text, queue, delivery=token)`."""
         return self.app.amqp.as_task_v2(
-            jid or job.jid or uuid.uuid4().hex,
+            jid or task_id(job),
             TASK_NAME,
             args=(job.text, queue),
             kwargs={"delivery": token},
@@ -173,7 +172,7 @@ def _fill(templates: tuple[EnvelopeTemplate, EnvelopeTemplate], job: Job, token:
     return envelope.fill(
         {
             "body": '"' + base64.b64encode(body_text.encode()).decode() + '"',
-            "id": json_string(job.jid or uuid.uuid4().hex),
+            "id": json_string(task_id(job)),
             "shadow": json_string(job.display_class),
             "argsrepr": json_string(argsrepr(job, queue)),
             "retries": str(celery_retries(job)),

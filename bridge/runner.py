@@ -47,18 +47,6 @@ def redacted(url: str) -> str:
     return url
 
 
-def sidekiq_store(settings: Settings) -> SidekiqStore:
-    # Timeouts so that a stalled Redis raises (and is retried) instead of hanging the bridge.
-    client = redis.Redis.from_url(
-        settings.redis_url, socket_timeout=10, socket_connect_timeout=3, health_check_interval=30
-    )
-    return SidekiqStore(
-        client,
-        dead_max_jobs=settings.dead_max_jobs,
-        dead_timeout_in_seconds=settings.dead_timeout_in_seconds,
-    )
-
-
 class Bridge:
     # Polling is how the bridge waits for work: a Lua script (needed to fetch from several
     # queues atomically) cannot block. An empty round costs one EVALSHA; 50 ms keeps pickup
@@ -68,6 +56,7 @@ class Bridge:
     BREAKER_SLEEP = 0.1
     GAUGE_INTERVAL = 1.0
     OVERDUE_INTERVAL = 1.0  # how often the ledger is checked for overdue deliveries
+    WORKER_RECOVERY_INTERVAL = 5.0  # how often dead worker processes' deliveries are looked for
 
     def __init__(
         self,
@@ -80,7 +69,7 @@ class Bridge:
     ) -> None:
         self.settings = settings
         self.bridge_id = bridge_id or new_bridge_id()
-        self.store = store or sidekiq_store(settings)
+        self.store = store or SidekiqStore.from_settings(settings)
         self.metrics = metrics or BridgeMetrics()
         self.queues = [spec.name for spec in settings.queues]
         self.order = QueueOrder(settings.queues, settings.strict)
@@ -307,10 +296,14 @@ class Bridge:
         ttl = self.settings.bridge_heartbeat_ttl
         tick = min(ttl / 3, self.GAUGE_INTERVAL)
         next_recovery = time.monotonic() + self.settings.bridge_recovery_interval
+        next_workers = time.monotonic()
         while not self.stopping.wait(tick):
             try:
                 self.fetcher.register(ttl)
                 self.refresh_gauges()
+                if time.monotonic() >= next_workers:
+                    next_workers = time.monotonic() + self.WORKER_RECOVERY_INTERVAL
+                    self.recover_dead_workers()
                 if time.monotonic() >= next_recovery:
                     next_recovery = time.monotonic() + self.settings.bridge_recovery_interval
                     self._recover()
@@ -325,6 +318,17 @@ class Bridge:
                 bridge_id,
                 extra={"dead_bridge": bridge_id, "returned": count},
             )
+
+    def recover_dead_workers(self) -> int:
+        """Deliveries of worker processes that died go back out now, not at their deadline."""
+        count, dead = self.store.recover_dead_workers(self.settings.delivery_timeout)
+        if dead:
+            log.warning(
+                "worker processes stopped giving signs of life: %d deliveries published again",
+                count,
+                extra={"dead_workers": dead[:20], "returned": count},
+            )
+        return count
 
     def refresh_gauges(self) -> None:
         now = time.time()

@@ -10,6 +10,7 @@ options from here so that Flower shows a job the same way however it got there.
 from __future__ import annotations
 
 import secrets
+import uuid
 from typing import Any
 
 from .sidekiq.job import Job
@@ -36,10 +37,19 @@ def celery_retries(job: Job) -> int:
     return count + 1 if isinstance(count, int) and not isinstance(count, bool) else 0
 
 
+def task_id(job: Job) -> str:
+    """The Celery task id of a job's run: the jid for its first, `<jid>.<n>` for the run after n
+    failures. Flower keeps one record per task id; a run of its own keeps a failed attempt in
+    Flower as RETRY (or FAILURE) once the next one has run."""
+    jid = job.jid or uuid.uuid4().hex
+    failures = celery_retries(job)
+    return f"{jid}.{failures}" if failures else jid
+
+
 def publish_options(job: Job, queue: str) -> dict[str, Any]:
-    """`send_task`/`apply_async` options: task id = jid, shown under the job's class name."""
+    """`send_task`/`apply_async` options: task id from the jid, shown under the job's class."""
     return {
-        "task_id": job.jid or None,
+        "task_id": task_id(job),
         "shadow": job.display_class,
         "argsrepr": argsrepr(job, queue),
         "kwargsrepr": "{}",

@@ -11,16 +11,21 @@ What that costs: a worker process SIGKILLed before a flush leaves the entries of
 finished in the last `interval` in the ledger, so those jobs run again once their deadline
 passes (at-least-once, as for the jobs that were running), and their stats are not counted.
 A clean shutdown flushes (`worker_shutdown`, `worker_process_shutdown`).
+
+The same thread keeps this process's sign of life in the ledger (`beat_worker`) between its
+claims, so that a bridge hands its deliveries back within seconds of its death.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import secrets
+import socket
 import threading
 import time
 
-from .sidekiq.store import SidekiqStore
+from .sidekiq.store import WORKER_BEAT, SidekiqStore
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +40,15 @@ class DeliverySettler:
         self._tokens: list[str] = []
         self._counts = [0, 0]  # processed, failed
         self._pid: int | None = None  # the process whose flusher thread is running
+        self.holder = ""  # this process, as the ledger names the claimer of a delivery
+        self._next_beat = 0.0
+
+    def start(self) -> None:
+        """Start the thread in this process (again after a fork) before its first claim."""
+        if self._pid != os.getpid():
+            with self._lock:
+                if self._pid != os.getpid():
+                    self._start()
 
     def settle(self, token: str | None, processed: int = 0, failed: int = 0) -> None:
         """Queue a finished delivery (`token` None: an untracked message) and its counts."""
@@ -65,6 +79,7 @@ class DeliverySettler:
     def _start(self) -> None:
         # Also after a fork: the parent's thread does not exist in the child, nor its queue.
         self._pid = os.getpid()
+        self.holder = f"{socket.gethostname()}:{self._pid}:{secrets.token_hex(4)}"
         self._tokens, self._counts = [], [0, 0]
         threading.Thread(target=self._run, name="gokiq-settler", daemon=True).start()
 
@@ -73,3 +88,24 @@ class DeliverySettler:
         while self._pid == pid:
             time.sleep(self.interval)
             self.flush()
+            self._beat()
+
+    def _beat(self) -> None:
+        now = time.monotonic()
+        if now < self._next_beat:
+            return
+        self._next_beat = now + WORKER_BEAT
+        try:
+            self.store.beat_worker(self.holder)
+        except Exception as exc:  # Redis away: the next beat tries again
+            log.warning("could not beat in the delivery ledger: %s", exc)
+
+    def leave(self) -> None:
+        """A clean exit: flush, then no longer a worker whose deliveries may need handing back."""
+        self.flush()
+        if self._pid == os.getpid():
+            self._pid = None  # the thread stops
+            try:
+                self.store.leave_workers(self.holder)
+            except Exception as exc:
+                log.warning("could not leave the delivery ledger: %s", exc)

@@ -39,6 +39,10 @@ class SidecarUnavailable(Exception):
     """The sidecar could not run the job; not the job's fault, so no retry is spent."""
 
 
+class SidecarDied(SidecarUnavailable):
+    """The connection broke after the job was sent: the sidecar may have died running it."""
+
+
 class SidecarTimeout(Exception):
     """The sidecar took the job but did not answer within `job_timeout`: the job's failure."""
 
@@ -138,7 +142,7 @@ class SidecarClient:
         except TimeoutError as exc:
             raise SidecarTimeout(f"no answer within {self.settings.job_timeout}s") from exc
         except (OSError, http.client.HTTPException) as exc:  # reset, closed, broken response
-            raise SidecarUnavailable(f"{self.base_url}{path}: {exc.__class__.__name__}") from exc
+            raise SidecarDied(f"{self.base_url}{path}: {exc.__class__.__name__}") from exc
         if reply.status in UNAVAILABLE_STATUSES:
             if reply.status == 401:
                 log.error("sidecar refused gokiq's token (401): check GOKIQ_SIDECAR_TOKEN")

@@ -12,18 +12,18 @@ import logging
 import time
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any
+from typing import Any, NoReturn
 
 from celery import Task
-from celery.exceptions import Ignore, Reject
+from celery.exceptions import Ignore, Reject, Retry
 from celery.signals import worker_process_shutdown, worker_shutdown
 
 from . import metrics
 from .celery_app import app
-from .messages import TASK_NAME, argsrepr, new_delivery_token
+from .messages import TASK_NAME, argsrepr, new_delivery_token, task_id
 from .settings import Settings, process_settings
 from .settler import DeliverySettler
-from .sidecar import Execution, SidecarClient, SidecarUnavailable
+from .sidecar import Execution, SidecarClient, SidecarDied, SidecarUnavailable
 from .sidekiq.job import InvalidJob, Job, poison_entry
 from .sidekiq.retry import Decision, Failure, Outcome, RetryPolicy
 from .sidekiq.store import SidekiqStore
@@ -35,6 +35,14 @@ log = logging.getLogger("gokiq.worker")
 # transaction that settles its delivery (a retry's when it is re-published: PerformTask.retry).
 # The other outcomes (unavailable, duplicate, invalid, stale) ran no job.
 RUN_COUNTS = {"ok": (1, 0), **dict.fromkeys(("parked", "dead", "dropped", "discarded"), (1, 1))}
+# Outcomes that leave the job's fate unknown: a 409 means another run of the jid is still in the
+# sidecar (e.g. one whose answer timed out), and it may yet fail with nobody to hear it. Their
+# ledger entry is not settled, so the bridge publishes the job again once the claim's deadline
+# (`run_window`) has passed.
+UNSETTLED = frozenset({"duplicate"})
+# A job the sidecar died running this many times (exit!, OOM: a connection broken after the job
+# was sent) fails with Gokiq::SidecarDied instead of going back to its queue again.
+SIDECAR_DEATHS_MAX = 3
 
 
 # What a payload's values can raise in gokiq's own handling (never Redis or broker errors, which
@@ -50,6 +58,37 @@ class JobFailed(Exception):
         self.decision = decision
 
 
+class JobEnded(Exception):
+    """The job failed for good (dead set, dropped, discarded, not a job), its fate stored and its
+    delivery settled: the task fails, so Flower shows it as FAILURE with the error. Celery acks a
+    failed task like any other."""
+
+    def __init__(self, outcome: str, error: str) -> None:
+        super().__init__(f"{outcome}: {error}"[:500])
+        self.outcome, self.error = outcome, error
+
+    def __reduce__(self):  # Celery pickles a task's exception (for its events and backend)
+        return type(self), (self.outcome, self.error)
+
+
+class JobParked(Exception):
+    """A retry parked in Sidekiq's `retry` set, delivery settled: the task ends as a Celery
+    retry (RETRY in Flower, a task-retried event) although the bridge, not Celery, re-sends it."""
+
+    outcome = "parked"
+
+    def __init__(self, error: str, delay: float) -> None:
+        super().__init__(error[:500])
+        self.error, self.delay = error, delay
+
+    def __reduce__(self):
+        return type(self), (self.error, self.delay)
+
+
+def _error(failure: Failure) -> str:
+    return f"{failure.error_class}: {failure.error_message}"
+
+
 @dataclass
 class Worker:
     """What a worker process needs to run jobs, built once per process (after a fork)."""
@@ -59,9 +98,12 @@ class Worker:
     sidecar: SidecarClient
     policy: RetryPolicy
     settler: DeliverySettler = field(init=False)
+    served_queues: frozenset[str] = field(init=False)
 
     def __post_init__(self) -> None:
         self.settler = DeliverySettler(self.store)
+        # The Sidekiq queues gokiq hands over: a worker consumes their Celery queues.
+        self.served_queues = frozenset(spec.name for spec in self.settings.queues)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Worker:
@@ -80,25 +122,35 @@ class Worker:
         return self.policy.versions
 
     def perform(self, payload: str, queue: str, delivery: str | None = None) -> str:
-        """Run one delivery of a job; return its outcome, or raise `JobFailed` for a Celery retry.
+        """Run one delivery of a job; return its outcome, or raise `JobFailed` for a Celery retry,
+        `JobParked` for a retry parked in the retry set, `JobEnded` for a job that failed for good.
 
         `delivery` is the message's token in the delivery ledger (None: published without one,
         run untracked). The token is settled (in the next batch of `DeliverySettler`) once the
-        job's fate is stored; if this process dies first, the bridge publishes the job again
-        when the token's deadline passes.
+        job's fate is stored; if this process dies first, a bridge publishes the job again
+        once the process has been silent for WORKER_TTL (the claim names it).
         """
         deadline = time.time() + self.settings.run_window
-        if delivery and not self.store.claim_delivery(delivery, deadline):
+        self.settler.start()
+        if delivery and not self.store.claim_delivery(delivery, deadline, self.settler.holder):
             log.info(
                 "stale message skipped: its job was settled or published again",
                 extra={"queue": queue, "delivery": delivery},
             )
             return "stale"
-        outcome = self._perform(payload, queue)
+        try:
+            outcome = self._perform(payload, queue)
+        except (JobEnded, JobParked) as ended:
+            self._settle(delivery, ended.outcome)
+            raise
+        if outcome not in UNSETTLED:
+            self._settle(delivery, outcome)
+        return outcome
+
+    def _settle(self, delivery: str | None, outcome: str) -> None:
         processed, failed = RUN_COUNTS.get(outcome, (0, 0))
         if delivery or processed:
             self.settler.settle(delivery, processed, failed)
-        return outcome
 
     def _perform(self, payload: str, queue: str) -> str:
         started = time.monotonic()
@@ -110,11 +162,14 @@ class Worker:
                 "invalid job payload sent to the dead set: %s", exc.reason, extra={"queue": queue}
             )
             metrics.JOBS.labels(self._queue_label(queue), "(invalid)", "invalid").inc()
-            return "invalid"
+            raise JobEnded("invalid", exc.reason) from None
         outcome = "retry"
         try:
             outcome = self._run(job, queue)
             return outcome
+        except (JobEnded, JobParked) as ended:
+            outcome = ended.outcome
+            raise
         finally:
             labels = self._queue_label(queue), metrics.CLASS_LABELS.label(job), outcome
             metrics.JOBS.labels(*labels).inc()
@@ -127,20 +182,24 @@ class Worker:
         try:
             execution = self.sidecar.execute(job, queue)
         except SidecarUnavailable as exc:
-            return self._put_back(job, queue, exc)
+            killer = self._killed_sidecar(job, exc)
+            if killer is None:
+                return self._put_back(job, queue, exc)
+            execution = killer
         if execution.status in metrics.RESOLVED_STATUSES:
             metrics.CLASS_LABELS.learn(job)
         try:
             return self._handle_result(job, queue, execution)
         except UNHANDLED_PAYLOAD_ERRORS as exc:
-            # The job ran, but something in its payload breaks what follows. Raising would leave
-            # its delivery unsettled and the job re-published (and run) forever: bury it.
-            self.store.add_dead(poison_entry(job.text, f"{type(exc).__name__}: {exc}"[:500]))
+            # The job ran, but something in its payload breaks what follows. Raising it would
+            # leave its delivery unsettled and the job re-published (and run) forever: bury it.
+            error = f"{type(exc).__name__}: {exc}"[:500]
+            self.store.add_dead(poison_entry(job.text, error))
             log.error(
                 "job ran, but its payload broke its retry handling: sent to the dead set",
                 extra=job.log_context(queue),
             )
-            return "dead"
+            raise JobEnded("dead", error) from None
 
     def _put_back(self, job: Job, queue: str, reason: Exception) -> str:
         # Not the job's fault: back to the tail of its queue (it runs next), no retry spent.
@@ -151,6 +210,19 @@ class Worker:
             extra=job.log_context(queue),
         )
         return "unavailable"
+
+    def _killed_sidecar(self, job: Job, exc: SidecarUnavailable) -> Execution | None:
+        """The failure of a job the sidecar died running SIDECAR_DEATHS_MAX times, else None.
+
+        Every job in flight when the sidecar dies gets a death on its count; only one that kills
+        it each time it runs reaches the limit (the count lives SIDECAR_DEATHS_TTL)."""
+        if not isinstance(exc, SidecarDied) or not job.jid:
+            return None
+        deaths = self.store.count_sidecar_death(job.jid)
+        if deaths < SIDECAR_DEATHS_MAX:
+            return None
+        message = f"the sidecar died {deaths} times while running this job (exit!, out of memory?)"
+        return Execution("failed", failure=Failure("Gokiq::SidecarDied", message))
 
     def _handle_result(self, job: Job, queue: str, execution: Execution) -> str:
         if execution.status == "duplicate":
@@ -181,20 +253,23 @@ class Worker:
         )
         return self._carry_out(job, queue, failure, decision)
 
-    def _carry_out(self, job: Job, queue: str, failure: Failure, decision: Decision) -> str:
+    def _carry_out(self, job: Job, queue: str, failure: Failure, decision: Decision) -> NoReturn:
         outcome = decision.outcome
         if outcome is Outcome.RETRY:
-            if decision.delay <= self.settings.max_celery_countdown:
+            # A retry_queue no worker consumes would hold a Celery retry for ever: the retry
+            # set instead, whence the bridge moves it to that Sidekiq queue when due.
+            short = decision.delay <= self.settings.max_celery_countdown
+            if short and decision.job.queue in self.served_queues:
                 raise JobFailed(decision, failure)
             self.park(decision)
-            return "parked"
+            raise JobParked(_error(failure), decision.delay)
         if outcome is Outcome.DEAD:
             self._bury(decision, failure)
-            return "dead"
+            raise JobEnded("dead", _error(failure))
         if outcome is Outcome.DROP or self.versions.require().major >= 8:
             # `retry: false` (and 8.x's :discard) still runs the app's death handlers.
             self._exhausted_hooks(decision.job, failure, run_hook=False, death_handlers=True)
-        return "dropped" if outcome is Outcome.DROP else "discarded"
+        raise JobEnded("dropped" if outcome is Outcome.DROP else "discarded", _error(failure))
 
     def park(self, decision: Decision) -> None:
         """Hold a retry in Sidekiq's `retry` set; the bridge re-enqueues it when due."""
@@ -240,6 +315,7 @@ class PerformTask(Task):
     """Celery's retry machinery, driven by Sidekiq's count: `request.retries` = failures so far."""
 
     autoretry_for = (JobFailed,)
+    throws = (JobEnded,)  # an expected failure: logged in one line, no traceback
     retry_backoff = False  # the delay is Sidekiq's curve (count⁴ + 15 + jitter), set per retry
     retry_jitter = False
     acks_late = True
@@ -284,6 +360,7 @@ class PerformTask(Task):
                 max_retries=decision.limit,
                 argsrepr=argsrepr(decision.job, queue),
                 queue=settings.celery_queue(queue),
+                task_id=task_id(decision.job),  # a run of its own: this one stays RETRY in Flower
             )
         except Reject:
             # Re-publishing failed (broker down): keep the job in Sidekiq's retry set instead.
@@ -295,7 +372,10 @@ class PerformTask(Task):
 # Not shared: other Celery apps in the same process (the bridge's, tests') must not inherit it.
 @app.task(bind=True, base=PerformTask, name=TASK_NAME, shared=False)
 def perform(self: PerformTask, payload: str, queue: str, delivery: str | None = None) -> str:
-    return self.worker.perform(payload, queue, delivery)
+    try:
+        return self.worker.perform(payload, queue, delivery)
+    except JobParked as parked:  # acked like any retry: the job waits in Sidekiq's retry set
+        raise Retry(exc=parked, when=parked.delay) from None
 
 
 @worker_shutdown.connect  # the threads pool (and solo) run jobs in the main process
@@ -303,4 +383,4 @@ def perform(self: PerformTask, payload: str, queue: str, delivery: str | None = 
 def _flush_settlements(**_kwargs) -> None:
     worker = perform.__dict__.get("worker")  # built on a process's first job, if any
     if worker is not None:
-        worker.settler.flush()
+        worker.settler.leave()

@@ -10,6 +10,8 @@ chosen by its class name, and every call is recorded for the test to read back.
   SlowJob            args [seconds]: sleeps, then 200
   CloseJob           200 with `Connection: close`, then closes the connection
   HangUpJob          200, then closes the connection without saying so (an idle timeout)
+  BusyJob            409 "duplicate": another run of the jid holds it
+  CrashJob           no answer, the connection closed: the sidecar died running the job
 """
 
 from __future__ import annotations
@@ -81,6 +83,10 @@ class StandInSidecar:
                 if self.headers.get("Authorization") != f"Bearer {TOKEN}":
                     return self._send(401, {"status": "unauthorized"})
                 queue = self.headers.get("X-Gokiq-Queue", "")
+                if body.get("class") == "CrashJob":
+                    sidecar.respond("execute", body, queue)  # recorded as run
+                    self.close_connection = True
+                    return None
                 self._send(*sidecar.respond(self.path.rsplit("/jobs/", 1)[-1], body, queue))
                 if body.get("class") in ("CloseJob", "HangUpJob"):
                     self.close_connection = True
@@ -106,6 +112,8 @@ def _behaviour(job: dict, run: int) -> tuple[int, dict]:
     cls, args = job.get("class"), job.get("args") or []
     if cls in ("OkJob", "HangUpJob"):
         return 200, {"status": "ok", "execution_time": 0.001}
+    if cls == "BusyJob":
+        return 409, {"status": "duplicate"}
     if cls == "CloseJob":
         return 200, {"status": "ok", "execution_time": 0.001, "close": True}
     if cls == "SlowJob":

@@ -56,7 +56,8 @@ def test_the_one_lpush_fast_path_writes_what_kombus_producer_writes(bridge_env):
         return out
 
     assert envelopes("fast") == envelopes("slow")
-    assert [m["headers"]["id"] for m in bridge_env.messages("fast")] == [j.jid for j in jobs]
+    ids = [m["headers"]["id"] for m in bridge_env.messages("fast")]
+    assert ids == [f"{job.jid}.{n + 1}" for n, job in enumerate(jobs)]  # the run after n failures
 
 
 def test_a_celery_worker_runs_what_the_bridge_published(bridge_env):
@@ -79,5 +80,5 @@ def test_a_celery_worker_runs_what_the_bridge_published(bridge_env):
         assert done.wait(20)
     assert sorted(seen) == [
         (f"{1:024x}", 0, jobs[0], "default", "x"),
-        (f"{2:024x}", 1, jobs[1], "default", "y"),
+        (f"{2:024x}.1", 1, jobs[1], "default", "y"),  # the run after a failure
     ]

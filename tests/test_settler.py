@@ -3,6 +3,8 @@ is away for a moment, and a worker's shutdown writes what is pending."""
 
 from __future__ import annotations
 
+import time
+
 import redis
 from celery.signals import worker_process_shutdown, worker_shutdown
 
@@ -10,6 +12,7 @@ from gokiq_celery.messages import new_delivery_token
 from gokiq_celery.settings import load_settings
 from gokiq_celery.settler import DeliverySettler
 from gokiq_celery.sidekiq import RetryPolicy, SidekiqStore
+from gokiq_celery.sidekiq.store import WORKER_BEAT, WORKERS
 from gokiq_celery.tasks import Worker, perform
 
 from .conftest import free_port, wait_for
@@ -66,3 +69,20 @@ def test_a_worker_shutting_down_writes_what_is_pending(redis_url, redis_client):
         del perform.__dict__["worker"]
         if saved is not None:
             perform.worker = saved
+
+
+def test_the_settling_thread_keeps_the_process_alive_in_the_ledger_until_it_leaves(redis_client):
+    """Between claims (a long job, an idle worker) the thread's beats are the process's signs of
+    life; a clean exit leaves, so a bridge has nothing to hand back."""
+    store = SidekiqStore(redis_client)
+    settler = DeliverySettler(store)
+    settler.start()
+    wait_for(lambda: redis_client.zscore(WORKERS, settler.holder), message="no beat")
+    redis_client.zadd(WORKERS, {settler.holder: 0})  # as if its last sign of life were old
+    wait_for(
+        lambda: redis_client.zscore(WORKERS, settler.holder) > time.time() - 10,
+        timeout=WORKER_BEAT + 5,
+        message="the beat stopped",
+    )
+    settler.leave()
+    assert redis_client.zrange(WORKERS, 0, -1) == []

@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
+import socket
+import threading
 import time
 from datetime import UTC, datetime
 
 import pytest
+import redis
 
+from gokiq_celery.settings import load_settings
 from gokiq_celery.sidekiq import Job, SidekiqStore
+from gokiq_celery.sidekiq.store import DELIVERY_DEADLINES, DELIVERY_HOLDERS, WORKERS
+
+from .conftest import start_redis
 
 
 def make(jid: str, **fields) -> Job:
@@ -74,8 +82,8 @@ def test_delivery_ledger_claim_settle_and_overdue(redis_client):
         [("t1", "default", '{"class":"A","args":[]}'), ("t2", "low", '{"class":"B","args":[]}')],
         deadline=now + 10,
     )
-    assert store.claim_delivery("t1", now + 600)
-    assert not store.claim_delivery("unknown", now + 600)
+    assert store.claim_delivery("t1", now + 600, "w1")
+    assert not store.claim_delivery("unknown", now + 600, "w1")
     store.extend_deliveries(["t1", "t2"], now + 300)  # never shortens t1's claim
     assert redis_client.zscore("gokiq:deliveries:due", "t1") == pytest.approx(now + 600)
     assert redis_client.zscore("gokiq:deliveries:due", "t2") == pytest.approx(now + 300)
@@ -84,10 +92,34 @@ def test_delivery_ledger_claim_settle_and_overdue(redis_client):
     second = store.take_overdue_deliveries(now + 400, ["m1"], now + 1000)
     assert first == [("n1", "low", '{"class":"B","args":[]}')] and second == []
     assert store.delivery_tokens() == ["n1", "t1"]
-    assert not store.claim_delivery("t2", now + 600)  # the old message is stale
+    assert not store.claim_delivery("t2", now + 600, "w1")  # the old message is stale
     store.replace_delivery("t1", "r1", "default", '{"class":"A","args":[1]}', now + 20)
     store.settle_deliveries(["n1"])
     assert store.delivery_tokens() == ["r1"] and store.deliveries_pending() == 1
+    assert redis_client.hkeys(DELIVERY_HOLDERS) == []  # t1's claimer forgotten with it
+
+
+def test_a_dead_worker_process_s_deliveries_are_handed_back_at_once(redis_client):
+    """Claimed by a process silent for WORKER_TTL, or unclaimed and published before it died
+    (maybe in its prefetch): due now. Claimed by a live process, published after the death, or
+    a countdown retry not yet due: untouched."""
+    store = SidekiqStore(redis_client)
+    now = time.time()
+    entries = [(token, "default", make(token).text) for token in ("run", "busy", "new", "eta")]
+    store.record_deliveries(entries, deadline=now - 100 + 300)  # published 100 s ago
+    store.extend_deliveries(["eta"], now + 200 + 300)  # a countdown retry due in 200 s
+    assert store.claim_delivery("run", now + 600, "dead")
+    assert store.claim_delivery("busy", now + 600, "alive")
+    redis_client.zadd(WORKERS, {"dead": now - 60})  # its last sign of life
+    store.record_deliveries([("later", "default", make("later").text)], deadline=now + 300)
+
+    assert store.recover_dead_workers(delivery_timeout=300, now=now) == (2, ["dead"])
+    taken = store.take_overdue_deliveries(now, ["n1", "n2", "n3"], now + 30)
+    assert sorted(Job.parse(payload).jid for _, _, payload in taken) == ["new", "run"]
+    assert store.recover_dead_workers(delivery_timeout=300, now=now) == (0, [])
+    assert redis_client.zscore(DELIVERY_DEADLINES, "busy") == pytest.approx(now + 600)
+    assert redis_client.zscore(DELIVERY_DEADLINES, "eta") == pytest.approx(now + 500)
+    assert redis_client.zscore(DELIVERY_DEADLINES, "later") == pytest.approx(now + 300)
 
 
 def test_ledger_entries_keep_any_queue_name_and_payload_exact(redis_client):
@@ -96,3 +128,36 @@ def test_ledger_entries_keep_any_queue_name_and_payload_exact(redis_client):
     store.record_deliveries(odd, deadline=1.0)
     taken = store.take_overdue_deliveries(2.0, ["n1", "n2"], deadline=10.0)
     assert sorted((q, p) for _, q, p in taken) == sorted((q, p) for _, q, p in odd)
+
+
+def test_a_stalled_redis_raises_instead_of_hanging(monkeypatch):
+    """Every process's client (bridge, worker) times out on a Redis that accepts and never
+    answers, as a stalled or half-dead server does."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        port = silent.getsockname()[1]
+        monkeypatch.setattr(SidekiqStore, "SOCKET_TIMEOUT", 0.5)
+        store = SidekiqStore.from_settings(load_settings(redis_url=f"redis://127.0.0.1:{port}/0"))
+        with pytest.raises(redis.TimeoutError):
+            store.redis.ping()
+
+
+def test_a_command_caught_in_a_redis_restart_completes_once_redis_is_back(tmp_path):
+    """Redis closes every connection when it restarts and refuses new ones until it is up: the
+    client reconnects and sends the command again instead of failing the job's step."""
+    server = start_redis(tmp_path / "redis")
+    store = SidekiqStore.from_settings(load_settings(redis_url=server.url(0)))
+    try:
+        store.redis.ping()  # a pooled connection, cut by the restart
+        server.process.terminate()
+        server.process.wait(10)
+        restart = threading.Timer(4, lambda: start_redis(server.dir, server.port))
+        restart.start()
+        store.push("default", make("during-the-restart").text)
+        restart.join()
+        assert store.queue_size("default") == 1
+    finally:
+        stop = redis.Redis(port=server.port)
+        with contextlib.suppress(redis.RedisError):
+            stop.shutdown(nosave=True)

@@ -3,6 +3,7 @@ redis-server as Sidekiq's Redis and as the broker, and a real HTTP server for th
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import time
@@ -10,6 +11,7 @@ import time
 import pytest
 from celery.canvas import Signature
 from celery.contrib.testing.worker import start_worker
+from celery.signals import task_failure, task_retry, task_success
 
 from gokiq_celery import metrics
 from gokiq_celery.celery_app import app
@@ -18,7 +20,8 @@ from gokiq_celery.settings import load_settings
 from gokiq_celery.sidecar import SidecarClient
 from gokiq_celery.sidekiq import Job, RetryPolicy, SidekiqStore
 from gokiq_celery.sidekiq.retry import decode_backtrace
-from gokiq_celery.tasks import Worker, perform
+from gokiq_celery.sidekiq.store import DELIVERY_DEADLINES
+from gokiq_celery.tasks import SIDECAR_DEATHS_MAX, Worker, perform
 
 from .conftest import free_port, wait_for
 from .stand_in_sidecar import TOKEN, StandInSidecar
@@ -44,6 +47,7 @@ def stack(redis_server):
             breaker_reset_timeout=1,
             breaker_fail_max=3,
             sidekiq_version=7,  # the stand-in sidecar publishes none
+            queues="default critical low",
         )
         store = SidekiqStore.from_settings(settings)
         perform.worker = Worker(
@@ -93,6 +97,23 @@ def settle(broker) -> None:
         ),
         message="messages never acked",
     )
+
+
+@contextlib.contextmanager
+def worker_with(store: SidekiqStore, **settings_overrides):
+    """The module's worker runs with other settings (another sidecar, say) for a while."""
+    settings = load_settings(
+        redis_url=perform.worker.settings.redis_url,
+        sidecar_token=TOKEN,
+        queues="default critical low",
+        **settings_overrides,
+    )
+    healthy = perform.worker
+    perform.worker = Worker(settings, store, SidecarClient(settings, store.redis), healthy.policy)
+    try:
+        yield
+    finally:
+        perform.worker = healthy
 
 
 def dead_jobs(store: SidekiqStore) -> list[Job]:
@@ -206,20 +227,10 @@ def test_invalid_payload_goes_to_dead_set_verbatim(env):
 
 def test_sidecar_down_spends_no_retry(env, stack):
     _sidecar, store = env
-    settings = load_settings(
-        redis_url=perform.worker.settings.redis_url,
-        sidecar_token=TOKEN,
-        sidecar_url=f"http://127.0.0.1:{free_port()}",
-        breaker_fail_max=50,
-    )
-    healthy = perform.worker
-    perform.worker = Worker(settings, store, SidecarClient(settings, store.redis), healthy.policy)
-    try:
+    with worker_with(store, sidecar_url=f"http://127.0.0.1:{free_port()}", breaker_fail_max=50):
         job = make_job("OkJob", [7])
         send(job, "critical")
         wait_for(lambda: store.queue_size("critical") == 1, message="job not put back")
-    finally:
-        perform.worker = healthy
     [raw] = store.queue_jobs("critical")
     assert raw == job.raw  # the same bytes, no retry_count, no error fields
     assert store.stats() == {"processed": 0, "failed": 0}
@@ -382,3 +393,105 @@ def test_class_labels_are_capped():
     for job in jobs:
         labels.learn(job)
     assert [labels.label(job) for job in jobs] == ["Job0", "Job1", "(other)"]
+
+
+def test_a_409_leaves_the_job_in_the_ledger_until_the_other_run_is_over(env, stack):
+    """409: another run of the jid still holds it (one whose answer timed out, say) and may yet
+    fail unheard. This delivery must not settle the job: the ledger publishes it again later."""
+    sidecar, store = env
+    job = make_job("BusyJob", [])
+    token = send_tracked(store, job)
+    wait_for(lambda: sidecar.executed(job.jid), message="job never reached the sidecar")
+    settle(stack[2])
+    perform.worker.settler.flush()
+    assert store.delivery_tokens() == [token]
+    deadline = store.redis.zscore(DELIVERY_DEADLINES, token)
+    assert deadline > time.time() + perform.worker.settings.job_timeout
+    assert store.stats() == {"processed": 0, "failed": 0}
+
+
+def test_a_job_that_keeps_killing_the_sidecar_fails_after_a_few_deaths(env, stack):
+    """A connection cut after the job was sent is a sidecar death: put back (not the job's
+    fault) until the same jid has been in flight at SIDECAR_DEATHS_MAX of them."""
+    sidecar, store = env
+    job = make_job("CrashJob", [], retry=0)
+    # breaker_fail_max: the deaths must not open the other tests' breaker
+    with worker_with(store, sidecar_url=sidecar.url, breaker_fail_max=50):
+        send(job)
+        for death in range(1, SIDECAR_DEATHS_MAX):
+            wait_for(lambda: store.queue_size("default") == 1, message=f"not put back ({death})")
+            again = Job.parse(store.redis.rpop("queue:default"))
+            assert "retry_count" not in again  # no retry spent on a death below the limit
+            send(again)
+        wait_for(lambda: dead_jobs(store), message="the sidecar's killer never failed")
+    [dead] = dead_jobs(store)
+    assert dead.jid == job.jid and dead.get("error_class") == "Gokiq::SidecarDied"
+    assert len(sidecar.executed(job.jid)) == SIDECAR_DEATHS_MAX
+    assert store.queue_size("default") == 0
+
+
+def test_a_retry_queue_no_worker_consumes_is_parked_in_the_retry_set(env, stack):
+    """A Celery retry sent to a queue nobody consumes would wait there for ever."""
+    sidecar, store = env
+    job = make_job("FailJob", [1], retry_queue="nobody-consumes")
+    send(job)
+    wait_for(lambda: store.retry_set(), message="retry not parked")
+    settle(stack[2])
+    [(raw, score)] = store.retry_set()
+    parked = Job.parse(raw)
+    assert parked.queue == "nobody-consumes" and parked.get("retry_count") == 0
+    assert score <= time.time() + 2  # due after the job's own short delay
+    assert stack[2].llen("nobody-consumes") == 0
+    assert len(sidecar.executed(job.jid)) == 1
+
+
+@pytest.fixture
+def task_states():
+    """What Flower would show: the final state of each task id, from Celery's own signals."""
+    states: dict[str, tuple[str, str]] = {}
+
+    def record(state):
+        def receiver(sender=None, request=None, task_id=None, exception=None, reason=None, **kw):
+            tid = task_id or (request.id if request is not None else None)
+            if tid is None:  # task_success: the task's own request
+                tid = sender.request.id
+            states[tid] = (state, str(exception or reason or kw.get("result")))
+
+        return receiver
+
+    receivers = {
+        task_failure: record("FAILURE"),
+        task_retry: record("RETRY"),
+        task_success: record("SUCCESS"),
+    }
+    for signal, receiver in receivers.items():
+        signal.connect(receiver, weak=False)
+    yield states
+    for signal, receiver in receivers.items():
+        signal.disconnect(receiver)
+
+
+def test_flower_sees_a_dead_job_fail_and_each_retried_attempt_as_a_retry(env, task_states):
+    _sidecar, store = env
+    dead = make_job("FailJob", [0], retry=1)  # retry_in 0: retried at once, then dead
+    flaky = make_job("FlakyJob", [1, 0])
+    parked = make_job("FailJob", [1000])
+    send(dead)
+    send(flaky)
+    send(parked)
+    wait_for(lambda: len(task_states) == 5, timeout=20, message=f"tasks: {task_states}")
+    assert task_states[dead.jid][0] == "RETRY"
+    assert task_states[f"{dead.jid}.1"] == ("FAILURE", "dead: ArgumentError: boom")
+    assert task_states[flaky.jid][0] == "RETRY" and "flaky 1" in task_states[flaky.jid][1]
+    assert task_states[f"{flaky.jid}.1"] == ("SUCCESS", "ok")
+    assert task_states[parked.jid][0] == "RETRY"  # parked in the retry set: still a retry
+    assert [job.jid for job in dead_jobs(store)] == [dead.jid]
+
+
+def test_a_job_put_back_for_the_sidecar_is_neither_failed_nor_retried(env, stack, task_states):
+    _sidecar, store = env
+    with worker_with(store, sidecar_url=f"http://127.0.0.1:{free_port()}", breaker_fail_max=50):
+        job = make_job("OkJob", [7])
+        send(job)
+        wait_for(lambda: job.jid in task_states, message="task never ended")
+    assert task_states[job.jid] == ("SUCCESS", "unavailable")

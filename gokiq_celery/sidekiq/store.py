@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pybreaker
 import redis
+from redis.backoff import EqualJitterBackoff
+from redis.retry import Retry
 
 from .job import Job
 from .version import SidekiqVersion
@@ -47,6 +49,16 @@ BRIDGES = "gokiq:bridges"
 # again under a new token, and a message whose token is no longer here is stale and skipped.
 DELIVERIES = "gokiq:deliveries"  # hash: token -> {"queue": ..., "payload": job text}
 DELIVERY_DEADLINES = "gokiq:deliveries:due"  # zset: token -> when to presume the message lost
+# How many times the sidecar died while running a job (a counter per jid, with a TTL): a job
+# that keeps killing it (exit!, OOM) is failed instead of being put back for ever.
+SIDECAR_DEATHS_TTL = 3600
+# Who claimed each delivery, and each claiming worker process's last sign of life (a claim, or
+# a beat every WORKER_BEAT seconds): a process silent for WORKER_TTL is dead, and its
+# deliveries are handed back at once (lua/recover_workers.lua), not at their deadline.
+DELIVERY_HOLDERS = "gokiq:deliveries:holders"  # hash: token -> worker process
+WORKERS = "gokiq:workers"  # zset: worker process -> last sign of life
+WORKER_TTL = 15.0
+WORKER_BEAT = 3.0
 SCHEDULED_SETS = (RETRY, SCHEDULE)  # the poller's order: retries first, as Sidekiq does
 # The app's `Sidekiq::VERSION`, written by every sidecar when it boots (see sidekiq/version.py).
 SIDEKIQ_VERSION_KEY = "gokiq:sidekiq_version"
@@ -56,6 +68,10 @@ _LUA_DIR = Path(__file__).with_name("lua")
 
 def queue_key(queue: str) -> str:
     return f"queue:{queue}"
+
+
+def sidecar_deaths_key(jid: str) -> str:
+    return f"gokiq:sidecar-deaths:{jid}"
 
 
 def bridge_key(bridge_id: str) -> str:
@@ -127,10 +143,32 @@ class SidekiqStore:
         self.dead_timeout_in_seconds = dead_timeout_in_seconds
         self._scripts: dict[str, redis.commands.core.Script] = {}
 
+    # Timeouts so that a stalled Redis raises (and is retried) instead of hanging a thread.
+    SOCKET_TIMEOUT = 10.0
+    CONNECT_TIMEOUT = 3.0
+    # A Redis that restarts closes every connection, and refuses new ones until it has loaded
+    # its data. A command caught in that (even one Redis ran, but whose reply was lost: a claim
+    # of a delivery) is sent again on a new connection for ~15 s, not failed: a job whose claim
+    # "failed" after Redis had written it would otherwise wait for its deadline (run_window).
+    RECONNECT_RETRIES = 20
+
+    @classmethod
+    def _reconnecting(cls) -> Retry:
+        backoff = EqualJitterBackoff(cap=1.0, base=0.1)
+        return Retry(backoff, cls.RECONNECT_RETRIES, supported_errors=(redis.ConnectionError,))
+
     @classmethod
     def from_settings(cls, settings) -> SidekiqStore:  # settings: gokiq_celery.settings.Settings
+        """The one way every process (bridge, worker, Flower) connects to Sidekiq's Redis."""
+        client = redis.Redis.from_url(
+            settings.redis_url,
+            socket_timeout=cls.SOCKET_TIMEOUT,
+            socket_connect_timeout=cls.CONNECT_TIMEOUT,
+            health_check_interval=30,
+            retry=cls._reconnecting(),
+        )
         return cls(
-            redis.Redis.from_url(settings.redis_url),
+            client,
             dead_max_jobs=settings.dead_max_jobs,
             dead_timeout_in_seconds=settings.dead_timeout_in_seconds,
         )
@@ -449,10 +487,31 @@ class SidekiqStore:
                 DELIVERY_DEADLINES, dict.fromkeys(tokens, _score(deadline)), xx=True, gt=True
             )
 
-    def claim_delivery(self, token: str, deadline: float) -> bool:
-        """A worker starts a delivery: False if the token is stale (settled or re-published)."""
-        keys = [DELIVERIES, DELIVERY_DEADLINES]
-        return bool(self.script("claim_delivery")(keys=keys, args=[token, _score(deadline)]))
+    def claim_delivery(self, token: str, deadline: float, holder: str) -> bool:
+        """Worker process `holder` starts a delivery: False if the token is stale (settled or
+        re-published)."""
+        keys = [DELIVERIES, DELIVERY_DEADLINES, DELIVERY_HOLDERS, WORKERS]
+        args = [token, _score(deadline), holder, _score(time.time())]
+        return bool(self.script("claim_delivery")(keys=keys, args=args))
+
+    def beat_worker(self, holder: str) -> None:
+        """A sign of life of a worker process between claims (a long job, an idle worker)."""
+        self.redis.zadd(WORKERS, {holder: _score(time.time())})
+
+    def leave_workers(self, holder: str) -> None:
+        """A clean exit: what the process held is settled, nothing to hand back."""
+        self.redis.zrem(WORKERS, holder)
+
+    def recover_dead_workers(
+        self, delivery_timeout: float, now: float | None = None
+    ) -> tuple[int, list[str]]:
+        """Hand back the deliveries of worker processes silent for WORKER_TTL (see
+        lua/recover_workers.lua): returns (deliveries handed back, dead processes)."""
+        now = time.time() if now is None else now
+        keys = [WORKERS, DELIVERY_DEADLINES, DELIVERY_HOLDERS]
+        args = [_score(now), _score(WORKER_TTL), _score(delivery_timeout)]
+        count, *dead = self.script("recover_workers")(keys=keys, args=args)
+        return int(count), [holder.decode() for holder in dead]
 
     def settle_deliveries(
         self, tokens: Sequence[str], *, processed: int = 0, failed: int = 0, now=None
@@ -469,6 +528,7 @@ class SidekiqStore:
         if tokens:
             pipe.hdel(DELIVERIES, *tokens)
             pipe.zrem(DELIVERY_DEADLINES, *tokens)
+            pipe.hdel(DELIVERY_HOLDERS, *tokens)
 
     def replace_delivery(
         self, old: str | None, new: str, queue: str, payload: str, deadline: float
@@ -486,7 +546,7 @@ class SidekiqStore:
     ) -> list[tuple[str, str, str]]:
         """Re-token up to len(fresh_tokens) overdue entries, atomically (safe with many
         bridges): returns (new token, queue, payload) to publish again."""
-        keys = [DELIVERIES, DELIVERY_DEADLINES]
+        keys = [DELIVERIES, DELIVERY_DEADLINES, DELIVERY_HOLDERS]
         args = [_score(now), _score(deadline), *fresh_tokens]
         flat = self.script("take_overdue_deliveries")(keys=keys, args=args)
         return [
@@ -499,6 +559,15 @@ class SidekiqStore:
 
     def delivery_tokens(self) -> list[str]:
         return sorted(token.decode() for token in self.redis.hkeys(DELIVERIES))
+
+    def count_sidecar_death(self, jid: str) -> int:
+        """The sidecar died while running `jid`: one more death on its count (kept
+        SIDECAR_DEATHS_TTL after the last one). Returns the count."""
+        key = sidecar_deaths_key(jid)
+        with self.redis.pipeline(transaction=True) as pipe:
+            pipe.incr(key)
+            pipe.expire(key, SIDECAR_DEATHS_TTL)
+            return int(pipe.execute()[0])
 
     # -- the sidecar's circuit breaker, as the workers share it --------------------------------
 

@@ -103,6 +103,13 @@ class Service:
         if self.proc is not None:
             self.proc.wait(10)
 
+    def kill9_group(self) -> None:
+        """SIGKILL the process and every child of it (prefork's pool, anything it started)."""
+        if self.alive():
+            os.killpg(self.proc.pid, signal.SIGKILL)  # start_new_session: its own group
+        if self.proc is not None:
+            self.proc.wait(10)
+
     def stop(self, timeout: float = 30.0) -> int | None:
         """SIGTERM (a clean shutdown), SIGKILL after `timeout`."""
         if not self.alive():
@@ -151,9 +158,11 @@ class Stack:
         extra_env: dict[str, str] | None = None,
         bin_dir: Path = VENV_BIN,
         workdir: Path = REPO,
+        redis_args: Iterable[str] = (),
     ) -> None:
         self.tmp = tmp
-        self.redis: RedisServer = start_redis(tmp / "redis")
+        self.redis_args = tuple(redis_args)
+        self.redis: RedisServer = start_redis(tmp / "redis", None, *self.redis_args)
         self.redis_url = self.redis.url(0)
         self.broker_url = self.redis.url(1)
         self.db_path = tmp / "example.sqlite3"
@@ -278,6 +287,15 @@ class Stack:
         service = self.add_service(name, ["sidekiq", *args], listed, cwd=EXAMPLE_APP)
         return service
 
+    def restart_redis(self, down: float) -> float:
+        """SIGTERM redis-server (it writes its AOF and exits, as a restart does), keep it down
+        `down` seconds, start it on the same port and data. Returns when it answers again."""
+        self.redis.process.terminate()
+        self.redis.process.wait(30)
+        time.sleep(down)
+        self.redis = start_redis(self.redis.dir, self.redis.port, *self.redis_args)
+        return time.time()
+
     # -- the app's side: real Sidekiq client, Sidekiq's API, the app's database ------------
 
     def api(self, *ops: dict[str, Any], timeout: float = 180) -> list[Any]:
@@ -392,7 +410,8 @@ def running(s: Stack) -> Iterator[Stack]:
 @pytest.fixture(scope="module")
 def stack(request, tmp_path_factory) -> Iterator[Stack]:
     extra = getattr(request.module, "STACK_ENV", {})
-    with running(Stack(tmp_path_factory.mktemp("stack"), extra)) as s:
+    redis_args = getattr(request.module, "REDIS_ARGS", ())
+    with running(Stack(tmp_path_factory.mktemp("stack"), extra, redis_args)) as s:
         yield s
 
 

@@ -73,3 +73,34 @@ def test_flower_shows_jobs_as_sidekiq_would(stack: Stack, flower):
     lines = [line for line in service.lines() if line.strip() and not line.startswith("=====")]
     assert lines and all(line.lstrip().startswith("{") for line in lines), lines[:5]
     assert any(event.get("logger") == "flower.command" for event in service.json_lines())
+
+
+def _tasks(flower: str, state: str) -> dict:
+    """Flower's own filter (the Failed / Retried views): tasks in `state`, by task id."""
+    response = requests.get(f"{flower}/api/tasks", params={"state": state}, auth=AUTH, timeout=5)
+    response.raise_for_status()
+    return response.json()
+
+
+def test_flower_filters_find_dead_jobs_and_retried_attempts(stack: Stack, flower):
+    """A job that went to the dead set is a FAILURE, with its error; each attempt that failed
+    and was retried stays a RETRY (the next run is a task of its own, `<jid>.<n>`)."""
+    flower, _service = flower
+    fail, flaky = stack.api(
+        {"op": "perform_async", "class": "FailJob", "args": []},  # retry: 2, then dead
+        {"op": "perform_async", "class": "FlakyJob", "args": ["flower-flaky", 1]},
+    )
+    # Sidekiq's delays before retries 1 and 2: 15-24 s and 16-34 s.
+    dead = wait_for(
+        lambda: _tasks(flower, "FAILURE").get(f"{fail}.2"),
+        timeout=180,
+        interval=1,
+        message="the dead job never showed as FAILURE",
+    )
+    assert dead["name"] == "FailJob" and "dead: ArgumentError: boom" in dead["exception"]
+    wait_for(lambda: _task(flower, f"{flaky}.1")["state"] == "SUCCESS", timeout=60, interval=1)
+    retried = _tasks(flower, "RETRY")
+    assert {fail, f"{fail}.1", flaky} <= set(retried), sorted(retried)
+    assert "RuntimeError: flaky 1" in retried[flaky]["exception"]
+    assert fail not in _tasks(flower, "SUCCESS") and flaky not in _tasks(flower, "FAILURE")
+    assert [entry["jid"] for entry in stack.api1({"op": "dead"})] == [fail]

@@ -202,3 +202,15 @@ def test_busy_page_shows_the_worker_and_its_stop_button_stops_it(stack: Stack):
     identities = {p["identity"] for p in sidekiq_processes(stack.redis_url)["processes"]}
     assert process["identity"] not in identities
     stack.worker.start()
+
+
+def test_a_retry_that_meets_its_timed_out_first_run_still_runs(stack: Stack):
+    """The first run outlives job_timeout (15 s here) and fails later, unheard; its retry
+    reaches the sidecar while that run still holds the jid (409). The job must run again."""
+    jid = stack.api1({"op": "perform_async", "class": "SlowFlakyJob", "args": ["slow", 45_000]})
+    stack.wait_runs([jid], "SlowFlakyJob", timeout=240)
+    outcomes = [
+        line.get("outcome") for line in stack.sidecar.json_lines() if line.get("jid") == jid
+    ]
+    assert "duplicate" in outcomes, outcomes  # the 409 this test is about did happen
+    assert stack.api1({"op": "dead"}) == []
