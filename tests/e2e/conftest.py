@@ -41,6 +41,23 @@ def _http_ok(url: str) -> bool:
         return False
 
 
+def sidekiq_api(env: dict[str, str], *ops: dict[str, Any], timeout: float = 180) -> list[Any]:
+    """Run operations in one Ruby process (see sidekiq_api.rb) against the Redis in `env`."""
+    done = subprocess.run(
+        ["ruby", str(API_RB)],
+        input=json.dumps(list(ops)),
+        capture_output=True,
+        text=True,
+        env={**env, "RAILS_ROOT": str(EXAMPLE_APP)},
+        cwd=EXAMPLE_APP,
+        timeout=timeout,
+    )
+    for line in done.stdout.splitlines():
+        if line.startswith("GOKIQ_RESULT "):
+            return json.loads(line[len("GOKIQ_RESULT ") :])
+    raise AssertionError(f"sidekiq_api.rb failed ({done.returncode}):\n{done.stderr[-4000:]}")
+
+
 class Service:
     """One process of the stack: start, SIGKILL, stop, restart; output appended to `log`."""
 
@@ -232,20 +249,7 @@ class Stack:
 
     def api(self, *ops: dict[str, Any], timeout: float = 180) -> list[Any]:
         """Run operations in one Ruby process (see sidekiq_api.rb); their results, in order."""
-        env = {**self.env, "RAILS_ROOT": str(EXAMPLE_APP)}
-        done = subprocess.run(
-            ["ruby", str(API_RB)],
-            input=json.dumps(list(ops)),
-            capture_output=True,
-            text=True,
-            env=env,
-            cwd=EXAMPLE_APP,
-            timeout=timeout,
-        )
-        for line in done.stdout.splitlines():
-            if line.startswith("GOKIQ_RESULT "):
-                return json.loads(line[len("GOKIQ_RESULT ") :])
-        raise AssertionError(f"sidekiq_api.rb failed ({done.returncode}):\n{done.stderr[-4000:]}")
+        return sidekiq_api(self.env, *ops, timeout=timeout)
 
     def api1(self, op: dict[str, Any]) -> Any:
         return self.api(op)[0]
