@@ -108,6 +108,8 @@ class Worker:
             metrics.DURATION.observe(time.monotonic() - started)
 
     def _run(self, job: Job, queue: str) -> str:
+        if log.isEnabledFor(logging.INFO):
+            log.info("start", extra=job.log_context(queue))
         try:
             execution = self.sidecar.execute(job, queue)
         except SidecarUnavailable as exc:
