@@ -5,8 +5,8 @@
 
 Sides, all started once and measured in alternating rounds (each side's order rotates):
   sidekiq      real Sidekiq 6.4.1, `sidekiq -c 20` on the example app
-  gokiq-redis  sidecar + `celery -A gokiq_celery worker --concurrency=20 --loglevel=INFO`
-               + gokiq-bridge, the Celery broker on Redis
+  gokiq-redis  sidecar + `celery -A gokiq_celery worker --concurrency=20` + gokiq-bridge,
+               default (INFO) logging, the Celery broker on Redis
   gokiq-amqp   the same on RabbitMQ (a vhost of its own, deleted at the end)
   bare-redis   a bare Celery task (bench/noop_app.py: sleep, one RPUSH) with gokiq's Celery
   bare-amqp    settings on each broker: the bound gokiq rides on
@@ -172,11 +172,9 @@ class GokiqSide(Side):
     def __init__(self, stack: Stack, broker: str, concurrency: int = 20) -> None:
         super().__init__(stack)
         self.name, self.broker = f"gokiq-{broker}", broker
-        # INFO, as docker/ runs it (Celery's own default is WARNING).
         stack.worker.argv = [
             *(a for a in stack.worker.argv if not a.startswith("--concurrency")),
             f"--concurrency={concurrency}",
-            "--loglevel=INFO",
         ]
         self.services = list(stack.services)
         self.tail = LogTail(stack.sidecar.log)
@@ -200,7 +198,7 @@ class BareSide(Side):
         self.name, self.broker = f"bare-{broker}", broker
         env = {**stack.env, "BENCH_DONE_URL": stack.redis_url, "PYTHONPATH": str(REPO)}
         argv = [str(VENV_BIN / "celery"), "-A", "bench.noop_app", "worker", "--concurrency=20"]
-        argv += ["-Q", QUEUE, "-n", f"bare-{broker}-{stack.worker_port}@%h", "--loglevel=INFO"]
+        argv += ["-Q", QUEUE, "-n", f"bare-{broker}-{stack.worker_port}@%h"]
         self.worker = Service(
             "worker",
             argv,

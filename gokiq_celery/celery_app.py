@@ -6,6 +6,7 @@ import click
 from celery import Celery
 from celery.signals import import_modules, worker_ready
 from celery.signals import setup_logging as celery_setup_logging
+from click.core import ParameterSource
 
 from .heartbeat import SidekiqHeartbeat
 from .logs import setup_logging
@@ -29,8 +30,12 @@ app.steps["consumer"].add(SidekiqHeartbeat)
 
 @celery_setup_logging.connect
 def _json_logging(loglevel=None, **_kwargs) -> None:
-    """Celery's worker logs in gokiq's format (JSON lines by default) instead of its own."""
+    """Celery's worker logs in gokiq's format (JSON lines by default) instead of its own, at
+    `--loglevel` when given, else at gokiq's `log_level` (INFO), not Celery's WARNING."""
     settings = process_settings()
+    ctx = click.get_current_context(silent=True)
+    if ctx is not None and ctx.get_parameter_source("loglevel") is ParameterSource.DEFAULT:
+        loglevel = None
     setup_logging(loglevel or settings.log_level, settings.log_format)
 
 

@@ -3,11 +3,11 @@
 `stack` (one per test module) starts, each as its own subprocess with its log in a file:
 a redis-server on a free port (Sidekiq's data in db 0, the Celery broker in db 1), the Ruby
 sidecar on the example Rails app (its own sqlite file), `gokiq-bridge` and
-`celery -A gokiq_celery worker --concurrency=20 --loglevel=INFO`. Tests enqueue with the
-app's real Sidekiq client and read Sidekiq's own API through `tests/e2e/sidekiq_api.rb`
-(`stack.api(...)`), and check outcomes in the app's database. A module may set
-`STACK_ENV = {...}` to add settings. On a failing test the tail of every process's log is
-printed.
+`celery -A gokiq_celery worker --concurrency=20` (at its default log level, INFO). Tests
+enqueue with the app's real Sidekiq client and read Sidekiq's own API through
+`tests/e2e/sidekiq_api.rb` (`stack.api(...)`), and check outcomes in the app's database. A
+module may set `STACK_ENV = {...}` to add settings. On a failing test the tail of every
+process's log is printed.
 """
 
 from __future__ import annotations
@@ -227,7 +227,6 @@ class Stack:
                 ",".join(QUEUES),
                 "-n",
                 f"e2e-{self.worker_port}@%h",
-                "--loglevel=INFO",  # as docker/ runs it (Celery's own default is WARNING)
             ],
             self.env,
             logs / "worker.log",
