@@ -33,7 +33,6 @@ import os
 import re
 import secrets
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -52,7 +51,14 @@ sys.path.insert(0, str(REPO))
 from bench.noop_app import DONE_KEY  # noqa: E402
 from bench.worker import cpu_seconds  # noqa: E402
 from tests.conftest import VENV_BIN, free_port, sidekiq_processes  # noqa: E402
-from tests.e2e.conftest import EXAMPLE_APP, Service, Stack, sidekiq_api  # noqa: E402
+from tests.e2e.conftest import (  # noqa: E402
+    EXAMPLE_APP,
+    Service,
+    Stack,
+    rabbitmq_missing,
+    rabbitmqctl,
+    sidekiq_api,
+)
 
 QUEUE = "default"
 SLEEP_MS = 20
@@ -314,20 +320,6 @@ def peak_rss_mb(side: Side) -> dict[str, float]:
 
 
 # -- building the sides ----------------------------------------------------------------------
-
-
-def rabbitmqctl(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(["rabbitmqctl", *args], capture_output=True, text=True, timeout=60)
-
-
-def rabbitmq_missing() -> str | None:
-    try:
-        socket.create_connection(("127.0.0.1", 5672), timeout=1).close()
-    except OSError:
-        return "no RabbitMQ answers on 127.0.0.1:5672"
-    if shutil.which("rabbitmqctl") is None:
-        return "rabbitmqctl is not installed (needed for a vhost of the benchmark's own)"
-    return None
 
 
 class Vhosts:

@@ -16,7 +16,9 @@ import contextlib
 import json
 import os
 import secrets
+import shutil
 import signal
+import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -57,6 +59,22 @@ def sidekiq_api(env: dict[str, str], *ops: dict[str, Any], timeout: float = 180)
         if line.startswith("GOKIQ_RESULT "):
             return json.loads(line[len("GOKIQ_RESULT ") :])
     raise AssertionError(f"sidekiq_api.rb failed ({done.returncode}):\n{done.stderr[-4000:]}")
+
+
+def rabbitmqctl(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["rabbitmqctl", *args], capture_output=True, text=True, timeout=60)
+
+
+def rabbitmq_missing() -> str | None:
+    """None when a RabbitMQ answers on 127.0.0.1:5672 and `rabbitmqctl` can make a private
+    vhost there, else why not."""
+    try:
+        socket.create_connection(("127.0.0.1", 5672), timeout=1).close()
+    except OSError:
+        return "no RabbitMQ on 127.0.0.1:5672"
+    if shutil.which("rabbitmqctl") is None:
+        return "rabbitmqctl not installed (needed to create a private vhost)"
+    return None
 
 
 class Service:
