@@ -88,14 +88,21 @@ class ReliableFetcher:
     def fetch(self, order: Sequence[str], limit: int) -> Batch | None:
         """Up to `limit` jobs from the first non-empty queue of `order`; None when all are empty.
 
-        Never blocks: a Lua script cannot block, and BLMOVE only watches one list. The caller
-        sleeps briefly when nothing came back (see `Bridge.IDLE_SLEEP`).
+        Never blocks: a Lua script cannot block, and BLMOVE only watches one list. When nothing
+        came back the caller waits with `wait` (see `Bridge.IDLE_WAIT`).
         """
         found = self.store.fetch_jobs(self.bridge_id, order, limit)
         if found is None:
             return None
         queue, raws = found
         return Batch(queue, raws)
+
+    def wait(self, order: Sequence[str], timeout: float) -> Batch | None:
+        """Block up to `timeout` seconds for a job on the first queue of `order`: an idle bridge
+        picks a job up as soon as it is pushed, as Sidekiq's BRPOP does, instead of on its next
+        poll. The other queues are read by the next `fetch`, `timeout` later at most."""
+        raw = self.store.wait_job(self.bridge_id, order[0], timeout)
+        return None if raw is None else Batch(order[0], [raw])
 
     def hand_over(self, batch: Batch, deadline: float) -> list[Job]:
         """Move the batch's jobs from in-flight into the delivery ledger under their tokens, in

@@ -165,14 +165,15 @@ def _is_kombu_redis(channel) -> bool:
 class Backpressure:
     """Decides which queues the bridge may fetch from now, and how many jobs.
 
-    A Sidekiq queue is held back while its Celery queue holds `pending_limit` messages or
-    more; everything is held while the sidecar's circuit breaker is open. The jobs simply wait
+    A Sidekiq queue is held back once its Celery queue holds `pending_limit` messages, until
+    there is room for `refill_at` again; everything is held while the sidecar's circuit
+    breaker is open. The jobs simply wait
     in Sidekiq's queues. Counts are read at most every `REFRESH` seconds and estimated in
     between (what was read plus what we published since), re-read sooner when near the limit.
     """
 
     REFRESH = 0.15
-    REFRESH_WHEN_FULL = 0.01
+    REFRESH_WHEN_FULL = 0.02
 
     def __init__(
         self,
@@ -188,6 +189,10 @@ class Backpressure:
         self.metrics = metrics
         self.clock = clock
         self.limit = settings.pending_limit
+        # A held-back queue is refilled once it has room for a real batch (half the limit, a
+        # batch at most), not one job at a time: each round costs the same fixed work (fetch,
+        # hand-over, publish) whatever its size. The other half keeps the workers busy meanwhile.
+        self.refill_at = max(1, min(settings.publish_batch_size, self.limit // 2))
         self.pending: dict[str, int] = {}
         self.breaker_is_open = False
         self._checked_at = float("-inf")
@@ -199,7 +204,8 @@ class Backpressure:
     def refresh(self, queues: Sequence[str]) -> None:
         """Read the pending counts and the breaker if the last reading is old enough."""
         full = self.breaker_is_open or any(
-            self.pending.get(cq, 0) >= self.limit for cq in self._celery_queues(queues)
+            self.limit - self.pending.get(cq, 0) < self.refill_at
+            for cq in self._celery_queues(queues)
         )
         interval = self.REFRESH_WHEN_FULL if full else self.REFRESH
         now = self.clock()
@@ -227,7 +233,7 @@ class Backpressure:
         """The queues of `order` the bridge may fetch from now, order kept."""
         if self.breaker_is_open:
             return []
-        allowed = [q for q in order if self.room(q) > 0]
+        allowed = [q for q in order if self.room(q) >= self.refill_at]
         self.metrics.paused.labels("pending").set(0 if len(allowed) == len(order) else 1)
         return allowed
 

@@ -9,6 +9,24 @@ import time
 
 # Attributes every LogRecord has; anything else passed with `extra=` goes into the line.
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
+# A job's arguments may hold personal data: never in a line. Celery passes them in its log
+# context (`extra={"data": {"args": ..., "kwargs": ...}}`) on its task lines.
+_ARGUMENTS = frozenset({"args", "kwargs", "argsrepr", "kwargsrepr"})
+# Celery's own line for each task received and succeeded; at INFO gokiq's start/done lines say
+# the same per job (jid, class, queue, elapsed), as Sidekiq's do.
+CELERY_TASK_LOGGERS = ("celery.worker.strategy", "celery.app.trace")
+
+
+def _extras(record: logging.LogRecord) -> dict[str, object]:
+    """The fields passed with `extra=`, without job arguments."""
+    extras = {}
+    for key, value in vars(record).items():
+        if key in _STANDARD or key in _ARGUMENTS:
+            continue
+        if key == "data" and isinstance(value, dict):
+            value = {k: v for k, v in value.items() if k not in _ARGUMENTS}
+        extras[key] = value
+    return extras
 
 
 class JsonFormatter(logging.Formatter):
@@ -20,7 +38,7 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "msg": record.getMessage(),
         }
-        line.update({k: v for k, v in vars(record).items() if k not in _STANDARD})
+        line.update(_extras(record))
         if record.exc_info:
             line["exc"] = self.formatException(record.exc_info)
         return json.dumps(line, default=str, ensure_ascii=False)
@@ -30,7 +48,7 @@ class TextFormatter(logging.Formatter):
     """Readable lines for a terminal; the `extra=` fields follow the message as key=value."""
 
     def format(self, record: logging.LogRecord) -> str:
-        extras = " ".join(f"{k}={v}" for k, v in vars(record).items() if k not in _STANDARD)
+        extras = " ".join(f"{k}={v}" for k, v in _extras(record).items())
         base = f"{self.formatTime(record)} {record.levelname} {record.name}: {record.getMessage()}"
         text = f"{base} {extras}".rstrip()
         if record.exc_info:
@@ -49,3 +67,8 @@ def setup_logging(level: str | int = "INFO", fmt: str = "json") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper() if isinstance(level, str) else level)
+    # Celery's task lines only at DEBUG: at INFO they would be two more lines per job, each
+    # formatted on the worker's one GIL (their warnings and errors still show).
+    quiet = root.getEffectiveLevel() == logging.INFO
+    for name in CELERY_TASK_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING if quiet else logging.NOTSET)

@@ -179,6 +179,8 @@ class Worker:
         return metrics.queue_label(queue, (spec.name for spec in self.settings.queues))
 
     def _run(self, job: Job, queue: str) -> str:
+        if log.isEnabledFor(logging.INFO):
+            log.info("start", extra=job.log_context(queue))
         try:
             execution = self.sidecar.execute(job, queue)
         except SidecarUnavailable as exc:

@@ -5,16 +5,25 @@ from __future__ import annotations
 
 import json
 import random
+import threading
 import time
 import urllib.request
 
 from bridge.fetch import QueueOrder, ReliableFetcher
+from bridge.runner import Bridge
 from gokiq_celery.settings import QueueSpec, parse_queues
 from gokiq_celery.sidekiq.job import poison_entry
-from gokiq_celery.sidekiq.store import DEAD, QUEUES, RETRY, SCHEDULE, queue_key
+from gokiq_celery.sidekiq.store import DEAD, QUEUES, RETRY, SCHEDULE, inflight_key, queue_key
 
-from .conftest import free_port
-from .test_bridge_support import BridgeProcess, bridge_env, bridge_redis, make_job, wait_for
+from .conftest import free_port, start_redis
+from .test_bridge_support import (
+    BridgeProcess,
+    Env,
+    bridge_env,
+    bridge_redis,
+    make_job,
+    wait_for,
+)
 
 __all__ = ["bridge_env", "bridge_redis"]  # fixtures used below
 
@@ -214,3 +223,32 @@ def _get(url: str) -> tuple[int, str]:
         return exc.code, exc.read().decode()
     except OSError:
         return 0, ""
+
+
+def test_an_idle_bridge_blocks_and_takes_a_job_pushed_meanwhile_into_its_inflight_list(bridge_env):
+    fetcher = ReliableFetcher(bridge_env.store(), "idle", ["default"])
+    assert fetcher.wait(["default"], timeout=0.05) is None  # nothing came
+    pusher = threading.Timer(0.3, bridge_env.push, ("default", [make_job(1)]))
+    pusher.start()
+    batch = fetcher.wait(["default"], timeout=30)
+    pusher.join()
+    assert batch is not None and batch.queue == "default"
+    assert [job.jid for job in batch.jobs] == [json.loads(make_job(1))["jid"]]
+    # Held exactly like a fetched job: in this bridge's in-flight list, out of the queue.
+    assert bridge_env.store().held_by_bridges() == {inflight_key("idle", "default"): 1}
+    assert bridge_env.redis.llen(queue_key("default")) == 0
+
+
+def test_a_redis_without_blmove_makes_the_idle_bridge_poll(tmp_path):
+    server = start_redis(tmp_path / "redis", None, "--rename-command", "BLMOVE", "")
+    try:
+        env = Env(server, 0, tmp_path)
+        bridge = Bridge(env.settings(queues="default"), store=env.store())
+        assert bridge.step() == Bridge.IDLE_SLEEP  # refused: falls back to polling, once
+        assert not bridge.blocking_wait
+        env.push("default", [make_job(2)])
+        assert bridge.step() == 0.0  # the poll still fetches
+        assert env.held_by_bridges() == 0 and env.broker_count("default") == 1
+    finally:
+        server.process.kill()
+        server.process.wait(10)

@@ -9,7 +9,8 @@ import threading
 from celery import Celery
 from celery.contrib.testing.worker import start_worker
 
-from bridge.publish import Publisher
+from bridge.metrics import BridgeMetrics
+from bridge.publish import Backpressure, Publisher
 from gokiq_celery.sidekiq.job import Job
 
 from .test_bridge_support import bridge_env, bridge_redis, make_job
@@ -82,3 +83,23 @@ def test_a_celery_worker_runs_what_the_bridge_published(bridge_env):
         (f"{1:024x}", 0, jobs[0], "default", "x"),
         (f"{2:024x}.1", 1, jobs[1], "default", "y"),  # the run after a failure
     ]
+
+
+def test_a_held_back_queue_is_refilled_by_the_batch_not_one_job_at_a_time(bridge_env):
+    settings = bridge_env.settings(max_pending=50, publish_batch_size=100)
+    clock = [0.0]
+    backpressure = Backpressure(
+        settings, Publisher(settings), bridge_env.store(), BridgeMetrics(), clock=lambda: clock[0]
+    )
+    assert backpressure.refill_at == 25  # half the limit
+    published = [make_job(i) for i in range(40)]
+    Publisher(settings).publish("default", [Job.parse(j) for j in published], ["t"] * 40)
+    backpressure.refresh(["default"])
+    assert backpressure.room("default") == 10
+    assert backpressure.allowed(["default"]) == []  # room for 10: wait for a batch's worth
+    for _ in range(15):  # a worker takes 15
+        bridge_env.broker.rpop("default")
+    clock[0] += Backpressure.REFRESH_WHEN_FULL  # near the limit: read again this soon
+    backpressure.refresh(["default"])
+    assert backpressure.room("default") == 25
+    assert backpressure.allowed(["default"]) == ["default"]

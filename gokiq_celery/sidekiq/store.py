@@ -379,6 +379,14 @@ class SidekiqStore:
             return None
         return queues[int(result[0]) - 1], list(result[1:])
 
+    def wait_job(self, bridge_id: str, queue: str, timeout: float) -> bytes | None:
+        """Block up to `timeout` seconds for one job on `queue` and move it into the bridge's
+        in-flight list as `fetch_jobs` does (queue's tail to the list's head), in one command
+        (BLMOVE, Redis >= 6.2). None when nothing came."""
+        return self.redis.blmove(
+            queue_key(queue), inflight_key(bridge_id, queue), timeout, "RIGHT", "LEFT"
+        )
+
     def bury_inflight(
         self, bridge_id: str, queue: str, raw: bytes, reason: str = "", entry: bytes = b""
     ) -> None:

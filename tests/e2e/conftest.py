@@ -3,10 +3,11 @@
 `stack` (one per test module) starts, each as its own subprocess with its log in a file:
 a redis-server on a free port (Sidekiq's data in db 0, the Celery broker in db 1), the Ruby
 sidecar on the example Rails app (its own sqlite file), `gokiq-bridge` and
-`celery -A gokiq_celery worker --concurrency=20`. Tests enqueue with the app's real Sidekiq
-client and read Sidekiq's own API through `tests/e2e/sidekiq_api.rb` (`stack.api(...)`), and
-check outcomes in the app's database. A module may set `STACK_ENV = {...}` to add settings.
-On a failing test the tail of every process's log is printed.
+`celery -A gokiq_celery worker --concurrency=20` (at its default log level, INFO). Tests
+enqueue with the app's real Sidekiq client and read Sidekiq's own API through
+`tests/e2e/sidekiq_api.rb` (`stack.api(...)`), and check outcomes in the app's database. A
+module may set `STACK_ENV = {...}` to add settings. On a failing test the tail of every
+process's log is printed.
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ import contextlib
 import json
 import os
 import secrets
+import shutil
 import signal
+import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -39,6 +42,39 @@ def _http_ok(url: str) -> bool:
         return requests.get(url, timeout=1).status_code == 200
     except requests.RequestException:
         return False
+
+
+def sidekiq_api(env: dict[str, str], *ops: dict[str, Any], timeout: float = 180) -> list[Any]:
+    """Run operations in one Ruby process (see sidekiq_api.rb) against the Redis in `env`."""
+    done = subprocess.run(
+        ["ruby", str(API_RB)],
+        input=json.dumps(list(ops)),
+        capture_output=True,
+        text=True,
+        env={**env, "RAILS_ROOT": str(EXAMPLE_APP)},
+        cwd=EXAMPLE_APP,
+        timeout=timeout,
+    )
+    for line in done.stdout.splitlines():
+        if line.startswith("GOKIQ_RESULT "):
+            return json.loads(line[len("GOKIQ_RESULT ") :])
+    raise AssertionError(f"sidekiq_api.rb failed ({done.returncode}):\n{done.stderr[-4000:]}")
+
+
+def rabbitmqctl(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["rabbitmqctl", *args], capture_output=True, text=True, timeout=60)
+
+
+def rabbitmq_missing() -> str | None:
+    """None when a RabbitMQ answers on 127.0.0.1:5672 and `rabbitmqctl` can make a private
+    vhost there, else why not."""
+    try:
+        socket.create_connection(("127.0.0.1", 5672), timeout=1).close()
+    except OSError:
+        return "no RabbitMQ on 127.0.0.1:5672"
+    if shutil.which("rabbitmqctl") is None:
+        return "rabbitmqctl not installed (needed to create a private vhost)"
+    return None
 
 
 class Service:

@@ -89,6 +89,27 @@ def test_arguments_round_trip_exactly(stack: Stack):
     assert len(rows) == len(cases), "a job ran more than once"
 
 
+def test_info_logs_say_what_happened_to_each_job_without_its_arguments(stack: Stack):
+    secret = "personal-data-7f3a"
+    ok, failing = stack.api(
+        {"op": "perform_async", "class": "HardJob", "args": [secret, {"email": secret}]},
+        {"op": "push", "item": {"class": "NoSuchJob", "args": [secret], "retry": False}},
+    )
+    stack.wait_runs([ok], "HardJob", timeout=30)
+    wait_for(lambda: sidecar_runs(stack, failing), timeout=30)
+
+    def job_lines() -> list[dict[str, Any]]:
+        return [line for line in stack.worker.json_lines() if line.get("jid") in (ok, failing)]
+
+    wait_for(lambda: len(job_lines()) >= 4, timeout=30, message="no start/done lines")
+    by_msg = {(line["jid"], line["msg"].split(":")[0]): line for line in job_lines()}
+    assert by_msg[(ok, "start")]["class"] == "HardJob" and by_msg[(ok, "start")]["queue"]
+    assert by_msg[(ok, "done")]["elapsed"] >= 0
+    assert by_msg[(failing, "fail")]["outcome"] == "drop"
+    for service in stack.services:  # every process, every line
+        assert not [line for line in service.lines() if secret in line], service.name
+
+
 def test_current_attributes_travel_with_the_job(stack: Stack):
     jid = stack.api1({"op": "perform_async", "class": "HardJob", "args": ["cattr"], "user_id": 42})
     [row] = stack.wait_runs([jid], "HardJob", timeout=30)

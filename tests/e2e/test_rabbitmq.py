@@ -8,53 +8,35 @@ never touches anybody's queues. Elsewhere it is skipped, saying why.
 from __future__ import annotations
 
 import secrets
-import shutil
-import socket
-import subprocess
 import time
 from collections.abc import Iterator
 
 import pytest
 
 from ..conftest import wait_for
-from .conftest import Stack, running
+from .conftest import Stack, rabbitmq_missing, rabbitmqctl, running
 from .test_resilience import assert_at_least_once, done_count, push_hard_jobs, wait_all_ran
 
 pytestmark = pytest.mark.e2e
 
 
-def _rabbitmqctl(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(["rabbitmqctl", *args], capture_output=True, text=True, timeout=60)
-
-
-def _rabbitmq_available() -> str | None:
-    """None when usable, else the reason to skip."""
-    try:
-        socket.create_connection(("127.0.0.1", 5672), timeout=1).close()
-    except OSError:
-        return "no RabbitMQ on 127.0.0.1:5672"
-    if shutil.which("rabbitmqctl") is None:
-        return "rabbitmqctl not installed (needed to create a private vhost)"
-    return None
-
-
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory) -> Iterator[Stack]:
-    reason = _rabbitmq_available()
+    reason = rabbitmq_missing()
     if reason:
         pytest.skip(reason)
     vhost = f"gokiq-e2e-{secrets.token_hex(4)}"
-    created = _rabbitmqctl("add_vhost", vhost)
+    created = rabbitmqctl("add_vhost", vhost)
     if created.returncode != 0:
         pytest.skip(f"cannot create a RabbitMQ vhost: {created.stderr.strip()[:200]}")
     try:
-        _rabbitmqctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
+        rabbitmqctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
         broker = f"amqp://guest:guest@127.0.0.1:5672/{vhost}"
         amqp_stack = Stack(tmp_path_factory.mktemp("stack-amqp"), {"CELERY_BROKER_URL": broker})
         with running(amqp_stack) as s:
             yield s
     finally:
-        _rabbitmqctl("delete_vhost", vhost)
+        rabbitmqctl("delete_vhost", vhost)
 
 
 def test_jobs_run_through_rabbitmq_and_survive_a_killed_worker(stack: Stack, record_property):
