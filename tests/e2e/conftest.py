@@ -397,24 +397,6 @@ class Stack:
         return not any(b.llen(q) for q in QUEUES) and not b.hlen("unacked")
 
 
-def sidekiq_api(env: dict[str, str], *ops: dict[str, Any], timeout: float = 180) -> list[Any]:
-    """sidekiq_api.rb's operations, in one Ruby process booting the example app with `env`
-    (REDIS_URL, GOKIQ_EXAMPLE_DB); their results, in order."""
-    done = subprocess.run(
-        ["ruby", str(API_RB)],
-        input=json.dumps(list(ops)),
-        capture_output=True,
-        text=True,
-        env={**env, "RAILS_ROOT": str(EXAMPLE_APP)},
-        cwd=EXAMPLE_APP,
-        timeout=timeout,
-    )
-    for line in done.stdout.splitlines():
-        if line.startswith("GOKIQ_RESULT "):
-            return json.loads(line[len("GOKIQ_RESULT ") :])
-    raise AssertionError(f"sidekiq_api.rb failed ({done.returncode}):\n{done.stderr[-4000:]}")
-
-
 def metric_value(text: str, name: str, **labels: str) -> float:
     """The value of one sample in Prometheus text (0 if absent)."""
     total = 0.0
