@@ -18,6 +18,8 @@ from celery import Task
 from celery.exceptions import Ignore, Reject
 from celery.signals import worker_process_shutdown, worker_shutdown
 
+from gokiq_history.recorder import NULL_RECORDER, Recorder, open_recorder
+
 from . import metrics
 from .celery_app import app
 from .messages import TASK_NAME, argsrepr, new_delivery_token
@@ -53,6 +55,7 @@ class Worker:
     sidecar: SidecarClient
     policy: RetryPolicy
     settler: DeliverySettler = field(init=False)
+    history: Recorder = NULL_RECORDER  # the job history (gokiq_history)
 
     def __post_init__(self) -> None:
         self.settler = DeliverySettler(self.store)
@@ -65,6 +68,7 @@ class Worker:
             store,
             SidecarClient(settings, store.redis),
             RetryPolicy(settings.max_retries, settings.sidekiq_version),
+            history=open_recorder(settings),
         )
 
     def perform(self, payload: str, queue: str, delivery: str | None = None) -> str:
@@ -94,16 +98,19 @@ class Worker:
             job = Job.parse(payload)
         except InvalidJob as exc:
             self.store.add_dead(payload)
+            self.history.invalid(payload, queue)
             log.error(
                 "invalid job payload sent to the dead set: %s", exc.reason, extra={"queue": queue}
             )
             metrics.JOBS.labels(queue, "(invalid)", "invalid").inc()
             return "invalid"
         outcome = "retry"
+        self.history.started(job, queue)
         try:
             outcome = self._run(job, queue)
             return outcome
         finally:
+            self.history.finished(job, outcome)
             metrics.JOBS.labels(queue, job.display_class, outcome).inc()
             metrics.DURATION.observe(time.monotonic() - started)
 
@@ -134,6 +141,7 @@ class Worker:
                 log.info("done", extra=extra)
             return "ok"
         failure = execution.failure
+        self.history.failed(job, failure.error_class, failure.error_message)
         decision = self.policy.decide(job, failure, queue)
         log.info(
             "fail: %s: %s",
@@ -270,3 +278,4 @@ def _flush_settlements(**_kwargs) -> None:
     worker = perform.__dict__.get("worker")  # built on a process's first job, if any
     if worker is not None:
         worker.settler.flush()
+        worker.history.close()
