@@ -5,11 +5,10 @@ comma-separated), compared in constant time. `/health` and `/metrics` are open, 
 bridge's and the worker's; the server binds 127.0.0.1 unless `api_bind` says otherwise.
 """
 
-from __future__ import annotations
-
 import argparse
 import hmac
 import logging
+import re
 import sys
 import time
 from collections.abc import Sequence
@@ -17,10 +16,11 @@ from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Literal
 
 from fastapi import Depends, FastAPI, HTTPException, Path, Query, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 from sqlalchemy import Engine
 from sqlalchemy.exc import DBAPIError
 
@@ -111,6 +111,31 @@ AUTH_ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
+def _not_a_number(value: Any) -> Any:
+    """Times are RFC 3339 strings, as documented; pydantic would also take epoch numbers."""
+    if isinstance(value, str) and _NUMBER.match(value.strip()):
+        raise ValueError("a date-time such as 2026-01-31T12:00:00Z, not a number")
+    return value
+
+
+_NUMBER = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
+Timestamp = Annotated[datetime, BeforeValidator(_not_a_number)]
+
+
+def _reject_unknown_parameters(request: Request) -> None:
+    """`?status=dead` (for `state`) would otherwise list every job: a typo is an error."""
+    route = request.scope.get("route")
+    known = {p.alias for p in route.dependant.query_params} if route else set()
+    unknown = sorted(set(request.query_params) - known)
+    if unknown:  # the shape of FastAPI's own 422 (HTTPValidationError), as documented
+        raise RequestValidationError(
+            [
+                {"type": "extra_forbidden", "loc": ("query", name), "msg": "unknown parameter"}
+                for name in unknown
+            ]
+        )
+
+
 def _epoch(value: datetime | None) -> float | None:
     if value is None:
         return None
@@ -164,6 +189,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
             raise HTTPException(401, "bearer token required", {"WWW-Authenticate": "Bearer"})
 
     app = FastAPI(
+        dependencies=[Depends(_reject_unknown_parameters)],
         title="gokiq job history",
         version="1",
         description="What happened to each job gokiq ran: state, runs, errors.",
@@ -227,8 +253,8 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
         ] = None,
         queue: Annotated[str | None, Query(max_length=200, pattern=NO_NUL)] = None,
         state: State | None = None,
-        since: Annotated[datetime | None, Query(description="created at or after")] = None,
-        until: Annotated[datetime | None, Query(description="created before")] = None,
+        since: Annotated[Timestamp | None, Query(description="created at or after")] = None,
+        until: Annotated[Timestamp | None, Query(description="created before")] = None,
         limit: Annotated[int, Query(ge=1, le=500)] = 50,
         cursor: Annotated[str | None, Query(max_length=400)] = None,
     ) -> Any:
@@ -255,7 +281,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     )
     def stats(
         since: Annotated[
-            datetime | None, Query(description="jobs created at or after; default: 24 h ago")
+            Timestamp | None, Query(description="jobs created at or after; default: 24 h ago")
         ] = None,
     ) -> Any:
         start = _epoch(since) if since else time.time() - STATS_WINDOW.total_seconds()
