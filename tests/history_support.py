@@ -13,6 +13,7 @@ import os
 import secrets
 import shutil
 import subprocess
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -42,19 +43,19 @@ def local_server() -> str | None:
 
 
 class PgCluster:
-    """A throwaway PostgreSQL cluster in `workdir` (run as `postgres` when we are root, since
-    initdb refuses root). `stop()` and `start()` again: a database that goes down and back."""
+    """A throwaway PostgreSQL cluster in a temp dir of its own (run as `postgres` when we are
+    root, since initdb refuses root, in a dir that user can reach). `stop()` and `start()`
+    again: a database that goes down and comes back. `remove()` deletes it."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self) -> None:
         if not (PG_BIN / "initdb").exists():
             pytest.fail("PostgreSQL is not installed: run `make deps`, which installs it")
-        self.dir = workdir
-        self.data = workdir / "data"
+        self.dir = Path(tempfile.mkdtemp(prefix="gokiq-pg-"))
+        self.data = self.dir / "data"
         self.port = free_port()
         self.as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
-        workdir.mkdir(parents=True, exist_ok=True)
         if self.as_user:
-            shutil.chown(workdir, "postgres", "postgres")
+            shutil.chown(self.dir, "postgres", "postgres")
         self._run(str(PG_BIN / "initdb"), "-D", str(self.data), "-A", "trust", "-U", "postgres")
 
     @property
@@ -62,9 +63,11 @@ class PgCluster:
         return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
 
     def _run(self, *argv: str) -> None:
-        subprocess.run(
-            [*self.as_user, *argv], check=True, capture_output=True, cwd=self.dir, timeout=120
+        done = subprocess.run(
+            [*self.as_user, *argv], capture_output=True, text=True, cwd=self.dir, timeout=120
         )
+        if done.returncode:
+            raise RuntimeError(f"{argv[0]} failed ({done.returncode}): {done.stderr[-2000:]}")
 
     def start(self) -> PgCluster:
         options = f"-p {self.port} -c listen_addresses=127.0.0.1 -k {self.dir} -c fsync=off"
@@ -76,8 +79,12 @@ class PgCluster:
 
     def stop(self, mode: str = "immediate") -> None:
         """`immediate`: as a crash would (no checkpoint, connections cut)."""
-        with contextlib.suppress(subprocess.CalledProcessError):
+        with contextlib.suppress(RuntimeError):  # not running
             self._run(str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-m", mode, "-w", "stop")
+
+    def remove(self) -> None:
+        self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 def create_database(admin_url: str) -> str:
@@ -96,17 +103,17 @@ def drop_database(admin_url: str, url: str) -> None:
 
 
 @contextlib.contextmanager
-def pg_admin(tmp: Path) -> Iterator[str]:
+def pg_admin() -> Iterator[str]:
     """The local server's admin URL, or a throwaway cluster's for as long as this lasts."""
     url = local_server()
     if url is not None:
         yield url
         return
-    cluster = PgCluster(tmp).start()
+    cluster = PgCluster().start()
     try:
         yield cluster.admin_url
     finally:
-        cluster.stop()
+        cluster.remove()
 
 
 @contextlib.contextmanager
@@ -119,8 +126,8 @@ def pg_database(admin_url: str) -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
-def pg_admin_url(tmp_path_factory) -> Iterator[str]:
-    with pg_admin(tmp_path_factory.mktemp("pg")) as url:
+def pg_admin_url() -> Iterator[str]:
+    with pg_admin() as url:
         yield url
 
 
