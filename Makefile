@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT_PACKAGES := redis-server ruby ruby-sidekiq ruby-rails puma ruby-sqlite3 ruby-rack-test \
-	ruby-minitest docker-compose
+	ruby-minitest docker-compose postgresql
 
 .PHONY: test run lint format deps system-deps bench clean
 
