@@ -122,7 +122,7 @@ _NUMBER = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
 Timestamp = Annotated[datetime, BeforeValidator(_not_a_number)]
 
 
-def _reject_unknown_parameters(request: Request) -> None:
+async def _reject_unknown_parameters(request: Request) -> None:
     """`?status=dead` (for `state`) would otherwise list every job: a typo is an error."""
     route = request.scope.get("route")
     known = {p.alias for p in route.dependant.query_params} if route else set()
@@ -166,9 +166,40 @@ def _summary(row: dict[str, Any]) -> JobSummary:
     return JobSummary.model_validate(_timed(row))
 
 
+class _CountRequests:
+    """Requests by route and status, as plain ASGI (Starlette's BaseHTTPMiddleware costs ~1 ms
+    a request)."""
+
+    def __init__(self, app, counter: Counter) -> None:
+        self.app, self.counter = app, counter
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = 500
+
+        async def send_status(message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            route = getattr(scope.get("route"), "path", "(none)")
+            self.counter.labels(route, str(status)).inc()
+
+
 def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
-    """The API on `settings.history_url` (or `engine`); nothing connects until a request."""
-    engine = engine or store.open_engine(settings.history_url, pool_size=5)
+    """The API on `settings.history_url` (or `engine`); nothing connects until a request.
+
+    No pre-ping on the pool (a round trip per request): after a database restart the first
+    request on a dead connection answers 503 and the pool reconnects."""
+    engine = engine or store.open_engine(
+        settings.history_url, pool_size=5, pre_ping=False, read_only=True
+    )
     tokens = [t.strip().encode() for t in settings.api_tokens.split(",") if t.strip()]
     registry = CollectorRegistry()
     requests = Counter(
@@ -179,7 +210,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     )
     bearer = HTTPBearer(auto_error=False, description="one of GOKIQ_API_TOKENS")
 
-    def authorized(
+    async def authorized(  # async: no I/O, so no hop to the thread pool
         credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
     ) -> None:
         given = credentials.credentials.encode() if credentials else b""
@@ -195,12 +226,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
         description="What happened to each job gokiq ran: state, runs, errors.",
     )
 
-    @app.middleware("http")
-    async def count_requests(request: Request, call_next):
-        response = await call_next(request)
-        route = request.scope.get("route")
-        requests.labels(getattr(route, "path", "(none)"), str(response.status_code)).inc()
-        return response
+    app.add_middleware(_CountRequests, counter=requests)
 
     @app.exception_handler(DBAPIError)
     async def database_down(_request: Request, exc: DBAPIError) -> JSONResponse:

@@ -32,18 +32,29 @@ def is_supported_url(url: str) -> bool:
     return urlsplit(url).scheme in _PG_SCHEMES | {"sqlite"}
 
 
-def open_engine(url: str, *, statement_timeout: float = 5.0, pool_size: int = 2) -> Engine:
-    """An engine that gives up quickly on a database that is down or stalled."""
+def open_engine(
+    url: str,
+    *,
+    statement_timeout: float = 5.0,
+    pool_size: int = 2,
+    pre_ping: bool = True,
+    read_only: bool = False,
+) -> Engine:
+    """An engine that gives up quickly on a database that is down or stalled. `read_only`:
+    autocommit, so a query is one round trip (no BEGIN, no ROLLBACK when the pool takes the
+    connection back)."""
     url = engine_url(url)
+    options: dict[str, Any] = {"isolation_level": "AUTOCOMMIT"} if read_only else {}
     if url.startswith("sqlite"):
-        engine = create_engine(url, connect_args={"timeout": statement_timeout})
+        engine = create_engine(url, connect_args={"timeout": statement_timeout}, **options)
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
     millis = int(statement_timeout * 1000)
     return create_engine(
         url,
-        pool_pre_ping=True,
+        pool_pre_ping=pre_ping,
         pool_size=pool_size,
+        **options,
         connect_args={"connect_timeout": 3, "options": f"-c statement_timeout={millis}"},
     )
 
@@ -165,15 +176,24 @@ def decode_cursor(cursor: str) -> tuple[float, str]:
 
 
 def get_job(engine: Engine, jid: str) -> tuple[dict[str, Any], list[dict[str, Any]]] | None:
-    """The job's row and its runs (oldest first), or None."""
+    """The job's row and its runs (oldest first), or None: one query, one round trip."""
+    runs = [c.label(f"run_{c.name}") for c in attempts.c]
+    query = (
+        select(jobs, *runs)
+        .select_from(jobs.outerjoin(attempts, attempts.c.jid == jobs.c.jid))
+        .where(jobs.c.jid == jid)
+        .order_by(attempts.c.started_at)
+    )
     with engine.connect() as conn:
-        job = conn.execute(select(jobs).where(jobs.c.jid == jid)).mappings().first()
-        if job is None:
-            return None
-        runs = conn.execute(
-            select(attempts).where(attempts.c.jid == jid).order_by(attempts.c.started_at)
-        )
-        return dict(job), [dict(r) for r in runs.mappings()]
+        rows = conn.execute(query).mappings().all()
+    if not rows:
+        return None
+    job = {c.name: rows[0][c.name] for c in jobs.c}
+    return job, [
+        {c.name: row[f"run_{c.name}"] for c in attempts.c}
+        for row in rows
+        if row["run_jid"] is not None
+    ]
 
 
 def list_jobs(
