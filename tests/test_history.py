@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import delete, inspect
 
-from gokiq_celery.settings import ConfigError, Settings, load_settings
+from gokiq_celery.settings import Settings, load_settings
 from gokiq_celery.sidekiq.job import Job
 from gokiq_history import migrations, store
 from gokiq_history.recorder import NULL_RECORDER, HistoryRecorder, invalid_jid, open_recorder
@@ -264,20 +264,12 @@ def test_history_off_starts_nothing_and_imports_no_sqlalchemy():
     assert done.stdout.strip() == "[]"
 
 
-def test_history_settings_are_validated_with_the_key_named():
+def test_history_settings_read_durations_and_hide_the_url():
+    # Bad values: tests/test_settings.py::test_bad_values_name_the_key.
     s = load_settings(environ={"GOKIQ_HISTORY_URL": "sqlite:///x", "GOKIQ_HISTORY_RETENTION": "2d"})
     assert (s.history_url, s.history_retention) == ("sqlite:///x", 172800.0)
+    assert load_settings(environ={"GOKIQ_HISTORY_RETENTION": "90"}).history_retention == 90.0
     assert "sqlite:///x" not in repr(s)  # a URL may hold a password
-    for env, key in [
-        ({"GOKIQ_HISTORY_URL": "mysql://db/x"}, "history_url"),
-        ({"GOKIQ_HISTORY_RETENTION": "0"}, "history_retention"),
-        ({"GOKIQ_HISTORY_RETENTION": "soon"}, "history_retention"),
-        ({"GOKIQ_HISTORY_BUFFER": "0"}, "history_buffer"),
-        ({"GOKIQ_API_TOKENS": "a,,b"}, "api_tokens"),
-        ({"GOKIQ_API_PORT": "70000"}, "api_port"),
-    ]:
-        with pytest.raises(ConfigError, match=f"^{key}:"):
-            load_settings(environ=env)
 
 
 def test_gokiq_history_migrate_command(tmp_path):

@@ -16,7 +16,7 @@ from gokiq_history.recorder import invalid_jid
 
 from ..conftest import VENV_BIN, free_port, wait_for
 from ..history_support import PgCluster, create_database
-from .conftest import Service, Stack, running
+from .conftest import Service, Stack, _http_ok, running
 
 pytestmark = pytest.mark.e2e
 
@@ -94,13 +94,6 @@ def history(tmp_path_factory) -> Iterator[HistoryStack]:
                 api.stop()
     finally:
         cluster.remove()
-
-
-def _http_ok(url: str) -> bool:
-    try:
-        return requests.get(url, timeout=2).status_code == 200
-    except requests.RequestException:
-        return False
 
 
 def runs(job: dict[str, Any]) -> list[tuple[Any, ...]]:
