@@ -16,15 +16,21 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import delete, inspect
 
+from bridge.metrics import BridgeMetrics
+from bridge.scheduler import Scheduler
 from gokiq_celery.settings import Settings, load_settings
 from gokiq_celery.sidekiq.job import Job
+from gokiq_celery.sidekiq.store import SCHEDULE
 from gokiq_history import migrations, store
 from gokiq_history.recorder import NULL_RECORDER, HistoryRecorder, invalid_jid, open_recorder
 from gokiq_history.rows import fold, job_event, merge_job
 from gokiq_history.schema import attempts, jobs
 
 from .conftest import REPO
-from .history_support import pg_admin_url, pg_url  # noqa: F401 (fixtures)
+from .history_support import pg_admin_url, pg_url
+from .test_bridge_support import bridge_env, bridge_redis
+
+__all__ = ["bridge_env", "bridge_redis", "pg_admin_url", "pg_url"]  # fixtures used below
 
 
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])
@@ -82,7 +88,7 @@ def test_migrations_create_the_tables_and_indexes_and_go_back(tmp_path):
     engine.dispose()
 
 
-def test_migrations_match_the_schema_on_postgresql(pg_url):  # noqa: F811
+def test_migrations_match_the_schema_on_postgresql(pg_url):
     migrations.upgrade(pg_url)
     engine = store.open_engine(pg_url)
     try:
@@ -282,3 +288,23 @@ def test_gokiq_history_migrate_command(tmp_path):
         [str(cli), "current"], capture_output=True, text=True, env={"PATH": "/usr/bin"}
     )
     assert empty.returncode == 2 and "history_url" in empty.stderr
+
+
+def test_the_bridges_scheduler_records_what_it_moves_and_what_it_buries(bridge_env, tmp_path):
+    url = f"sqlite:///{tmp_path / 'h.sqlite3'}"
+    migrations.upgrade(url)
+    store_ = bridge_env.store()
+    now = time.time()
+    due = Job.build({"class": "HardJob", "args": [1], "jid": "s1", "queue": "low",
+                     "created_at": now - 60})  # fmt: skip
+    store_.redis.zadd(SCHEDULE, {due.text: now - 1, b"{garbage": now - 1})
+    scheduler = Scheduler(store_, "b1", BridgeMetrics())
+    scheduler.history = recorder_for(url)
+    assert scheduler.move_due() == 1
+    assert scheduler.history.flush()
+    engine = store.open_engine(url)
+    row = read_job(engine, "s1")
+    assert (row["state"], row["queue"], row["job_class"]) == ("enqueued", "low", "HardJob")
+    assert row["enqueued_at"] >= now  # the scheduler's new enqueued_at
+    assert read_job(engine, invalid_jid(b"{garbage"))["state"] == "dead"
+    engine.dispose()

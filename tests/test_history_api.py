@@ -21,7 +21,9 @@ from gokiq_history.api import create_app
 from gokiq_history.rows import attempt_event, job_event
 
 from .conftest import free_port, wait_for
-from .history_support import pg_admin_url, pg_url  # noqa: F401 (fixtures)
+from .history_support import pg_admin_url, pg_url
+
+__all__ = ["pg_admin_url", "pg_url"]  # fixtures used below
 
 TOKEN = "test-token-1"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -68,7 +70,7 @@ def seed(url: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def api(pg_url) -> Iterator[LiveApi]:  # noqa: F811
+def api(pg_url) -> Iterator[LiveApi]:
     migrations.upgrade(pg_url)
     seed(pg_url)
     live = LiveApi(pg_url).start()
