@@ -24,6 +24,8 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any
 
+from gokiq_celery.sidekiq.job import epoch_seconds
+
 from .rows import (
     ERROR_MESSAGE_LIMIT,
     STATE_AFTER,
@@ -219,14 +221,10 @@ class HistoryRecorder:
     # -- building events --------------------------------------------------------------------
 
     def _enqueued_event(self, job: Job, queue: str | None, now: float) -> dict[str, Any]:
-        from gokiq_celery.sidekiq.job import epoch_seconds
-
         enqueued_at = epoch_seconds(job.get("enqueued_at")) or now
         return self._job_event(job, queue or job.queue, "enqueued", now, enqueued_at=enqueued_at)
 
     def _job_event(self, job: Job, queue: str, state: str, at: float, **values: Any):
-        from gokiq_celery.sidekiq.job import epoch_seconds
-
         args = json.dumps(job.args, ensure_ascii=False) if self.record_args else None
         return job_event(
             job.jid,

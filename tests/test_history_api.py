@@ -1,6 +1,6 @@
-"""`gokiq-api` as a live uvicorn server on a real PostgreSQL: auth, the job, its runs, keyset
-pages, stats, and a schemathesis run against its OpenAPI document (no 500, no schema
-violation)."""
+"""`gokiq-api` as a live uvicorn server on a real PostgreSQL (and SQLite): auth, the job, its
+runs, keyset pages, stats, and a schemathesis run against its OpenAPI document (no 500, no
+schema violation)."""
 
 from __future__ import annotations
 
@@ -70,10 +70,23 @@ def seed(url: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def api(pg_url) -> Iterator[LiveApi]:
+def pg_api(pg_url) -> Iterator[LiveApi]:
     migrations.upgrade(pg_url)
     seed(pg_url)
     live = LiveApi(pg_url).start()
+    yield live
+    live.stop()
+
+
+@pytest.fixture(scope="module", params=["postgresql", "sqlite"])
+def api(request, tmp_path_factory) -> Iterator[LiveApi]:
+    if request.param == "postgresql":
+        yield request.getfixturevalue("pg_api")
+        return
+    url = f"sqlite:///{tmp_path_factory.mktemp('api') / 'history.sqlite3'}"
+    migrations.upgrade(url)
+    seed(url)
+    live = LiveApi(url).start()
     yield live
     live.stop()
 
@@ -132,8 +145,8 @@ OPERATIONS = ["/health", "/metrics", "/v1/jobs", "/v1/jobs/{jid}", "/v1/stats"]
 
 
 @pytest.fixture(scope="module")
-def api_schema(api):
-    return schemathesis.openapi.from_url(api.base + "/openapi.json")
+def api_schema(pg_api):
+    return schemathesis.openapi.from_url(pg_api.base + "/openapi.json")
 
 
 def test_every_operation_is_fuzzed(api_schema):
