@@ -88,7 +88,7 @@ def upsert_jobs(engine: Engine, conn, rows: list[dict[str, Any]]) -> None:
     """Merge job events into `gokiq_jobs` (the rule of `rows.merge_job`); rows: distinct jids."""
     if not rows:
         return
-    stmt = _insert(engine, jobs).values(rows)
+    stmt = _insert(engine, jobs)
     new, old = stmt.excluded, jobs.c
     wins = tuple_(new.state_at, new.state_rank) > tuple_(old.state_at, old.state_rank)
     newer_error = new.error_at > func.coalesce(old.error_at, float("-inf"))
@@ -122,14 +122,15 @@ def upsert_jobs(engine: Engine, conn, rows: list[dict[str, Any]]) -> None:
         "updated_at": _greatest(engine, old.updated_at, new.updated_at),
     }
     assert set(update) == set(JOB_COLUMNS) - {"jid"}
-    conn.execute(stmt.on_conflict_do_update(index_elements=[jobs.c.jid], set_=update))
+    # executemany: one statement, compiled once and cached, whatever the batch's size.
+    conn.execute(stmt.on_conflict_do_update(index_elements=[jobs.c.jid], set_=update), rows)
 
 
 def upsert_attempts(engine: Engine, conn, rows: list[dict[str, Any]]) -> None:
     """Merge run events into `gokiq_job_attempts`: a known value is never erased."""
     if not rows:
         return
-    stmt = _insert(engine, attempts).values(rows)
+    stmt = _insert(engine, attempts)
     update = {
         name: func.coalesce(stmt.excluded[name], attempts.c[name])
         for name in ATTEMPT_COLUMNS
@@ -138,7 +139,8 @@ def upsert_attempts(engine: Engine, conn, rows: list[dict[str, Any]]) -> None:
     conn.execute(
         stmt.on_conflict_do_update(
             index_elements=[attempts.c.jid, attempts.c.started_at], set_=update
-        )
+        ),
+        rows,
     )
 
 
