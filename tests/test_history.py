@@ -175,6 +175,15 @@ def test_the_recorder_records_a_failed_run_then_a_success(engine, db_url):
     recorder.close()
 
 
+def test_history_migrate_applies_the_migrations_before_the_first_write(tmp_path):
+    url = f"sqlite:///{tmp_path / 'fresh.sqlite3'}"
+    recorder = recorder_for(url, history_migrate=True)
+    recorder.enqueued([job("m1")])
+    assert recorder.flush()
+    assert migrations.current(url) == "0001"
+    recorder.close()
+
+
 def test_arguments_are_recorded_only_when_asked(engine, db_url):
     recorder = recorder_for(db_url, history_record_args=True)
     recorder.enqueued([job("a1")])

@@ -16,7 +16,7 @@ from gokiq_history.recorder import invalid_jid
 
 from ..conftest import VENV_BIN, free_port, wait_for
 from ..history_support import PgCluster, create_database
-from .conftest import Service, Stack, _http_ok, running
+from .conftest import Service, Stack, _http_ok, metric_value, running
 
 pytestmark = pytest.mark.e2e
 
@@ -134,6 +134,9 @@ def test_each_kind_of_job_ends_in_its_state_with_its_runs_and_error(history: His
 
     job = history.wait_state(invalid_jid(garbage), "dead")
     assert (job["class"], job["error_class"], job["runs"]) == ("(invalid)", "InvalidJob", [])
+
+    for url in (stack.bridge_url, stack.worker_url):  # each process's recorder, on its /metrics
+        assert metric_value(stack.metrics(url), "gokiq_history_written_total") > 0, url
 
     # Sidekiq's first retry waits 15 s + jitter; the job is "retrying" until then.
     job = history.wait_state(flaky, "succeeded", timeout=180)
