@@ -97,13 +97,19 @@ def attempt_number(job: Job) -> int:
 
 
 class _Run:
-    __slots__ = ("attempt", "error_class", "error_message", "jid", "monotonic", "started_at")
+    """A run in progress on a worker thread."""
 
-    def __init__(self, jid: str, attempt: int) -> None:
-        self.jid, self.attempt = jid, attempt
+    __slots__ = (
+        "attempt", "error_class", "error_message", "job", "monotonic", "queue", "reported",
+        "started_at",
+    )  # fmt: skip
+
+    def __init__(self, job: Job, queue: str) -> None:
+        self.job, self.queue, self.attempt = job, queue, attempt_number(job)
         self.started_at, self.monotonic = time.time(), time.monotonic()
         self.error_class: str | None = None
         self.error_message: str | None = None
+        self.reported = False  # its "running" event was written
 
 
 class HistoryRecorder:
@@ -135,6 +141,9 @@ class HistoryRecorder:
         self._lock = threading.Lock()
         self._jobs: list[dict[str, Any]] = []
         self._attempts: list[dict[str, Any]] = []
+        # Runs in progress: a flush writes "running" for those still going. A job shorter than
+        # the flush interval gets one job event and one run event, both when it ends.
+        self._running: dict[int, _Run] = {}
         self._pid: int | None = None
         self._engine = None
         self._local = threading.local()  # the run in progress on each worker thread
@@ -151,56 +160,37 @@ class HistoryRecorder:
         self._add([self._enqueued_event(job, queue, now) for job in jobs], [])
 
     def started(self, job: Job, queue: str) -> None:
-        run = _Run(job.jid, attempt_number(job))
+        run = _Run(job, queue)
         self._local.run = run
-        self._add(
-            [
-                self._job_event(
-                    job,
-                    queue,
-                    "running",
-                    run.started_at,
-                    attempts=run.attempt,
-                    first_started_at=run.started_at,
-                    last_started_at=run.started_at,
-                    worker=self.worker_name,
-                )
-            ],
-            [self._attempt(run, worker=self.worker_name)],
-        )
+        with self._lock:
+            self._ensure_thread()
+            self._running[id(run)] = run
 
     def failed(self, job: Job, error_class: str, error_message: str) -> None:
         """The run in progress on this thread raised: kept for `finished`."""
         run = getattr(self._local, "run", None)
-        if run is not None and run.jid == job.jid:
+        if run is not None and run.job is job:
             run.error_class, run.error_message = error_class, error_message[:ERROR_MESSAGE_LIMIT]
 
     def finished(self, job: Job, outcome: str) -> None:
         """The run started on this thread ended with the worker's `outcome` (tasks.py)."""
         run = getattr(self._local, "run", None)
         self._local.run = None
-        if run is None or run.jid != job.jid:
+        if run is None or run.job is not job:
             return
+        with self._lock:
+            self._running.pop(id(run), None)
         now, runtime = time.time(), time.monotonic() - run.monotonic
         ended = {"finished_at": now, "outcome": outcome, "runtime": runtime}
         error = {"error_class": run.error_class, "error_message": run.error_message}
         job_rows = []
         if state := STATE_AFTER.get(outcome):
             terminal = {"finished_at": now} if state not in {"retrying", "enqueued"} else {}
+            failure = dict(error, error_at=now) if run.error_class else {}
             job_rows.append(
-                self._job_event(
-                    job,
-                    job.queue,
-                    state,
-                    now,
-                    attempts=run.attempt,
-                    runtime=runtime,
-                    worker=self.worker_name,
-                    **terminal,
-                    **(dict(error, error_at=now) if run.error_class else {}),
-                )
+                self._run_event(run, state, now, runtime=runtime, **terminal, **failure)
             )
-        self._add(job_rows, [self._attempt(run, worker=self.worker_name, **ended, **error)])
+        self._add(job_rows, [self._attempt(run, **ended, **error)])
 
     def invalid(self, raw: bytes | str, queue: str) -> None:
         """A payload that is not a job, sent to the dead set."""
@@ -237,16 +227,38 @@ class HistoryRecorder:
             **values,
         )
 
-    @staticmethod
-    def _attempt(run: _Run, **values: Any) -> dict[str, Any]:
-        return attempt_event(run.jid, run.started_at, attempt=run.attempt, **values)
+    def _run_event(self, run: _Run, state: str, at: float, **values: Any) -> dict[str, Any]:
+        return self._job_event(
+            run.job,
+            run.queue if state == "running" else run.job.queue,
+            state,
+            at,
+            attempts=run.attempt,
+            first_started_at=run.started_at,
+            last_started_at=run.started_at,
+            worker=self.worker_name,
+            **values,
+        )
+
+    def _attempt(self, run: _Run, **values: Any) -> dict[str, Any]:
+        return attempt_event(
+            run.job.jid, run.started_at, attempt=run.attempt, worker=self.worker_name, **values
+        )
+
+    def _running_events(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """Events for the runs that started since the last flush and are still going."""
+        with self._lock:
+            runs = [run for run in self._running.values() if not run.reported]
+            for run in runs:
+                run.reported = True
+        job_rows = [self._run_event(run, "running", run.started_at) for run in runs]
+        return job_rows, [self._attempt(run) for run in runs]
 
     # -- the buffer -------------------------------------------------------------------------
 
     def _add(self, job_rows: list[dict[str, Any]], attempt_rows: list[dict[str, Any]]) -> None:
         with self._lock:
-            if self._pid != os.getpid():
-                self._start()
+            self._ensure_thread()
             room = self.limit - len(self._jobs) - len(self._attempts)
             kept_jobs = job_rows[: max(room, 0)]
             kept_attempts = attempt_rows[: max(room - len(kept_jobs), 0)]
@@ -275,10 +287,13 @@ class HistoryRecorder:
         with self._lock:
             return len(self._jobs) + len(self._attempts)
 
-    def _start(self) -> None:
-        # Also after a fork: the parent's thread and buffer do not carry over.
+    def _ensure_thread(self) -> None:
+        """Under the lock: start the writer in this process (again after a fork, where the
+        parent's thread and buffer do not carry over)."""
+        if self._pid == os.getpid():
+            return
         self._pid = os.getpid()
-        self._jobs, self._attempts, self._engine = [], [], None
+        self._jobs, self._attempts, self._running, self._engine = [], [], {}, None
         self._stop = threading.Event()
         if self.background:
             threading.Thread(target=self._run, name="gokiq-history", daemon=True).start()
@@ -298,6 +313,8 @@ class HistoryRecorder:
         with self._lock:
             job_rows, attempt_rows = self._jobs, self._attempts
             self._jobs, self._attempts = [], []
+        running_jobs, running_attempts = self._running_events()
+        job_rows, attempt_rows = running_jobs + job_rows, running_attempts + attempt_rows
         if not (job_rows or attempt_rows):
             return True
         job_rows = fold(job_rows, ("jid",), merge_job)

@@ -8,12 +8,24 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import json
 from collections.abc import Iterable
 from typing import Any
 from urllib.parse import urlsplit
 
-from sqlalchemy import Engine, and_, case, create_engine, delete, event, func, select, tuple_
+from sqlalchemy import (
+    Engine,
+    and_,
+    case,
+    create_engine,
+    delete,
+    event,
+    func,
+    literal_column,
+    select,
+    tuple_,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 
 from .rows import ATTEMPT_COLUMNS, JOB_COLUMNS
@@ -46,7 +58,9 @@ def open_engine(
     url = engine_url(url)
     options: dict[str, Any] = {"isolation_level": "AUTOCOMMIT"} if read_only else {}
     if url.startswith("sqlite"):
-        engine = create_engine(url, connect_args={"timeout": statement_timeout}, **options)
+        engine = create_engine(
+            url, connect_args={"timeout": statement_timeout}, paramstyle="named", **options
+        )
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
     millis = int(statement_timeout * 1000)
@@ -86,12 +100,26 @@ def _greatest(engine: Engine, a, b):
 
 def upsert_jobs(engine: Engine, conn, rows: list[dict[str, Any]]) -> None:
     """Merge job events into `gokiq_jobs` (the rule of `rows.merge_job`); rows: distinct jids."""
-    if not rows:
-        return
+    if rows:
+        conn.exec_driver_sql(_job_upsert_sql(engine), rows)
+
+
+def upsert_attempts(engine: Engine, conn, rows: list[dict[str, Any]]) -> None:
+    """Merge run events into `gokiq_job_attempts`: a known value is never erased."""
+    if rows:
+        conn.exec_driver_sql(_attempt_upsert_sql(engine), rows)
+
+
+# The upserts are compiled once per engine and run as the driver's executemany with the rows
+# as they are: SQLAlchemy's per-row parameter processing cost ~40 µs a row, the driver's ~17.
+
+
+@functools.lru_cache(maxsize=8)
+def _job_upsert_sql(engine: Engine) -> str:
     stmt = _insert(engine, jobs)
     new, old = stmt.excluded, jobs.c
     wins = tuple_(new.state_at, new.state_rank) > tuple_(old.state_at, old.state_rank)
-    newer_error = new.error_at > func.coalesce(old.error_at, float("-inf"))
+    newer_error = new.error_at > func.coalesce(old.error_at, literal_column("-1e300"))
 
     def lead(name: str):  # the winning event's value; a null never erases one
         return case(
@@ -122,26 +150,27 @@ def upsert_jobs(engine: Engine, conn, rows: list[dict[str, Any]]) -> None:
         "updated_at": _greatest(engine, old.updated_at, new.updated_at),
     }
     assert set(update) == set(JOB_COLUMNS) - {"jid"}
-    # executemany: one statement, compiled once and cached, whatever the batch's size.
-    conn.execute(stmt.on_conflict_do_update(index_elements=[jobs.c.jid], set_=update), rows)
+    return _compiled(engine, stmt.on_conflict_do_update(index_elements=[jobs.c.jid], set_=update))
 
 
-def upsert_attempts(engine: Engine, conn, rows: list[dict[str, Any]]) -> None:
-    """Merge run events into `gokiq_job_attempts`: a known value is never erased."""
-    if not rows:
-        return
+@functools.lru_cache(maxsize=8)
+def _attempt_upsert_sql(engine: Engine) -> str:
     stmt = _insert(engine, attempts)
     update = {
         name: func.coalesce(stmt.excluded[name], attempts.c[name])
         for name in ATTEMPT_COLUMNS
         if name not in {"jid", "started_at"}
     }
-    conn.execute(
-        stmt.on_conflict_do_update(
-            index_elements=[attempts.c.jid, attempts.c.started_at], set_=update
-        ),
-        rows,
-    )
+    keys = [attempts.c.jid, attempts.c.started_at]
+    return _compiled(engine, stmt.on_conflict_do_update(index_elements=keys, set_=update))
+
+
+def _compiled(engine: Engine, stmt) -> str:
+    """The statement in the driver's parameter style, its parameters named after the columns:
+    %(jid)s for psycopg, :jid for sqlite3 (`paramstyle="named"` in `open_engine`)."""
+    compiled = stmt.compile(dialect=engine.dialect)
+    assert set(compiled.params) <= set(JOB_COLUMNS) | set(ATTEMPT_COLUMNS), compiled.params
+    return str(compiled)
 
 
 def delete_older_than(engine: Engine, cutoff: float, batch: int) -> int:

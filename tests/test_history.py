@@ -175,6 +175,22 @@ def test_the_recorder_records_a_failed_run_then_a_success(engine, db_url):
     recorder.close()
 
 
+def test_a_run_still_going_at_a_flush_shows_as_running(engine, db_url):
+    recorder = recorder_for(db_url)
+    long = job("long")
+    recorder.started(long, "critical")
+    assert recorder.flush()
+    row, runs = store.get_job(engine, "long")
+    assert (row["state"], row["queue"], row["attempts"]) == ("running", "critical", 1)
+    assert [(r["outcome"], r["finished_at"]) for r in runs] == [(None, None)]
+    recorder.finished(long, "ok")
+    assert recorder.flush()
+    row, runs = store.get_job(engine, "long")
+    assert (row["state"], row["finished_at"] is not None) == ("succeeded", True)
+    assert [r["outcome"] for r in runs] == ["ok"]  # the same run, completed
+    recorder.close()
+
+
 def test_history_migrate_applies_the_migrations_before_the_first_write(tmp_path):
     url = f"sqlite:///{tmp_path / 'fresh.sqlite3'}"
     recorder = recorder_for(url, history_migrate=True)
@@ -199,10 +215,11 @@ def test_a_database_that_is_down_costs_history_rows_not_jobs(tmp_path):
     missing = tmp_path / "not-yet"
     url = f"sqlite:///{missing / 'h.sqlite3'}"
     recorder = recorder_for(url, history_buffer=30)
-    for n in range(10):  # 10 jobs x (job + attempt) x 2 events = 40 > 30
-        recorder.started(job(f"d{n}"), "default")
-        recorder.finished(job(f"d{n}"), "ok")
-    assert recorder.metrics.dropped._value.get() >= 10
+    for n in range(20):  # 20 jobs x (a job event + a run event) = 40 > 30
+        ran = job(f"d{n}")
+        recorder.started(ran, "default")
+        recorder.finished(ran, "ok")
+    assert recorder.metrics.dropped._value.get() == 10
     assert not recorder.flush()  # cannot open the file: kept for the next flush
     kept = recorder.pending()
     assert 0 < kept <= 30
@@ -211,7 +228,7 @@ def test_a_database_that_is_down_costs_history_rows_not_jobs(tmp_path):
     assert recorder.flush()  # the database is back: what was kept is written
     engine = store.open_engine(url)
     written = store.list_jobs(engine, filters={}, since=None, until=None, limit=100, cursor=None)[0]
-    assert written and all(r["state"] in {"succeeded", "running"} for r in written)
+    assert len(written) == 15 and {r["state"] for r in written} == {"succeeded"}
     recorder.close()
     engine.dispose()
 
