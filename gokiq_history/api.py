@@ -166,6 +166,18 @@ def _summary(row: dict[str, Any]) -> JobSummary:
     return JobSummary.model_validate(_timed(row))
 
 
+def _once_more_if_reconnected(query, *args, **kwargs):
+    """Run a read; if it failed on a connection the database had dropped (a restart), the pool
+    has just been emptied, so run it once more on a fresh connection. This is what a pre-ping
+    would do, without its round trip on every request."""
+    try:
+        return query(*args, **kwargs)
+    except DBAPIError as exc:
+        if not exc.connection_invalidated:
+            raise
+    return query(*args, **kwargs)
+
+
 class _CountRequests:
     """Requests by route and status, as plain ASGI (Starlette's BaseHTTPMiddleware costs ~1 ms
     a request)."""
@@ -195,8 +207,8 @@ class _CountRequests:
 def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     """The API on `settings.history_url` (or `engine`); nothing connects until a request.
 
-    No pre-ping on the pool (a round trip per request): after a database restart the first
-    request on a dead connection answers 503 and the pool reconnects."""
+    No pre-ping on the pool (a round trip per request): a read that fails on a connection the
+    database dropped is run once more (`_once_more_if_reconnected`)."""
     engine = engine or store.open_engine(
         settings.history_url, pool_size=5, pre_ping=False, read_only=True
     )
@@ -236,7 +248,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     @app.get("/health", response_model=Health, responses={503: {"model": Health}})
     def health() -> Any:
         try:
-            store.ping(engine)
+            _once_more_if_reconnected(store.ping, engine)
         except DBAPIError:
             return JSONResponse({"status": "unavailable"}, status_code=503)
         return {"status": "ok"}
@@ -257,7 +269,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
         dependencies=[Depends(authorized)],
     )
     def get_job(jid: Annotated[str, Path(max_length=200, pattern=NO_NUL)]) -> Any:
-        found = store.get_job(engine, jid)
+        found = _once_more_if_reconnected(store.get_job, engine, jid)
         if found is None:
             raise HTTPException(404, "no such job")
         job, runs = found
@@ -286,7 +298,8 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     ) -> Any:
         """Newest first (by the job's created_at, then jid), one page at a time."""
         try:
-            rows, next_cursor = store.list_jobs(
+            rows, next_cursor = _once_more_if_reconnected(
+                store.list_jobs,
                 engine,
                 filters={"job_class": job_class, "queue": queue, "state": state},
                 since=_epoch(since),
@@ -311,7 +324,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
         ] = None,
     ) -> Any:
         start = _epoch(since) if since else time.time() - STATS_WINDOW.total_seconds()
-        counts = store.stats(engine, start)
+        counts = _once_more_if_reconnected(store.stats, engine, start)
         by_state = dict.fromkeys(STATES, 0)
         for _, state, count in counts:
             by_state[state] = by_state.get(state, 0) + count
