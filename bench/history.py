@@ -22,6 +22,7 @@ import argparse
 import hashlib
 import random
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -214,6 +215,8 @@ def _print_latency(name: str, values: list[float]) -> None:
 
 
 def main() -> None:
+    # A SIGTERM (timeout, kill) unwinds like Ctrl-C: the stacks' processes are stopped.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--n", type=int, default=2000, help="jobs per workload (default 2000)")
     parser.add_argument("--rounds", type=int, default=2, help="rounds of off/on (default 2)")
