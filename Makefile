@@ -52,6 +52,7 @@ bench: deps
 	$(BIN)/python bench/bridge.py
 	ruby bench/sidecar.rb
 	$(BIN)/python bench/e2e.py
+	$(BIN)/python bench/history.py
 
 clean:
 	rm -rf $(VENV) .run *.egg-info
