@@ -5,8 +5,8 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-APT_PACKAGES := redis-server ruby ruby-sidekiq ruby-sidekiq-cron ruby-fugit ruby-rails puma ruby-sqlite3 ruby-rack-test \
-	ruby-minitest docker-compose
+APT_PACKAGES := redis-server ruby ruby-sidekiq ruby-sidekiq-cron ruby-fugit ruby-rails puma \
+	ruby-sqlite3 ruby-rack-test ruby-minitest docker-compose postgresql
 
 .PHONY: test run lint format deps system-deps bench clean
 
@@ -53,6 +53,7 @@ bench: deps
 	ruby bench/sidecar.rb
 	$(BIN)/python bench/e2e.py
 	$(BIN)/python bench/vs_sidekiq.py
+	$(BIN)/python bench/history.py
 
 clean:
 	rm -rf $(VENV) .run *.egg-info

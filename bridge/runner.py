@@ -24,6 +24,7 @@ from gokiq_celery.settings import ConfigError, Settings
 from gokiq_celery.sidekiq.job import InvalidJob, Job, epoch_seconds, poison_entry
 from gokiq_celery.sidekiq.store import SidekiqStore
 from gokiq_celery.sidekiq.version import SidekiqVersionResolver
+from gokiq_history.recorder import open_recorder
 
 from .fetch import Batch, QueueOrder, ReliableFetcher
 from .metrics import BridgeMetrics
@@ -86,6 +87,8 @@ class Bridge:
             ),
             poll_interval=settings.scheduler_poll_interval,
         )
+        self.history = open_recorder(settings, self.metrics.registry)  # the job history
+        self.scheduler.history = self.history
         self.stopping = threading.Event()
         self.batch: Batch | None = None  # fetched, not yet acked
         self.broker_ok = False
@@ -146,6 +149,7 @@ class Bridge:
             log.error("could not give back in-flight jobs (%s); recovery will", exc)
             code = 1
         self.publisher.close()
+        self.history.close()
         if self.status is not None:
             self.status.stop()
         return code
@@ -222,6 +226,7 @@ class Bridge:
         while batch.poison:
             raw, reason = batch.poison[0]
             self.fetcher.bury(batch.queue, raw, reason)
+            self.history.invalid(raw, batch.queue)
             batch.poison.pop(0)
             self.metrics.poison.labels(batch.queue, reason).inc()
             log.warning(
@@ -247,6 +252,7 @@ class Bridge:
             batch.published = True
             self.backpressure.note_published(batch.queue, len(batch.jobs))
             self.metrics.jobs_moved.labels(batch.queue).inc(len(batch.jobs))
+            self.history.enqueued(batch.jobs, batch.queue)
             if log.isEnabledFor(logging.DEBUG):
                 for job in batch.jobs:
                     log.debug(

@@ -21,6 +21,7 @@ import time
 from gokiq_celery.sidekiq.job import InvalidJob, Job, poison_entry, timestamp
 from gokiq_celery.sidekiq.store import SCHEDULED_SETS, SidekiqStore
 from gokiq_celery.sidekiq.version import SidekiqVersionResolver, SidekiqVersionUnknown
+from gokiq_history.recorder import NULL_RECORDER
 
 from .metrics import BridgeMetrics
 from .retrying import Backoff
@@ -30,6 +31,7 @@ log = logging.getLogger(__name__)
 
 class Scheduler:
     BATCH = 100
+    history = NULL_RECORDER  # the bridge sets its recorder: what moves is recorded as enqueued
 
     def __init__(
         self,
@@ -87,7 +89,7 @@ class Scheduler:
         return moved
 
     def _enqueue(self, set_name: str, members: list[bytes], major: int) -> int:
-        moves = []
+        moves, moved_jobs = [], []
         for raw in members:
             try:
                 job = Job.parse(raw)
@@ -101,13 +103,16 @@ class Scheduler:
                 self._bury(set_name, raw, type(exc).__name__)
                 continue
             moves.append((job.queue, enqueued.text, raw))
+            moved_jobs.append(enqueued)
         if moves:
             self.store.enqueue_moved(set_name, self.bridge_id, moves)
+            self.history.enqueued(moved_jobs)
             self.metrics.scheduler_moved.labels(set_name).inc(len(moves))
         return len(moves)
 
     def _bury(self, set_name: str, raw: bytes, reason: str) -> None:
         self.store.bury_moved(set_name, self.bridge_id, raw, poison_entry(raw, reason))
+        self.history.invalid(raw, set_name)
         self.metrics.poison.labels(set_name, reason).inc()
         log.warning(
             "not a job in the %s set: moved to the dead set (%s)",

@@ -74,6 +74,15 @@ class Settings:
     sidekiq_heartbeat: float = 10.0  # each worker's beat on Sidekiq's Busy page; 0: not shown
     log_level: str = "INFO"
     log_format: str = "json"
+    # The job history (gokiq_history, README "Job history"); empty history_url: off.
+    history_url: str = field(default="", repr=False)  # may hold a password
+    history_retention: float = 7 * 86400.0  # seconds; "7d", "12h", "30m" accepted
+    history_record_args: bool = False  # arguments may hold personal data
+    history_buffer: int = 10_000  # events held while the database is slow; more are dropped
+    history_migrate: bool = False  # apply the migrations at start-up
+    api_bind: str = "127.0.0.1"
+    api_port: int = 9480
+    api_tokens: str = field(default="", repr=False)  # comma-separated bearer tokens
 
     @property
     def broker_url(self) -> str:
@@ -186,6 +195,8 @@ def _coerce(name: str, raw: Any) -> Any:
             return raw if _is_queue_specs(raw) else parse_queues(raw)
         if name == "queue_map":
             return _parse_queue_map(raw)
+        if name == "history_retention":
+            return parse_duration(raw)
         if kind == "bool":
             return _parse_bool(raw)
         if kind == "int":
@@ -228,6 +239,19 @@ def _parse_queue_map(raw: Any) -> dict[str, str]:
     if not all("=" in p for p in pairs):
         raise ConfigError(f"queue_map: expected 'sidekiq_queue=celery_queue,...', got {raw!r}")
     return dict(p.split("=", 1) for p in pairs)
+
+
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(raw: Any) -> float:
+    """Seconds from a number or `"7d"`, `"12h"`, `"30m"`, `"45s"`."""
+    if isinstance(raw, int | float) and not isinstance(raw, bool):
+        return float(raw)
+    text = str(raw).strip().lower()
+    if text[-1:] in _DURATION_UNITS:
+        return float(text[:-1]) * _DURATION_UNITS[text[-1]]
+    return float(text)
 
 
 _POOLS = {"threads", "prefork", "solo"}
@@ -300,6 +324,22 @@ def _validate(s: Settings) -> None:
     for name in ("max_retries", "max_pending", "bridge_metrics_port", "worker_metrics_port"):
         if getattr(s, name) < 0:
             raise ConfigError(f"{name}: must be >= 0, got {getattr(s, name)}")
+    _validate_history(s)
+
+
+def _validate_history(s: Settings) -> None:
+    scheme = urlsplit(s.history_url).scheme
+    if s.history_url and scheme not in {"postgres", "postgresql", "postgresql+psycopg", "sqlite"}:
+        raise ConfigError("history_url: must be empty (off), a postgresql:// or a sqlite:/// URL")
+    for name in ("history_retention", "history_buffer"):
+        if getattr(s, name) <= 0:
+            raise ConfigError(f"{name}: must be > 0, got {getattr(s, name)}")
+    if not 0 < s.api_port < 65536:
+        raise ConfigError(f"api_port: must be 1 to 65535, got {s.api_port}")
+    tokens = s.api_tokens.split(",") if s.api_tokens.strip() else []
+    if any(not t.strip() or not valid_header_value(t.strip()) for t in tokens):
+        # The values are secrets: not in the message.
+        raise ConfigError("api_tokens: must be comma-separated printable tokens, none empty")
 
 
 def _next_db(redis_url: str) -> str:

@@ -18,6 +18,8 @@ from celery import Task
 from celery.exceptions import Ignore, Reject, Retry
 from celery.signals import worker_process_shutdown, worker_shutdown
 
+from gokiq_history.recorder import NULL_RECORDER, Recorder, open_recorder
+
 from . import metrics
 from .celery_app import app
 from .messages import TASK_NAME, argsrepr, new_delivery_token, task_id
@@ -99,6 +101,7 @@ class Worker:
     policy: RetryPolicy
     settler: DeliverySettler = field(init=False)
     served_queues: frozenset[str] = field(init=False)
+    history: Recorder = NULL_RECORDER  # the job history (gokiq_history)
 
     def __post_init__(self) -> None:
         self.settler = DeliverySettler(self.store)
@@ -114,6 +117,7 @@ class Worker:
             store,
             SidecarClient(settings, store.redis),
             RetryPolicy(settings.max_retries, versions),
+            history=open_recorder(settings),
         )
 
     @property
@@ -158,12 +162,14 @@ class Worker:
             job = Job.parse(payload)
         except InvalidJob as exc:
             self.store.add_dead(poison_entry(payload, exc.reason))
+            self.history.invalid(payload, queue)
             log.error(
                 "invalid job payload sent to the dead set: %s", exc.reason, extra={"queue": queue}
             )
             metrics.JOBS.labels(self._queue_label(queue), "(invalid)", "invalid").inc()
             raise JobEnded("invalid", exc.reason) from None
         outcome = "retry"
+        self.history.started(job, queue)
         try:
             outcome = self._run(job, queue)
             return outcome
@@ -171,6 +177,7 @@ class Worker:
             outcome = ended.outcome
             raise
         finally:
+            self.history.finished(job, outcome)
             labels = self._queue_label(queue), metrics.CLASS_LABELS.label(job), outcome
             metrics.JOBS.labels(*labels).inc()
             metrics.DURATION.observe(time.monotonic() - started)
@@ -243,6 +250,7 @@ class Worker:
             decision = self.policy.decide(job, failure, queue)
         except SidekiqVersionUnknown as exc:  # a retry written now could have the wrong format
             return self._put_back(job, queue, exc)
+        self.history.failed(job, failure.error_class, failure.error_message)
         log.info(
             "fail: %s: %s",
             failure.error_class,
@@ -386,3 +394,4 @@ def _flush_settlements(**_kwargs) -> None:
     worker = perform.__dict__.get("worker")  # built on a process's first job, if any
     if worker is not None:
         worker.settler.leave()
+        worker.history.close()

@@ -2,7 +2,8 @@
 # gokiq demo (`make run`): the example Rails app's Sidekiq jobs running on a Celery worker.
 #
 # Starts, with honcho (Procfile): the Ruby sidecar on rails_sidecar/example_app, gokiq-bridge,
-# `celery -A gokiq_celery worker --concurrency=20` and Flower; then enqueues demo jobs through
+# `celery -A gokiq_celery worker --concurrency=20`, Flower and gokiq-api (the job history, in an
+# SQLite file under .run/ unless GOKIQ_HISTORY_URL is set); then enqueues demo jobs through
 # the app's real Sidekiq client and prints where to look. Ctrl-C stops everything.
 #
 # Redis: REDIS_URL if set (used as given). Otherwise, if a Redis answers on 127.0.0.1:6379, the
@@ -113,10 +114,16 @@ export GOKIQ_SIDECAR_URL="http://127.0.0.1:$GOKIQ_SIDECAR_PORT"
 export GOKIQ_QUEUES="${GOKIQ_QUEUES:-default critical low}"
 export GOKIQ_LOG_FORMAT="${GOKIQ_LOG_FORMAT:-text}"
 export GOKIQ_EXAMPLE_DB="${GOKIQ_EXAMPLE_DB:-$RUN/demo.sqlite3}"
+# The job history (gokiq-api): an SQLite file unless GOKIQ_HISTORY_URL names a database.
+export GOKIQ_HISTORY_URL="${GOKIQ_HISTORY_URL:-sqlite:///$RUN/history.sqlite3}"
+export GOKIQ_API_TOKENS="${GOKIQ_API_TOKENS:-$(token)}"
+export GOKIQ_API_PORT="$(pick_port "${GOKIQ_API_PORT:-9480}")"
+api_token="${GOKIQ_API_TOKENS%%,*}"
+"$ROOT/.venv/bin/gokiq-history" migrate >/dev/null || die "gokiq-history migrate failed"
 export PYTHONUNBUFFERED=1
 
 # -- the stack ---------------------------------------------------------------------------------
-say "starting the sidecar, gokiq-bridge, the Celery worker and Flower (honcho, Procfile)"
+say "starting the sidecar, gokiq-bridge, the Celery worker, Flower and gokiq-api (honcho, Procfile)"
 "$ROOT/.venv/bin/honcho" start -f "$ROOT/Procfile" -d "$ROOT" -e /dev/null &
 HONCHO_PID=$!
 
@@ -132,6 +139,7 @@ wait_ready sidecar "$GOKIQ_SIDECAR_URL/ready"
 wait_ready gokiq-bridge "http://127.0.0.1:$GOKIQ_BRIDGE_METRICS_PORT/ready"
 wait_ready "celery worker" "http://127.0.0.1:$GOKIQ_WORKER_METRICS_PORT/metrics"
 wait_ready flower "http://127.0.0.1:$FLOWER_PORT/healthcheck"
+wait_ready gokiq-api "http://127.0.0.1:$GOKIQ_API_PORT/health"
 
 # -- demo jobs, through the app's own Sidekiq client (the app is not changed) ----------------
 say "enqueueing demo jobs with the example app's Sidekiq client"
@@ -154,6 +162,8 @@ cat <<EOF
             bridge   http://127.0.0.1:$GOKIQ_BRIDGE_METRICS_PORT/metrics
             worker   http://127.0.0.1:$GOKIQ_WORKER_METRICS_PORT/metrics
   Sidekiq's data: $REDIS_URL     app database: $GOKIQ_EXAMPLE_DB
+  job history:  curl -H "Authorization: Bearer $api_token" 'http://127.0.0.1:$GOKIQ_API_PORT/v1/jobs?limit=5'
+                (then /v1/jobs/<jid>, /v1/stats; the API's document: http://127.0.0.1:$GOKIQ_API_PORT/docs)
   what ran:  (cd rails_sidecar/example_app && GOKIQ_EXAMPLE_DB=$GOKIQ_EXAMPLE_DB ruby -e \\
                'require "./config/environment"; JobRun.all.each { |r| p r.attributes.slice("job_class", "note", "middleware") }')
   Busy page: REDIS_URL=$REDIS_URL ruby -rsidekiq/api -e \\

@@ -91,6 +91,12 @@ def test_a_weight_must_follow_a_queue_name(text, message):
         ({"GOKIQ_SIDECAR_TOKEN": "change-me-sidecar-token"}, "sidecar_token"),  # .env.example's
         ({"GOKIQ_SIDEKIQ_HEARTBEAT": "60"}, "sidekiq_heartbeat"),  # readers drop it at 60 s
         ({"GOKIQ_SIDEKIQ_HEARTBEAT": "-1"}, "sidekiq_heartbeat"),
+        ({"GOKIQ_HISTORY_URL": "mysql://db/x"}, "history_url"),
+        ({"GOKIQ_HISTORY_RETENTION": "0"}, "history_retention"),
+        ({"GOKIQ_HISTORY_RETENTION": "soon"}, "history_retention"),
+        ({"GOKIQ_HISTORY_BUFFER": "0"}, "history_buffer"),
+        ({"GOKIQ_API_TOKENS": "secret,,b"}, "api_tokens"),
+        ({"GOKIQ_API_PORT": "70000"}, "api_port"),
     ],
 )
 def test_bad_values_name_the_key(env, key):

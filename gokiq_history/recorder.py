@@ -1,0 +1,390 @@
+"""What the bridge and the workers record with: a bounded buffer and a background writer.
+
+A call on a job's path only appends a small dict to a list under a lock; a thread of the
+process (started on the first event, again after a fork) writes the buffer every `INTERVAL`
+as one transaction of merged upserts. When the database is slow or down, the batch is kept
+and written again, and events beyond `history_buffer` are dropped (counted in
+`gokiq_history_dropped_total`, logged at most once a minute): the jobs never wait.
+
+The same thread deletes, every `RETENTION_INTERVAL`, the jobs not updated for
+`history_retention`, a few small batches at a time.
+
+With `history_url` empty, `open_recorder` returns `NULL_RECORDER`, whose calls do nothing,
+and neither SQLAlchemy nor a thread is started.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import socket
+import threading
+import time
+from typing import TYPE_CHECKING, Any
+
+from gokiq_celery.sidekiq.job import epoch_seconds
+
+from .rows import (
+    ERROR_MESSAGE_LIMIT,
+    STATE_AFTER,
+    attempt_event,
+    fold,
+    job_event,
+    merge_attempt,
+    merge_job,
+)
+
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
+
+    from gokiq_celery.settings import Settings
+    from gokiq_celery.sidekiq.job import Job
+
+log = logging.getLogger("gokiq.history")
+
+INVALID_CLASS = "(invalid)"  # the class shown for a payload that is not a job
+
+
+class NullRecorder:
+    """History off: every call is a no-op."""
+
+    enabled = False
+
+    def enqueued(self, jobs: Any, queue: str | None = None) -> None:
+        pass
+
+    def started(self, job: Job, queue: str) -> None:
+        pass
+
+    def failed(self, job: Job, error_class: str, error_message: str) -> None:
+        pass
+
+    def finished(self, job: Job, outcome: str) -> None:
+        pass
+
+    def invalid(self, raw: bytes | str, queue: str) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+NULL_RECORDER = NullRecorder()
+
+
+def open_recorder(settings: Settings, registry: CollectorRegistry | None = None) -> Recorder:
+    """This process's recorder: `NULL_RECORDER` unless `history_url` is set."""
+    if not settings.history_url:
+        return NULL_RECORDER
+    return HistoryRecorder(settings, registry)
+
+
+def invalid_jid(raw: bytes | str) -> str:
+    """A stable id for a payload that has none: the same bytes always get the same row."""
+    data = raw.encode("utf-8", "surrogateescape") if isinstance(raw, str) else raw
+    return "invalid-" + hashlib.sha256(data).hexdigest()[:24]
+
+
+def attempt_number(job: Job) -> int:
+    """Sidekiq's count of this run: 1, then retry_count + 2 (retry_count is 0 after a failure)."""
+    count = job.get("retry_count")
+    return count + 2 if isinstance(count, int) and not isinstance(count, bool) else 1
+
+
+class _Run:
+    """A run in progress on a worker thread."""
+
+    __slots__ = (
+        "attempt", "error_class", "error_message", "job", "monotonic", "queue", "reported",
+        "started_at",
+    )  # fmt: skip
+
+    def __init__(self, job: Job, queue: str) -> None:
+        self.job, self.queue, self.attempt = job, queue, attempt_number(job)
+        self.started_at, self.monotonic = time.time(), time.monotonic()
+        self.error_class: str | None = None
+        self.error_message: str | None = None
+        self.reported = False  # its "running" event was written
+
+
+class HistoryRecorder:
+    enabled = True
+    INTERVAL = 0.05
+    RETRY_DELAY = 1.0  # after a failed write: the database is not hammered while it is down
+    RETENTION_INTERVAL = 60.0
+    RETENTION_BATCH = 1000
+    RETENTION_BATCHES = 10  # per round: the deletes never hold the writer long
+    DROP_LOG_INTERVAL = 60.0
+
+    def __init__(
+        self,
+        settings: Settings,
+        registry: CollectorRegistry | None = None,
+        *,
+        background: bool = True,  # False: no thread, the caller flushes (tests, benchmarks)
+    ) -> None:
+        from .metrics import history_metrics
+
+        self.background = background
+        self.url = settings.history_url
+        self.record_args = settings.history_record_args
+        self.limit = settings.history_buffer
+        self.retention = settings.history_retention
+        self.migrate = settings.history_migrate
+        self.worker_name = f"{socket.gethostname()}:{os.getpid()}"
+        self.metrics = history_metrics(registry)
+        self._lock = threading.Lock()
+        self._jobs: list[dict[str, Any]] = []
+        self._attempts: list[dict[str, Any]] = []
+        # Runs in progress: a flush writes "running" for those still going. A job shorter than
+        # the flush interval gets one job event and one run event, both when it ends.
+        self._running: dict[int, _Run] = {}
+        self._pid: int | None = None
+        self._engine = None
+        self._local = threading.local()  # the run in progress on each worker thread
+        self._dropped_since_log = 0
+        self._next_drop_log = 0.0
+        self._next_retention = 0.0
+        self._stop = threading.Event()
+
+    # -- the calls on the jobs' path ------------------------------------------------------
+
+    def enqueued(self, jobs: Any, queue: str | None = None) -> None:
+        """Jobs put on (or fetched from) a queue."""
+        now = time.time()
+        self._add([self._enqueued_event(job, queue, now) for job in jobs], [])
+
+    def started(self, job: Job, queue: str) -> None:
+        run = _Run(job, queue)
+        self._local.run = run
+        with self._lock:
+            self._ensure_thread()
+            self._running[id(run)] = run
+
+    def failed(self, job: Job, error_class: str, error_message: str) -> None:
+        """The run in progress on this thread raised: kept for `finished`."""
+        run = getattr(self._local, "run", None)
+        if run is not None and run.job is job:
+            run.error_class, run.error_message = error_class, error_message[:ERROR_MESSAGE_LIMIT]
+
+    def finished(self, job: Job, outcome: str) -> None:
+        """The run started on this thread ended with the worker's `outcome` (tasks.py)."""
+        run = getattr(self._local, "run", None)
+        self._local.run = None
+        if run is None or run.job is not job:
+            return
+        with self._lock:
+            self._running.pop(id(run), None)
+        now, runtime = time.time(), time.monotonic() - run.monotonic
+        ended = {"finished_at": now, "outcome": outcome, "runtime": runtime}
+        error = {"error_class": run.error_class, "error_message": run.error_message}
+        job_rows = []
+        if state := STATE_AFTER.get(outcome):
+            terminal = {"finished_at": now} if state not in {"retrying", "enqueued"} else {}
+            failure = dict(error, error_at=now) if run.error_class else {}
+            job_rows.append(
+                self._run_event(run, state, now, runtime=runtime, **terminal, **failure)
+            )
+        self._add(job_rows, [self._attempt(run, **ended, **error)])
+
+    def invalid(self, raw: bytes | str, queue: str) -> None:
+        """A payload that is not a job, sent to the dead set."""
+        now = time.time()
+        event = job_event(
+            invalid_jid(raw),
+            "dead",
+            now,
+            job_class=INVALID_CLASS,
+            queue=queue,
+            finished_at=now,
+            error_class="InvalidJob",
+            error_message="not a Sidekiq job payload",
+            error_at=now,
+        )
+        self._add([event], [])
+
+    # -- building events --------------------------------------------------------------------
+
+    def _enqueued_event(self, job: Job, queue: str | None, now: float) -> dict[str, Any]:
+        enqueued_at = epoch_seconds(job.get("enqueued_at")) or now
+        return self._job_event(job, queue or job.queue, "enqueued", now, enqueued_at=enqueued_at)
+
+    def _job_event(self, job: Job, queue: str, state: str, at: float, **values: Any):
+        args = json.dumps(job.args, ensure_ascii=False) if self.record_args else None
+        return job_event(
+            job.jid,
+            state,
+            at,
+            job_class=job.display_class,
+            queue=queue,
+            args=args,
+            created_at=epoch_seconds(job.get("created_at")),
+            **values,
+        )
+
+    def _run_event(self, run: _Run, state: str, at: float, **values: Any) -> dict[str, Any]:
+        return self._job_event(
+            run.job,
+            run.queue if state == "running" else run.job.queue,
+            state,
+            at,
+            attempts=run.attempt,
+            first_started_at=run.started_at,
+            last_started_at=run.started_at,
+            worker=self.worker_name,
+            **values,
+        )
+
+    def _attempt(self, run: _Run, **values: Any) -> dict[str, Any]:
+        return attempt_event(
+            run.job.jid, run.started_at, attempt=run.attempt, worker=self.worker_name, **values
+        )
+
+    def _running_events(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """Events for the runs that started since the last flush and are still going."""
+        with self._lock:
+            runs = [run for run in self._running.values() if not run.reported]
+            for run in runs:
+                run.reported = True
+        job_rows = [self._run_event(run, "running", run.started_at) for run in runs]
+        return job_rows, [self._attempt(run) for run in runs]
+
+    # -- the buffer -------------------------------------------------------------------------
+
+    def _add(self, job_rows: list[dict[str, Any]], attempt_rows: list[dict[str, Any]]) -> None:
+        with self._lock:
+            self._ensure_thread()
+            room = self.limit - len(self._jobs) - len(self._attempts)
+            kept_jobs = job_rows[: max(room, 0)]
+            kept_attempts = attempt_rows[: max(room - len(kept_jobs), 0)]
+            self._jobs.extend(kept_jobs)
+            self._attempts.extend(kept_attempts)
+            dropped = len(job_rows) + len(attempt_rows) - len(kept_jobs) - len(kept_attempts)
+        if dropped:
+            self._count_dropped(dropped)
+
+    def _count_dropped(self, count: int) -> None:
+        self.metrics.dropped.inc(count)
+        now = time.monotonic()
+        with self._lock:
+            self._dropped_since_log += count
+            if now < self._next_drop_log:
+                return
+            self._next_drop_log = now + self.DROP_LOG_INTERVAL
+            count, self._dropped_since_log = self._dropped_since_log, 0
+        log.warning(
+            "history: %d events dropped (buffer of %d full: the database is slow or down)",
+            count,
+            self.limit,
+        )
+
+    def pending(self) -> int:
+        with self._lock:
+            return len(self._jobs) + len(self._attempts)
+
+    def _ensure_thread(self) -> None:
+        """Under the lock: start the writer in this process (again after a fork, where the
+        parent's thread and buffer do not carry over)."""
+        if self._pid == os.getpid():
+            return
+        self._pid = os.getpid()
+        self._jobs, self._attempts, self._running, self._engine = [], [], {}, None
+        self._stop = threading.Event()
+        if self.background:
+            threading.Thread(target=self._run, name="gokiq-history", daemon=True).start()
+
+    def _run(self) -> None:
+        pid = os.getpid()
+        while self._pid == pid and not self._stop.is_set():
+            delay = self.INTERVAL if self.flush() else self.RETRY_DELAY
+            self._delete_expired()
+            self._stop.wait(delay)
+
+    # -- writing ----------------------------------------------------------------------------
+
+    def flush(self) -> bool:
+        """Write what is buffered now; on an error put it back (within the bound). Returns
+        whether the database took it."""
+        with self._lock:
+            job_rows, attempt_rows = self._jobs, self._attempts
+            self._jobs, self._attempts = [], []
+        running_jobs, running_attempts = self._running_events()
+        job_rows, attempt_rows = running_jobs + job_rows, running_attempts + attempt_rows
+        if not (job_rows or attempt_rows):
+            return True
+        job_rows = fold(job_rows, ("jid",), merge_job)
+        attempt_rows = fold(attempt_rows, ("jid", "started_at"), merge_attempt)
+        try:
+            self._write(job_rows, attempt_rows)
+        except Exception as exc:
+            self.metrics.write_errors.inc()
+            log.warning("history: cannot write %d events yet: %s", len(job_rows), _short(exc))
+            self._put_back(job_rows, attempt_rows)
+            return False
+        self.metrics.written.inc(len(job_rows) + len(attempt_rows))
+        return True
+
+    def _write(self, job_rows: list[dict[str, Any]], attempt_rows: list[dict[str, Any]]) -> None:
+        from . import store
+
+        if self._engine is None:
+            if self.migrate:
+                from .migrations import upgrade
+
+                upgrade(self.url)
+            self._engine = store.open_engine(self.url)
+        store.write_batch(self._engine, job_rows, attempt_rows)
+
+    def _put_back(self, job_rows: list[dict[str, Any]], attempt_rows: list[dict[str, Any]]):
+        with self._lock:
+            job_rows.extend(self._jobs)
+            attempt_rows.extend(self._attempts)
+            room = self.limit
+            self._jobs = job_rows[:room]
+            self._attempts = attempt_rows[: max(room - len(self._jobs), 0)]
+            dropped = len(job_rows) + len(attempt_rows) - len(self._jobs) - len(self._attempts)
+        if dropped:
+            self._count_dropped(dropped)
+
+    def _delete_expired(self) -> None:
+        now = time.monotonic()
+        if self._engine is None or now < self._next_retention:
+            return
+        self._next_retention = now + self.RETENTION_INTERVAL
+        try:
+            self.delete_expired()
+        except Exception as exc:
+            log.warning("history: retention delete failed: %s", _short(exc))
+
+    def delete_expired(self) -> int:
+        """Delete jobs not updated for `history_retention`, in small batches; how many."""
+        from . import store
+
+        cutoff, deleted = time.time() - self.retention, 0
+        for _ in range(self.RETENTION_BATCHES):
+            count = store.delete_older_than(self._engine, cutoff, self.RETENTION_BATCH)
+            deleted += count
+            if count < self.RETENTION_BATCH:
+                break
+        self.metrics.deleted.inc(deleted)
+        return deleted
+
+    def close(self) -> None:
+        """Write what is left (a clean shutdown) and stop the thread."""
+        self._stop.set()
+        self.flush()
+        if self._engine is not None:
+            self._engine.dispose()
+
+
+def _short(exc: Exception) -> str:
+    """The first line of a driver error (they carry the SQL and parameters after it)."""
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
+
+
+Recorder = NullRecorder | HistoryRecorder
