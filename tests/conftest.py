@@ -79,7 +79,7 @@ def start_redis(workdir: Path, port: int | None = None, *extra: str) -> RedisSer
         "--dir",
         str(workdir),
         "--databases",
-        "64",
+        "128",
         *extra,
     ]
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -117,7 +117,7 @@ def redis_server(tmp_path_factory) -> Iterator[RedisServer]:
     server.process.wait(10)
 
 
-_next_db = iter(range(1, 64, 2))  # odd dbs for Sidekiq data, the even one above for Celery
+_next_db = iter(range(1, 127, 2))  # odd dbs for Sidekiq data, the even one above for Celery
 
 
 @pytest.fixture
