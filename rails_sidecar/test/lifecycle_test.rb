@@ -96,6 +96,19 @@ class LifecycleTest < Minitest::Test
     error_handlers&.delete(handler)
   end
 
+  def test_on_beat_runs_on_every_beat
+    beats = Queue.new
+    lifecycle = GokiqSidecar::Lifecycle.new(logger: GokiqSidecar::JsonLogger.new(@log), beat_interval: 0.05,
+                                            on_beat: -> { beats << :beat })
+    lifecycle.startup
+    deadline = Time.now + 30
+    sleep 0.01 until beats.size >= 3 || Time.now > deadline
+    assert_operator beats.size, :>=, 3
+  ensure
+    lifecycle&.stopping
+    lifecycle&.finish
+  end
+
   def test_stopping_before_startup_fires_nothing
     %i[startup quiet shutdown].each { |e| on(e) }
     @lifecycle.stopping

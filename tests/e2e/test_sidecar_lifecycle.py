@@ -15,6 +15,9 @@ from pathlib import Path
 import pytest
 import requests
 
+from gokiq_celery.sidekiq.store import SIDEKIQ_VERSION_KEY
+
+from ..conftest import wait_for
 from .conftest import Stack, running
 
 pytestmark = pytest.mark.e2e
@@ -44,6 +47,19 @@ def test_the_sidecar_publishes_the_apps_sidekiq_version(stack: Stack):
     health = requests.get(stack.sidecar_url + "/health", timeout=5).json()
     version = stack.api1({"op": "sidekiq_version"})
     assert version["published"] == version["loaded"] == health["sidekiq_version"]
+
+
+def test_the_sidecar_publishes_its_version_again_on_each_beat(stack: Stack):
+    """A flushed key (or a Redis that was down when the sidecar booted) heals within a beat, so
+    no bridge or worker waits for a version for long (beats: 5 s on 6.x, 10 s on 7+)."""
+    key = SIDEKIQ_VERSION_KEY
+    stack.sidekiq_redis.delete(key)
+    wait_for(
+        lambda: stack.sidekiq_redis.get(key) is not None,
+        timeout=30,
+        message="version not re-published",
+    )
+    assert stack.sidekiq_redis.get(key).decode() == stack.api1({"op": "sidekiq_version"})["loaded"]
 
 
 def test_lifecycle_hooks_run_once_per_sidecar_process(stack: Stack, lifecycle_log: Path):

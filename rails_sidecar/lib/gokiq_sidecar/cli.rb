@@ -91,7 +91,7 @@ module GokiqSidecar
       SidekiqConfig.current.concurrency = @o.max_threads
 
       @logger = JsonLogger.new
-      @lifecycle = Lifecycle.new(logger: @logger)
+      @lifecycle = Lifecycle.new(logger: @logger, on_beat: method(:publish_sidekiq_version))
       auth = @o.insecure ? Auth.insecure : Auth.new(@token)
       @app = App.new(auth: auth, logger: @logger, max_body_bytes: @o.max_body_bytes, policy: policy)
       # Token and size checked before Puma buffers a body (see PumaGuard).

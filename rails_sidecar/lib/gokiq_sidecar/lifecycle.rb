@@ -10,10 +10,13 @@ module GokiqSidecar
   # A block that raises goes to the app's error handlers (Sidekiq's default
   # one logs it) and to our JSON log; it never stops the process.
   class Lifecycle
-    def initialize(logger:, sidekiq: SidekiqConfig.current, beat_interval: nil)
+    # `on_beat`: called on every beat too, after the events (the CLI re-publishes the app's
+    # Sidekiq version there, so a flushed key or a Redis that was down at boot heals).
+    def initialize(logger:, sidekiq: SidekiqConfig.current, beat_interval: nil, on_beat: nil)
       @logger = logger
       @sidekiq = sidekiq
       @beat_interval = beat_interval
+      @on_beat = on_beat
       @lock = Mutex.new
       @wake = ConditionVariable.new
       @phase = :new
@@ -64,6 +67,7 @@ module GokiqSidecar
       loop do
         fire(:heartbeat)
         fire(:beat, oneshot: false) if @sidekiq.lifecycle_event?(:beat)
+        @on_beat&.call
         @lock.synchronize do
           @wake.wait(@lock, interval) unless @phase == :finished
           return if @phase == :finished
