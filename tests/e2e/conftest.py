@@ -429,7 +429,7 @@ def running(s: Stack) -> Iterator[Stack]:
 def stack(request, tmp_path_factory) -> Iterator[Stack]:
     extra = getattr(request.module, "STACK_ENV", {})
     redis_args = getattr(request.module, "REDIS_ARGS", ())
-    with running(Stack(tmp_path_factory.mktemp("stack"), extra, redis_args)) as s:
+    with running(Stack(tmp_path_factory.mktemp("stack"), extra, redis_args=redis_args)) as s:
         yield s
 
 
