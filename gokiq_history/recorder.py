@@ -212,7 +212,14 @@ class HistoryRecorder:
 
     def _enqueued_event(self, job: Job, queue: str | None, now: float) -> dict[str, Any]:
         enqueued_at = epoch_seconds(job.get("enqueued_at")) or now
-        return self._job_event(job, queue or job.queue, "enqueued", now, enqueued_at=enqueued_at)
+        return self._job_event(
+            job,
+            queue or job.queue,
+            "enqueued",
+            now,
+            attempt=attempt_number(job),
+            enqueued_at=enqueued_at,
+        )
 
     def _job_event(self, job: Job, queue: str, state: str, at: float, **values: Any):
         args = json.dumps(job.args, ensure_ascii=False) if self.record_args else None
@@ -233,6 +240,7 @@ class HistoryRecorder:
             run.queue if state == "running" else run.job.queue,
             state,
             at,
+            attempt=run.attempt,
             attempts=run.attempt,
             first_started_at=run.started_at,
             last_started_at=run.started_at,

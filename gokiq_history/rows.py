@@ -3,9 +3,12 @@
 Events arrive late, twice, and out of order (the bridge and each worker flush on their own
 clocks, and a batch that failed is written again), so a row is never "set", it is merged:
 
-- the state group (state, finished_at) follows the event with the greatest (state_at, rank),
-  so an older event never overwrites a newer one, and at equal times a terminal state beats
-  a running one, which beats an enqueued one;
+- the state group (state, finished_at) follows the event with the greatest (state_rank,
+  state_at), where state_rank = 4 x the run's attempt number + the state's rank: a later
+  attempt always wins (a retry enqueued, "Retry now" on a dead job), and within one attempt
+  the states only move forward (enqueued < running < retrying or a final state), whatever the
+  processes' clocks say (the bridge notes a fetch after publishing it, when the job may have
+  run already); at equal ranks the later event wins;
 - worker, queue and runtime follow that event too, but a null never erases a value;
 - first/last start and `created_at` are a min/max, `attempts` a max;
 - the error group follows the greatest `error_at`.
@@ -32,7 +35,8 @@ TERMINAL = frozenset({"succeeded", "dead", "discarded", "dropped"})
 RANK = {"enqueued": 0, "scheduled": 0, "running": 1, "retrying": 2, **dict.fromkeys(TERMINAL, 3)}
 
 # The worker's outcome of a run (tasks.py) -> the job's state afterwards. Outcomes not listed
-# ("duplicate": another delivery is running it) leave the job's state alone.
+# leave the job's state alone: "duplicate" (another delivery is running it), "unavailable"
+# (put back on its queue, no retry spent: it shows "running" until its next run).
 STATE_AFTER = {
     "ok": "succeeded",
     "retry": "retrying",
@@ -40,7 +44,6 @@ STATE_AFTER = {
     "dead": "dead",
     "dropped": "dropped",
     "discarded": "discarded",
-    "unavailable": "enqueued",  # put back on its queue, no retry spent
 }
 
 JOB_COLUMNS = (
@@ -78,10 +81,12 @@ ATTEMPT_COLUMNS = (
 ERROR_MESSAGE_LIMIT = 2000
 
 
-def job_event(jid: str, state: str, at: float, **values: Any) -> dict[str, Any]:
-    """A job row update with every column present (absent ones None)."""
+def job_event(jid: str, state: str, at: float, attempt: int = 0, **values: Any) -> dict[str, Any]:
+    """A job row update with every column present (absent ones None); `attempt`: the run the
+    event is about (an enqueued job's: the run it waits for)."""
     row = dict.fromkeys(JOB_COLUMNS)
-    row.update(values, jid=jid, state=state, state_rank=RANK[state], state_at=at, updated_at=at)
+    rank = 4 * attempt + RANK[state]
+    row.update(values, jid=jid, state=state, state_rank=rank, state_at=at, updated_at=at)
     if row["created_at"] is None:
         row["created_at"] = at
     if row["attempts"] is None:
@@ -96,7 +101,7 @@ def attempt_event(jid: str, started_at: float, **values: Any) -> dict[str, Any]:
 
 
 def wins(new: dict[str, Any], old: dict[str, Any]) -> bool:
-    return (new["state_at"], new["state_rank"]) > (old["state_at"], old["state_rank"])
+    return (new["state_rank"], new["state_at"]) > (old["state_rank"], old["state_at"])
 
 
 def _first(*values: Any) -> Any:

@@ -118,7 +118,7 @@ def upsert_attempts(engine: Engine, conn, rows: list[dict[str, Any]]) -> None:
 def _job_upsert_sql(engine: Engine) -> str:
     stmt = _insert(engine, jobs)
     new, old = stmt.excluded, jobs.c
-    wins = tuple_(new.state_at, new.state_rank) > tuple_(old.state_at, old.state_rank)
+    wins = tuple_(new.state_rank, new.state_at) > tuple_(old.state_rank, old.state_at)
     newer_error = new.error_at > func.coalesce(old.error_at, literal_column("-1e300"))
 
     def lead(name: str):  # the winning event's value; a null never erases one

@@ -62,14 +62,14 @@ def read_job(engine, jid: str) -> dict:
 def lifecycle(jid: str, t0: float) -> list[dict]:
     """A job's events in the order they happened: enqueued, run, retry, run, success."""
     return [
-        job_event(jid, "enqueued", t0, job_class="HardJob", queue="default", enqueued_at=t0),
-        job_event(jid, "running", t0 + 1, attempts=1, first_started_at=t0 + 1,
+        job_event(jid, "enqueued", t0, 1, job_class="HardJob", queue="default", enqueued_at=t0),
+        job_event(jid, "running", t0 + 1, 1, attempts=1, first_started_at=t0 + 1,
                   last_started_at=t0 + 1, worker="w1"),
-        job_event(jid, "retrying", t0 + 2, attempts=1, runtime=1.0, worker="w1",
+        job_event(jid, "retrying", t0 + 2, 1, attempts=1, runtime=1.0, worker="w1",
                   error_class="RuntimeError", error_message="boom", error_at=t0 + 2),
-        job_event(jid, "running", t0 + 20, attempts=2, first_started_at=t0 + 20,
+        job_event(jid, "running", t0 + 20, 2, attempts=2, first_started_at=t0 + 20,
                   last_started_at=t0 + 20, worker="w2"),
-        job_event(jid, "succeeded", t0 + 21, attempts=2, runtime=0.5, finished_at=t0 + 21,
+        job_event(jid, "succeeded", t0 + 21, 2, attempts=2, runtime=0.5, finished_at=t0 + 21,
                   worker="w2"),
     ]  # fmt: skip
 
@@ -118,8 +118,12 @@ def test_a_terminal_state_is_not_overwritten_by_an_older_event(engine):
     for event in events[:-1]:  # then the older ones, late
         store.write_batch(engine, [event], [])
     assert read_job(engine, "j2")["state"] == "succeeded"
-    # A newer event (Sidekiq's "Retry now" on a dead job) does move it on.
-    store.write_batch(engine, [job_event("j2", "enqueued", 2000.0)], [])
+    # The bridge notes a fetch after publishing it: by then the job may have run, so a later
+    # "enqueued" of the same attempt must not take it back.
+    store.write_batch(engine, [job_event("j2", "enqueued", 1030.0, 2)], [])
+    assert read_job(engine, "j2")["state"] == "succeeded"
+    # A later attempt (Sidekiq's "Retry now" on a dead job) does move it on.
+    store.write_batch(engine, [job_event("j2", "enqueued", 2000.0, 3)], [])
     row = read_job(engine, "j2")
     assert (row["state"], row["finished_at"], row["attempts"]) == ("enqueued", None, 2)
 
