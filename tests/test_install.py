@@ -33,7 +33,14 @@ from .e2e.conftest import Stack, running
 pytestmark = pytest.mark.install
 
 LOCK = REPO / "requirements.lock"
-SOURCES = ("pyproject.toml", "README.md", "celeryconfig.py", "gokiq_celery", "bridge")
+SOURCES = (
+    "pyproject.toml",
+    "README.md",
+    "celeryconfig.py",
+    "gokiq_celery",
+    "bridge",
+    "gokiq_history",
+)
 NOT_SOURCES = shutil.ignore_patterns("__pycache__")
 # Installed with any venv; not gokiq's business.
 VENV_TOOLS = {"pip", "setuptools", "wheel"}
@@ -73,7 +80,8 @@ def test_the_wheel_is_built_from_what_the_image_copies():
     copied = set()
     for line in re.findall(r"^COPY (?!--from)(.+)$", dockerfile, re.M):
         copied |= {src.rstrip("/") for src in line.split()[:-1]}
-    assert copied - {"requirements.lock", "docker/healthcheck.py"} == set(SOURCES)
+    image_only = {"requirements.lock", "docker/healthcheck.py", "docker/entrypoint.sh"}
+    assert copied - image_only == set(SOURCES)
 
 
 def _lock_pins() -> dict[str, str]:

@@ -12,6 +12,8 @@ from collections import Counter
 
 import pytest
 
+from gokiq_celery.sidekiq.version import SidekiqVersion
+
 from ..conftest import sidekiq_processes, wait_for
 from .conftest import Stack, metric_value
 
@@ -190,11 +192,13 @@ def test_busy_page_shows_the_worker_and_its_stop_button_stops_it(stack: Stack):
     processes = sidekiq_processes(stack.redis_url)["processes"]
     [process] = [p for p in processes if p["pid"] == stack.worker.pid]
     assert (process["tag"], process["concurrency"]) == ("gokiq", 20) and process["busy"] >= 1
-    # Nothing configured: the worker learned the app's Sidekiq 6.4.1 from its sidecar and
-    # wrote the running jobs under the one name 6.4.1 reads (6.4.2+ read `:work`).
+    # Nothing configured: the worker learned the app's Sidekiq from its sidecar and wrote the
+    # running jobs under the one name that version reads (`:workers` up to 6.4.1, `:work` after).
     assert "GOKIQ_SIDEKIQ_VERSION" not in stack.env
-    assert stack.sidekiq_redis.exists(f"{process['identity']}:workers")
-    assert not stack.sidekiq_redis.exists(f"{process['identity']}:work")
+    loaded = SidekiqVersion.parse(stack.api1({"op": "sidekiq_version"})["loaded"])
+    name, other = ("workers", "work") if loaded.release <= (6, 4, 1) else ("work", "workers")
+    assert stack.sidekiq_redis.exists(f"{process['identity']}:{name}")
+    assert not stack.sidekiq_redis.exists(f"{process['identity']}:{other}")
 
     sidekiq_processes(stack.redis_url, "stop")  # the Busy page's Stop button
     assert stack.worker.proc.wait(30) == 0

@@ -6,7 +6,9 @@ require "active_job/railtie"
 require "sidekiq"
 # Periodic jobs (config/initializers/cron.rb). In server mode the gem hooks its poller into
 # Sidekiq's launcher; gokiq-sidecar runs that poller too (lib/gokiq_sidecar/cron.rb).
-require "sidekiq-cron"
+# Debian's sidekiq-cron 1.8 runs on Sidekiq 6 only (it reads redis-rb's gem version, and
+# Sidekiq 7 talks to Redis through redis-client): on 7+ the example app has no periodic jobs.
+require "sidekiq-cron" if Sidekiq::VERSION.start_with?("6.")
 
 module ExampleApp
   class Application < Rails::Application

@@ -4,7 +4,7 @@
 #
 # Off unless GOKIQ_EXAMPLE_CRON=1, so that the other tests' job counts see no extra job.
 # GOKIQ_EXAMPLE_CRON_POLL_INTERVAL shortens the gem's poll interval (default 30 s) for tests.
-if ENV["GOKIQ_EXAMPLE_CRON"] == "1"
+if ENV["GOKIQ_EXAMPLE_CRON"] == "1" && defined?(Sidekiq::Cron) # see config/application.rb
   if ENV["GOKIQ_EXAMPLE_CRON_POLL_INTERVAL"].present?
     Sidekiq::Options[:cron_poll_interval] = Integer(ENV["GOKIQ_EXAMPLE_CRON_POLL_INTERVAL"])
   end
