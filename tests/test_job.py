@@ -131,3 +131,10 @@ def test_timestamps_in_both_forms():
 
 def test_dumps_writes_like_ruby():
     assert dumps({"a": "é", "b": [1, 2.5]}) == '{"a":"é","b":[1,2.5]}'
+
+
+def test_retry_now_s_minus_one_is_a_job_and_anything_below_is_not():
+    """Sidekiq's Retry Now (SortedEntry#retry) takes one off a first retry's retry_count 0."""
+    assert Job.parse('{"class":"A","args":[],"retry_count":-1}').get("retry_count") == -1
+    with pytest.raises(InvalidJob, match="retry_count"):
+        Job.parse('{"class":"A","args":[],"retry_count":-2}')
