@@ -519,8 +519,8 @@ def test_a_short_retry_waits_in_the_retry_set_and_its_countdown_runs_it_once(env
     assert store.stats() == {"processed": 1, "failed": 1}  # counted with the retry's write
     wait_for(lambda: dead_jobs(store), timeout=30, message="the countdown never ran the retry")
     settle(stack[2])
-    assert len(sidecar.executed(job.jid)) == 2
-    assert store.retry_set() == [] and store.delivery_tokens() == []
+    assert len(sidecar.executed(job.jid)) == 2 and store.retry_set() == []
+    wait_for(lambda: store.delivery_tokens() == [], message="the retry's delivery never settled")
 
 
 def test_a_retry_removed_from_the_retry_set_makes_its_countdown_stale(env, stack, task_states):
