@@ -8,7 +8,14 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gokiq_celery.sidekiq.job import InvalidJob, Job, dumps, epoch_seconds, timestamp
+from gokiq_celery.sidekiq.job import (
+    _NAME_FIELDS,
+    InvalidJob,
+    Job,
+    dumps,
+    epoch_seconds,
+    timestamp,
+)
 
 # Real Sidekiq 6.4.1 output (reference §1.3 and §8).
 SIDEKIQ_PAYLOAD = (
@@ -32,7 +39,8 @@ json_values = st.recursive(
     max_leaves=10,
 )
 extra_fields = st.dictionaries(
-    st.text(min_size=1).filter(lambda k: k not in {"class", "args", "jid", "retry_count"}),
+    # Not the fields Job.parse checks (names must be strings, retry_count an integer).
+    st.text(min_size=1).filter(lambda k: k not in {"args", "retry_count", *_NAME_FIELDS}),
     json_values,
     max_size=6,
 )
