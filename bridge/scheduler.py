@@ -19,7 +19,7 @@ import threading
 import time
 
 from gokiq_celery.sidekiq.job import InvalidJob, Job, poison_entry, timestamp
-from gokiq_celery.sidekiq.store import SCHEDULED_SETS, SidekiqStore
+from gokiq_celery.sidekiq.store import RETRY, RETRY_GRACE, SCHEDULED_SETS, SidekiqStore
 from gokiq_celery.sidekiq.version import SidekiqVersionResolver, SidekiqVersionUnknown
 from gokiq_history.recorder import NULL_RECORDER
 
@@ -40,12 +40,16 @@ class Scheduler:
         metrics: BridgeMetrics,
         sidekiq_version: int | str | SidekiqVersionResolver = 7,
         poll_interval: float = 0.25,
+        retry_grace: float = RETRY_GRACE,
     ) -> None:
         self.store = store
         self.bridge_id = bridge_id
         self.metrics = metrics
         self.versions = SidekiqVersionResolver.of(sidekiq_version)
         self.poll_interval = poll_interval
+        # A retry's own Celery countdown claims it when due; the poller takes it only once it
+        # is `retry_grace` late (a dead worker's timer), whoever is first runs it (ZREM).
+        self.retry_grace = retry_grace
         self.waiting = False  # for the version; said once in the log
 
     def run(self, stop: threading.Event) -> None:
@@ -82,7 +86,8 @@ class Scheduler:
         moved = 0
         for set_name in SCHEDULED_SETS:
             while True:
-                members = self.store.take_due(set_name, self.bridge_id, now, self.BATCH)
+                due = now - self.retry_grace if set_name == RETRY else now
+                members = self.store.take_due(set_name, self.bridge_id, due, self.BATCH)
                 moved += self._enqueue(set_name, members, major)
                 if len(members) < self.BATCH:
                     break

@@ -1,9 +1,12 @@
 """The one task, `gokiq.perform`: run a Sidekiq job in the sidecar, then ack, retry, park or bury.
 
-A failure's fate is Sidekiq's (`RetryPolicy`); Celery carries it out. A short retry is Celery's
-own (`autoretry_for` on `JobFailed`, countdown and `max_retries` from the job's `retry` field).
-A retry due later than `max_celery_countdown` is parked in Sidekiq's `retry` set, where the
-bridge picks it up when due, because a broker cannot hold an unacked message for days.
+A failure's fate is Sidekiq's (`RetryPolicy`); Celery carries it out. Every pending retry waits
+in Sidekiq's `retry` set (the Web UI's Retries tab, Retry Now, Delete, Kill). A short one is
+also Celery's own (`autoretry_for` on `JobFailed`, countdown and `max_retries` from the job's
+`retry` field): its countdown is a timer that claims the entry from the set when it fires, and
+runs the job only if it was still there. A retry due later than `max_celery_countdown` (a
+broker cannot hold an unacked message for days), or whose countdown is late, is taken by the
+bridge's poller.
 """
 
 from __future__ import annotations
@@ -125,18 +128,22 @@ class Worker:
         """The app's Sidekiq version, as this process learns it (one resolver: the policy's)."""
         return self.policy.versions
 
-    def perform(self, payload: str, queue: str, delivery: str | None = None) -> str:
+    def perform(
+        self, payload: str, queue: str, delivery: str | None = None, retry_set: bool = False
+    ) -> str:
         """Run one delivery of a job; return its outcome, or raise `JobFailed` for a Celery retry,
         `JobParked` for a retry parked in the retry set, `JobEnded` for a job that failed for good.
 
         `delivery` is the message's token in the delivery ledger (None: published without one,
         run untracked). The token is settled (in the next batch of `DeliverySettler`) once the
         job's fate is stored; if this process dies first, a bridge publishes the job again
-        once the process has been silent for WORKER_TTL (the claim names it).
+        once the process has been silent for WORKER_TTL (the claim names it). `retry_set`: a
+        countdown retry, whose token enters the ledger only if it claims the job's entry in the
+        retry set (`payload`, exact bytes) before anyone else does.
         """
         deadline = time.time() + self.settings.run_window
         self.settler.start()
-        if delivery and not self.store.claim_delivery(delivery, deadline, self.settler.holder):
+        if delivery and not self._claim(payload, queue, delivery, deadline, retry_set):
             log.info(
                 "stale message skipped: its job was settled or published again",
                 extra={"queue": queue, "delivery": delivery},
@@ -150,6 +157,14 @@ class Worker:
         if outcome not in UNSETTLED:
             self._settle(delivery, outcome)
         return outcome
+
+    def _claim(
+        self, payload: str, queue: str, delivery: str, deadline: float, retry_set: bool
+    ) -> bool:
+        holder = self.settler.holder
+        if retry_set:
+            return self.store.claim_retry(payload, delivery, queue, deadline, holder)
+        return self.store.claim_delivery(delivery, deadline, holder)
 
     def _settle(self, delivery: str | None, outcome: str) -> None:
         processed, failed = RUN_COUNTS.get(outcome, (0, 0))
@@ -351,10 +366,9 @@ class PerformTask(Task):
         decision = exc.decision
         queue = decision.job.queue  # `retry_queue` when the job has one, as Sidekiq moves it
         settings, store = self.worker.settings, self.worker.store
-        delivery = new_delivery_token()
-        deadline = time.time() + decision.delay + settings.delivery_timeout
-        store.replace_delivery(
-            self.request.kwargs.get("delivery"), delivery, queue, decision.job.text, deadline
+        delivery = new_delivery_token()  # enters the ledger when its countdown claims the retry
+        store.fail_into_retry_set(
+            self.request.kwargs.get("delivery"), decision.job, time.time() + decision.delay
         )
         # Sidekiq's retry_count is the truth (it survives parking and "Retry now"); make Celery
         # count from it so its max_retries check agrees with Sidekiq's.
@@ -362,7 +376,7 @@ class PerformTask(Task):
         try:
             return super().retry(
                 args=(decision.job.text, queue),
-                kwargs={"delivery": delivery},
+                kwargs={"delivery": delivery, "retry_set": True},
                 exc=exc,
                 throw=throw,
                 countdown=decision.delay,
@@ -373,17 +387,26 @@ class PerformTask(Task):
                 task_id=task_id(decision.job),  # a run of its own: this one stays RETRY in Flower
             )
         except Reject:
-            # Re-publishing failed (broker down): keep the job in Sidekiq's retry set instead.
-            self.worker.park(decision)
-            store.settle_deliveries([delivery])
+            # Re-publishing failed (broker down): the retry waits in Sidekiq's retry set
+            # already, and the bridge's poller takes it when due.
+            log.info(
+                "retry left to the bridge: its countdown could not be published",
+                extra=decision.job.log_context(),
+            )
             return Ignore()
 
 
 # Not shared: other Celery apps in the same process (the bridge's, tests') must not inherit it.
 @app.task(bind=True, base=PerformTask, name=TASK_NAME, shared=False)
-def perform(self: PerformTask, payload: str, queue: str, delivery: str | None = None) -> str:
+def perform(
+    self: PerformTask,
+    payload: str,
+    queue: str,
+    delivery: str | None = None,
+    retry_set: bool = False,
+) -> str:
     try:
-        return self.worker.perform(payload, queue, delivery)
+        return self.worker.perform(payload, queue, delivery, retry_set)
     except JobParked as parked:  # acked like any retry: the job waits in Sidekiq's retry set
         raise Retry(exc=parked, when=parked.delay) from None
 

@@ -159,8 +159,8 @@ def test_poison_payloads_go_to_the_dead_set_and_the_bridge_carries_on(bridge_env
         # json.loads raises RecursionError, which used to strand the whole batch in flight.
         deep(1000): "nested too deep",
         deep(100): "nested too deep",  # Ruby's JSON.parse refuses more than 100 levels
-        b'{"class":"HardJob","args":[],"retry_count":"abc"}': "retry_count is not a non-negative"
-        " integer",
+        b'{"class":"HardJob","args":[],"retry_count":"abc"}': "retry_count is not an integer"
+        " of -1 or more",
         b'{"class":"HardJob","args":[],"retry_count":NaN}': "not JSON",
         b'{"class":"HardJob","args":[],"retry_queue":"\\ud800"}': "a name field is not valid UTF-8",
     }

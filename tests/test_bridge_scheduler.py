@@ -10,7 +10,7 @@ import time
 from bridge.metrics import BridgeMetrics
 from bridge.scheduler import Scheduler
 from gokiq_celery.sidekiq.job import poison_entry
-from gokiq_celery.sidekiq.store import DEAD, QUEUES, RETRY, SCHEDULE
+from gokiq_celery.sidekiq.store import DEAD, QUEUES, RETRY, RETRY_GRACE, SCHEDULE
 from gokiq_celery.sidekiq.version import SidekiqVersionResolver
 
 from .test_bridge_support import BridgeProcess, bridge_env, bridge_redis, wait_for
@@ -31,7 +31,7 @@ def test_moves_due_jobs_with_enqueued_at_and_created_at_bytes_unchanged(bridge_e
     store = bridge_env.store()
     now = time.time()
     store.redis.zadd(SCHEDULE, {scheduled_job(1, "low"): now - 5, scheduled_job(2): now + 60})
-    store.redis.zadd(RETRY, {scheduled_job(3, "default", retry_count=2): now - 1})
+    store.redis.zadd(RETRY, {scheduled_job(3, "default", retry_count=2): now - RETRY_GRACE - 1})
     metrics = BridgeMetrics()
     moved = Scheduler(store, "b1", metrics, sidekiq_version=7).move_due()
     assert moved == 2
@@ -83,7 +83,7 @@ def test_due_jobs_wait_until_the_sidekiq_version_is_known(bridge_env, caplog):
 def test_retry_set_is_served_before_schedule(bridge_env):
     store = bridge_env.store()
     store.redis.zadd(SCHEDULE, {scheduled_job(1): time.time() - 10})
-    store.redis.zadd(RETRY, {scheduled_job(2): time.time() - 1})
+    store.redis.zadd(RETRY, {scheduled_job(2): time.time() - RETRY_GRACE - 1})
     Scheduler(store, "b1", BridgeMetrics()).move_due()
     # LPUSH: the first pushed is the tail, which runs first.
     assert [json.loads(j)["args"] for j in reversed(store.queue_jobs("default"))] == [[2], [1]]
@@ -106,13 +106,13 @@ def test_poison_in_a_due_batch_is_buried_and_the_batch_goes_on(bridge_env):
     deep = '{"class":"HardJob","args":' + "[" * 1000 + "]" * 1000 + "}"
     bad_count = scheduled_job(998, retry_count="abc")
     good = [scheduled_job(n) for n in range(150)]  # more than one BATCH of 100
-    due = time.time() - 1
+    due = time.time() - RETRY_GRACE - 1
     store.redis.zadd(RETRY, {deep: due, bad_count: due, **dict.fromkeys(good, due)})
     assert Scheduler(store, "b1", BridgeMetrics()).move_due() == 150
     assert store.queue_size("default") == 150
     assert {raw for raw, _ in store.dead_set()} == {
         deep.encode(),  # too deep to add fields to: kept as it was
-        poison_entry(bad_count, "retry_count is not a non-negative integer"),
+        poison_entry(bad_count, "retry_count is not an integer of -1 or more"),
     }
     assert json.loads(poison_entry(bad_count, "x"))["error_class"] == "Gokiq::InvalidJob"
     assert bridge_env.held_by_bridges() == 0
@@ -120,7 +120,7 @@ def test_poison_in_a_due_batch_is_buried_and_the_batch_goes_on(bridge_env):
 
 def test_many_schedulers_move_each_job_exactly_once(bridge_env):
     store = bridge_env.store()
-    due = time.time() - 1
+    due = time.time() - RETRY_GRACE - 1
     store.redis.zadd(SCHEDULE, {scheduled_job(n): due for n in range(1000)})
     store.redis.zadd(RETRY, {scheduled_job(n): due for n in range(1000, 1500)})
     schedulers = [Scheduler(bridge_env.store(), f"b{i}", BridgeMetrics()) for i in range(3)]
@@ -169,3 +169,16 @@ def test_a_job_due_in_one_second_is_published_within_a_second_of_due(bridge_env)
         assert max(lateness) <= 1.0, lateness
         assert all(late >= 0 for late in lateness)
         assert bridge.terminate() == 0
+
+
+def test_a_retry_is_left_to_its_countdown_for_the_grace_then_taken(bridge_env):
+    """A live worker's Celery countdown claims its retry when due: the poller takes a retry
+    only once it is RETRY_GRACE late (the worker holding the countdown died)."""
+    store = bridge_env.store()
+    now = time.time()
+    store.redis.zadd(RETRY, {scheduled_job(1): now - 1})
+    scheduler = Scheduler(store, "b1", BridgeMetrics())
+    assert scheduler.move_due(now) == 0
+    assert len(store.retry_set()) == 1
+    assert scheduler.move_due(now + RETRY_GRACE) == 1
+    assert store.retry_set() == [] and store.queue_size("default") == 1

@@ -8,7 +8,14 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gokiq_celery.sidekiq.job import InvalidJob, Job, dumps, epoch_seconds, timestamp
+from gokiq_celery.sidekiq.job import (
+    _NAME_FIELDS,
+    InvalidJob,
+    Job,
+    dumps,
+    epoch_seconds,
+    timestamp,
+)
 
 # Real Sidekiq 6.4.1 output (reference §1.3 and §8).
 SIDEKIQ_PAYLOAD = (
@@ -32,7 +39,8 @@ json_values = st.recursive(
     max_leaves=10,
 )
 extra_fields = st.dictionaries(
-    st.text(min_size=1).filter(lambda k: k not in {"class", "args", "jid", "retry_count"}),
+    # Not the fields Job.parse checks (names must be strings, retry_count an integer).
+    st.text(min_size=1).filter(lambda k: k not in {"args", "retry_count", *_NAME_FIELDS}),
     json_values,
     max_size=6,
 )
@@ -131,3 +139,10 @@ def test_timestamps_in_both_forms():
 
 def test_dumps_writes_like_ruby():
     assert dumps({"a": "é", "b": [1, 2.5]}) == '{"a":"é","b":[1,2.5]}'
+
+
+def test_retry_now_s_minus_one_is_a_job_and_anything_below_is_not():
+    """Sidekiq's Retry Now (SortedEntry#retry) takes one off a first retry's retry_count 0."""
+    assert Job.parse('{"class":"A","args":[],"retry_count":-1}').get("retry_count") == -1
+    with pytest.raises(InvalidJob, match="retry_count"):
+        Job.parse('{"class":"A","args":[],"retry_count":-2}')

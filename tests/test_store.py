@@ -93,10 +93,36 @@ def test_delivery_ledger_claim_settle_and_overdue(redis_client):
     assert first == [("n1", "low", '{"class":"B","args":[]}')] and second == []
     assert store.delivery_tokens() == ["n1", "t1"]
     assert not store.claim_delivery("t2", now + 600, "w1")  # the old message is stale
-    store.replace_delivery("t1", "r1", "default", '{"class":"A","args":[1]}', now + 20)
+    retry = make("a", retry_count=0)
+    store.fail_into_retry_set("t1", retry, now + 20)  # t1's run failed: a retry in 20 s
     store.settle_deliveries(["n1"])
-    assert store.delivery_tokens() == ["r1"] and store.deliveries_pending() == 1
+    assert store.delivery_tokens() == [] and store.deliveries_pending() == 0
     assert redis_client.hkeys(DELIVERY_HOLDERS) == []  # t1's claimer forgotten with it
+    assert store.retry_set() == [(retry.text.encode(), pytest.approx(now + 20))]
+    assert store.stats() == {"processed": 1, "failed": 1}
+
+
+def test_a_retry_is_claimed_once_by_its_countdown_or_the_poller(redis_client):
+    """Whoever removes the retry set's exact member first has the job; a countdown's claim
+    enters its token in the ledger, held by its worker, in the same script."""
+    store = SidekiqStore(redis_client)
+    now = time.time()
+    first, second = make("first", retry_count=0), make("second", retry_count=0)
+    store.schedule_retry(first, now - 1)
+    store.schedule_retry(second, now - 1)
+    # The countdown first: the poller finds nothing, a second claim (another message) is stale.
+    assert store.claim_retry(first.text, "c1", "low", now + 600, "w1")
+    assert not store.claim_retry(first.text, "c2", "low", now + 600, "w2")
+    assert store.take_due("retry", "b1", now, 10) == [second.text.encode()]
+    # The poller first: the countdown's claim fails and enters nothing.
+    assert not store.claim_retry(second.text, "c3", "default", now + 600, "w1")
+    assert store.delivery_tokens() == ["c1"]
+    assert redis_client.hget("gokiq:deliveries", "c1") == b"3:low" + first.text.encode()
+    assert redis_client.hget(DELIVERY_HOLDERS, "c1") == b"w1"
+    assert redis_client.zscore(DELIVERY_DEADLINES, "c1") == pytest.approx(now + 600)
+    assert redis_client.zscore(WORKERS, "w1") == pytest.approx(now, abs=5)
+    # Its reply lost and the call sent again: the same claimer still has it.
+    assert store.claim_retry(first.text, "c1", "low", now + 600, "w1")
 
 
 def test_a_dead_worker_process_s_deliveries_are_handed_back_at_once(redis_client):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import random
+import threading
 import time
 
 import pytest
@@ -13,6 +14,8 @@ from celery.canvas import Signature
 from celery.contrib.testing.worker import start_worker
 from celery.signals import task_failure, task_retry, task_success
 
+from bridge.metrics import BridgeMetrics
+from bridge.scheduler import Scheduler
 from gokiq_celery import metrics
 from gokiq_celery.celery_app import app
 from gokiq_celery.messages import TASK_NAME, new_delivery_token, publish_options
@@ -20,7 +23,7 @@ from gokiq_celery.settings import load_settings
 from gokiq_celery.sidecar import SidecarClient
 from gokiq_celery.sidekiq import Job, RetryPolicy, SidekiqStore
 from gokiq_celery.sidekiq.retry import decode_backtrace
-from gokiq_celery.sidekiq.store import DELIVERY_DEADLINES
+from gokiq_celery.sidekiq.store import DELIVERY_DEADLINES, RETRY
 from gokiq_celery.tasks import SIDECAR_DEATHS_MAX, Worker, perform
 
 from .conftest import free_port, wait_for
@@ -320,7 +323,7 @@ def with_member(job: Job, member: str) -> Job:
 
 @pytest.mark.parametrize(
     "member",
-    ['"retry_count":"abc"', '"retry_count":NaN', '"retry_queue":"\\ud800"', '"retry_count":-1'],
+    ['"retry_count":"abc"', '"retry_count":NaN', '"retry_queue":"\\ud800"', '"retry_count":-2'],
 )
 def test_a_payload_that_would_break_after_its_run_is_dead_before_it(env, stack, member):
     """These used to run, then raise in the retry handling: Celery acked, nobody settled the
@@ -495,3 +498,65 @@ def test_a_job_put_back_for_the_sidecar_is_neither_failed_nor_retried(env, stack
         send(job)
         wait_for(lambda: job.jid in task_states, message="task never ended")
     assert task_states[job.jid] == ("SUCCESS", "unavailable")
+
+
+def pending_retry(store: SidekiqStore, job: Job) -> tuple[bytes, float] | None:
+    """The job's entry in Sidekiq's retry set, if it has one."""
+    entries = [(raw, score) for raw, score in store.retry_set() if Job.parse(raw).jid == job.jid]
+    return entries[0] if entries else None
+
+
+def test_a_short_retry_waits_in_the_retry_set_and_its_countdown_runs_it_once(env, stack):
+    sidecar, store = env
+    job = make_job("FailJob", [3], retry=1)  # retried in 3 s, then dead
+    failed_at = time.time()
+    send(job)
+    wait_for(lambda: pending_retry(store, job), message="the retry is not in the retry set")
+    raw, score = pending_retry(store, job)
+    waiting = Job.parse(raw)
+    assert waiting.get("retry_count") == 0 and waiting.get("error_class") == "ArgumentError"
+    assert failed_at + 3 <= score <= time.time() + 3
+    assert store.stats() == {"processed": 1, "failed": 1}  # counted with the retry's write
+    wait_for(lambda: dead_jobs(store), timeout=30, message="the countdown never ran the retry")
+    settle(stack[2])
+    assert len(sidecar.executed(job.jid)) == 2 and store.retry_set() == []
+    wait_for(lambda: store.delivery_tokens() == [], message="the retry's delivery never settled")
+
+
+def test_a_retry_removed_from_the_retry_set_makes_its_countdown_stale(env, stack, task_states):
+    """What the Web UI's Delete, Kill and Retry Now do: the countdown must not run it then."""
+    sidecar, store = env
+    job = make_job("FailJob", [2], retry=1)
+    send(job)
+    wait_for(lambda: pending_retry(store, job), message="the retry is not in the retry set")
+    raw, _score = pending_retry(store, job)
+    assert store.redis.zrem(RETRY, raw) == 1
+    wait_for(lambda: f"{job.jid}.1" in task_states, timeout=30, message="countdown never fired")
+    settle(stack[2])
+    assert task_states[f"{job.jid}.1"] == ("SUCCESS", "stale")
+    assert len(sidecar.executed(job.jid)) == 1 and dead_jobs(store) == []
+    assert store.delivery_tokens() == [] and store.stats() == {"processed": 1, "failed": 1}
+
+
+def test_the_poller_and_a_countdown_racing_for_a_retry_run_it_once(env, stack):
+    """No grace: the bridge's poller takes the retry as soon as it is due, while its countdown
+    fires; whoever removes the entry first has it (the poller onto `queue:default`, which no
+    bridge fetches here; the countdown runs it), the other gets nothing."""
+    sidecar, store = env
+    job = make_job("FailJob", [2], retry=1)
+    send(job)
+    wait_for(lambda: pending_retry(store, job), message="the retry is not in the retry set")
+    stop = threading.Event()
+    poller = Scheduler(store, "b1", BridgeMetrics(), sidekiq_version=7, retry_grace=0)
+    poller.poll_interval = 0.01
+    thread = threading.Thread(target=poller.run, args=(stop,))
+    thread.start()
+    try:
+        wait_for(lambda: not pending_retry(store, job), timeout=30, message="nobody took it")
+        settle(stack[2])
+    finally:
+        stop.set()
+        thread.join()
+    ran_by_countdown = len(sidecar.executed(job.jid)) - 1
+    taken_by_poller = store.queue_size("default")
+    assert ran_by_countdown + taken_by_poller == 1

@@ -197,9 +197,11 @@ def _invalid_fields(text: str, fields: dict[str, Any]) -> str | None:
     for key in _NAME_FIELDS[1:]:
         if fields.get(key) is not None and not isinstance(fields[key], str):
             return f"{key} is not a string"
+    # -1 is Sidekiq's own: the Web UI's Retry Now (SortedEntry#retry) takes one off a first
+    # retry's 0, and its next failure counts from there (0 again).
     count = fields.get("retry_count")
-    if count is not None and (not isinstance(count, int) or isinstance(count, bool) or count < 0):
-        return "retry_count is not a non-negative integer"
+    if count is not None and (not isinstance(count, int) or isinstance(count, bool) or count < -1):
+        return "retry_count is not an integer of -1 or more"
     if "\\u" in text and not all(_encodable(fields.get(key)) for key in _NAME_FIELDS):
         return "a name field is not valid UTF-8"
     # Only a text with that many brackets can be nested that deep: most payloads skip the walk.

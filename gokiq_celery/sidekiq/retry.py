@@ -111,7 +111,7 @@ class RetryPolicy:
             "error_message": _scrub(failure.error_message)[:MAX_ERROR_MESSAGE],
             "error_class": failure.error_class,
         }
-        # Job.parse let through only a non-negative integer or null (which Sidekiq reads as none).
+        # Job.parse let through only an integer ≥ -1 or null (which Sidekiq reads as none).
         if job.get("retry_count") is not None:
             fields["retry_count"] = job.get("retry_count") + 1
             fields["retried_at"] = stamp

@@ -60,6 +60,10 @@ WORKERS = "gokiq:workers"  # zset: worker process -> last sign of life
 WORKER_TTL = 15.0
 WORKER_BEAT = 3.0
 SCHEDULED_SETS = (RETRY, SCHEDULE)  # the poller's order: retries first, as Sidekiq does
+# How long after its due time the bridge's poller leaves a retry to its Celery countdown (which
+# claims it from the retry set when it fires, lua/claim_retry.lua): a live worker's timer runs
+# it, and a dead worker's retry is still taken within this grace + the poll interval.
+RETRY_GRACE = 5.0
 # The app's `Sidekiq::VERSION`, written by every sidecar when it boots (see sidekiq/version.py).
 SIDEKIQ_VERSION_KEY = "gokiq:sidekiq_version"
 
@@ -538,16 +542,25 @@ class SidekiqStore:
             pipe.zrem(DELIVERY_DEADLINES, *tokens)
             pipe.hdel(DELIVERY_HOLDERS, *tokens)
 
-    def replace_delivery(
-        self, old: str | None, new: str, queue: str, payload: str, deadline: float
-    ) -> None:
-        """A retry: the old message is done (its failed run counted in Sidekiq's stats), the
-        new one (not yet published) takes its place."""
+    def fail_into_retry_set(self, old: str | None, job: Job, at: float) -> None:
+        """A short retry: the failed run's delivery is forgotten and counted in Sidekiq's
+        stats, and the retry waits in `retry` until `at` (as `schedule_retry`), in one
+        transaction. Its Celery countdown then claims it (`claim_retry`)."""
         with self.redis.pipeline(transaction=True) as pipe:
             self._forget_deliveries(pipe, [old] if old else [])
-            self.record_deliveries([(new, queue, payload)], deadline, pipe)
+            pipe.zadd(RETRY, {job.text: _score(at)})
             self._count_runs(pipe, processed=1, failed=1)
             pipe.execute()
+
+    def claim_retry(
+        self, member: str, token: str, queue: str, deadline: float, holder: str
+    ) -> bool:
+        """A countdown retry fires: take its exact member out of `retry` and enter `token` in
+        the ledger, held by `holder` (lua/claim_retry.lua). False: someone else took or removed
+        the entry (the poller, Retry Now, Delete, Kill): the message is stale."""
+        keys = [RETRY, DELIVERIES, DELIVERY_DEADLINES, DELIVERY_HOLDERS, WORKERS]
+        args = [member, token, queue, _score(deadline), holder, _score(time.time())]
+        return bool(self.script("claim_retry")(keys=keys, args=args))
 
     def take_overdue_deliveries(
         self, now: float, fresh_tokens: Sequence[str], deadline: float

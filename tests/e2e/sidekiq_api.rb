@@ -20,6 +20,8 @@
 #                  in args becomes Person.create!(name:), passed as a GlobalID)
 #   dead / retries / scheduled  jid?           -> [{jid, score, item, value}] (Sidekiq's sets)
 #   retry_dead     jid? (else the first entry) -> jid        (DeadSet entry .retry)
+#   retry_entry    jid, action ("retry", "delete" or "kill") -> jid (RetrySet entry, as the
+#                  Web UI's Retry Now / Delete / Kill buttons act on it)
 #   stats                                      -> Sidekiq::Stats numbers
 #   job_runs       job_class?, jids?           -> [{job_class, jid, args, note, middleware, created_at}]
 #   flaky_attempts key                         -> [created_at floats]
@@ -142,6 +144,13 @@ module SidekiqApi
       e = op["jid"] ? dead.find_job(op["jid"]) : dead.first
       raise "no such dead job #{op["jid"].inspect}" unless e
       e.retry
+      e.jid
+    when "retry_entry"
+      e = Sidekiq::RetrySet.new.find_job(op.fetch("jid"))
+      raise "no such retry #{op["jid"].inspect}" unless e
+      action = op.fetch("action")
+      raise "bad action #{action.inspect}" unless %w[retry delete kill].include?(action)
+      e.public_send(action)
       e.jid
     when "stats"
       s = Sidekiq::Stats.new

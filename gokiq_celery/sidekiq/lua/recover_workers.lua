@@ -9,7 +9,6 @@
 --     prefetch (the broker holds those unacked for its visibility timeout). One that was only
 --     waiting in the broker is published again too; the copy still in the broker is stale
 --     (its token is gone) and is skipped, so nothing runs twice.
--- A countdown retry not yet due is left alone: its deadline is its due time + delivery_timeout.
 --
 -- KEYS[1]: the workers zset, KEYS[2]: the deadlines zset, KEYS[3]: the holders hash
 -- ARGV[1]: now, ARGV[2]: the TTL, ARGV[3]: delivery_timeout
