@@ -44,7 +44,9 @@ timezone = "UTC"
 # sees every job while it runs, and no worker pays for events nobody reads (they cost about a
 # third of a no-op job's CPU). `celery worker -E` sends them from the start.
 worker_send_task_events = False
-task_send_sent_event = True
+# No task-sent events: Celery names the real task (`gokiq.perform`) in them, not the job's class,
+# and Flower lets a task-sent event that arrives after task-received rename the task.
+task_send_sent_event = False
 
 # A worker started without -Q consumes every queue gokiq is configured to hand over.
 task_queues = [Queue(_settings.celery_queue(q.name)) for q in _settings.queues]

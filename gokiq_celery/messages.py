@@ -55,3 +55,10 @@ def publish_options(job: Job, queue: str) -> dict[str, Any]:
         "kwargsrepr": "{}",
         "retries": celery_retries(job),
     }
+
+
+def retry_publish_options(job: Job, queue: str) -> dict[str, Any]:
+    """`Task.retry` options: as `publish_options`, less the retry count Celery sets itself."""
+    options = publish_options(job, queue)
+    del options["retries"]
+    return options

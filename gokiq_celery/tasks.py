@@ -25,7 +25,7 @@ from gokiq_history.recorder import NULL_RECORDER, Recorder, open_recorder
 
 from . import metrics
 from .celery_app import app
-from .messages import TASK_NAME, argsrepr, new_delivery_token, task_id
+from .messages import TASK_NAME, new_delivery_token, retry_publish_options
 from .settings import Settings, process_settings
 from .settler import DeliverySettler
 from .sidecar import Execution, SidecarClient, SidecarDied, SidecarUnavailable
@@ -382,9 +382,10 @@ class PerformTask(Task):
                 countdown=decision.delay,
                 # Always explicit: Celery 5.7 keeps a per-call override on the shared task object.
                 max_retries=decision.limit,
-                argsrepr=argsrepr(decision.job, queue),
                 queue=settings.celery_queue(queue),
-                task_id=task_id(decision.job),  # a run of its own: this one stays RETRY in Flower
+                # A run of its own (`<jid>.<n>`, so this one stays RETRY in Flower), shown under
+                # the job's class like the bridge's messages.
+                **retry_publish_options(decision.job, queue),
             )
         except Reject:
             # Re-publishing failed (broker down): the retry waits in Sidekiq's retry set

@@ -101,6 +101,8 @@ def test_flower_filters_find_dead_jobs_and_retried_attempts(stack: Stack, flower
     wait_for(lambda: _task(flower, f"{flaky}.1")["state"] == "SUCCESS", timeout=60, interval=1)
     retried = _tasks(flower, "RETRY")
     assert {fail, f"{fail}.1", flaky} <= set(retried), sorted(retried)
+    # Every run shows under the job's class, the bridge's and the retries' alike.
+    assert {retried[key]["name"] for key in (fail, f"{fail}.1")} == {"FailJob"}
     assert "RuntimeError: flaky 1" in retried[flaky]["exception"]
     assert fail not in _tasks(flower, "SUCCESS") and flaky not in _tasks(flower, "FAILURE")
     assert [entry["jid"] for entry in stack.api1({"op": "dead"})] == [fail]
