@@ -218,9 +218,9 @@ class Backpressure:
 
     def _read_breaker(self) -> None:
         if self._breaker is None:
-            self._breaker = self.store.breaker_storage()
-        raw_open = self._breaker.state == "open"
-        self.breaker_is_open = raw_open and self.store.breaker_open(
+            self._breaker = self.store.breaker.storage()
+        raw_open = self.store.breaker.tripped(self._breaker)
+        self.breaker_is_open = raw_open and self.store.breaker.is_open(
             self._breaker, reset_timeout=self.settings.breaker_reset_timeout
         )
         self.metrics.breaker_open.set(1 if raw_open else 0)

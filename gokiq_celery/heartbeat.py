@@ -52,9 +52,7 @@ class SidekiqProcess:
         self.identity = f"{self.hostname}:{os.getpid()}:{secrets.token_hex(6)}"
         self.started_at = time.time()
         if self.versions is None:
-            self.versions = SidekiqVersionResolver(
-                self.settings.sidekiq_version, self.store.published_sidekiq_version
-            )
+            self.versions = self.store.versions(self.settings.sidekiq_version)
         self.version: SidekiqVersion | None = None  # what the last beat was written for
         self.waiting_logged = False
 
@@ -97,15 +95,15 @@ class SidekiqProcess:
             "beat": time.time(),
             "quiet": "true" if self.quiet else "false",
             "rss": _rss_kb(),
-            "rtt_us": self.store.round_trip_us(),
+            "rtt_us": self.store.processes.round_trip_us(),
         }
         if version.major >= 8:
             fields["concurrency"] = self.concurrency  # 8.1.2+ reads it here, no longer in info
-        return self.store.beat_process(self.identity, fields, work, version)
+        return self.store.processes.beat(self.identity, fields, work, version)
 
     def leave(self) -> None:
         if self.version is not None:  # else never on the page
-            self.store.unregister_process(self.identity, self.version)
+            self.store.processes.unregister(self.identity, self.version)
 
 
 class SidekiqHeartbeat(bootsteps.StartStopStep):

@@ -16,7 +16,6 @@ import http.client
 import json
 import logging
 import threading
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,9 +25,9 @@ import redis
 from . import metrics
 from .connection import ConnectFailed, Reply, SidecarConnection, valid_header_value
 from .settings import Settings
+from .sidekiq.breaker import SharedBreakerStorage
 from .sidekiq.job import Job, dumps, finite_number
 from .sidekiq.retry import Failure
-from .sidekiq.store import BREAKER_NAMESPACE
 
 log = logging.getLogger(__name__)
 
@@ -148,71 +147,6 @@ class SidecarClient:
                 log.error("sidecar refused gokiq's token (401): check GOKIQ_SIDECAR_TOKEN")
             raise SidecarUnavailable(f"{self.base_url}{path}: HTTP {reply.status}")
         return reply
-
-
-class SharedBreakerStorage(pybreaker.CircuitRedisStorage):
-    """pybreaker's Redis storage (state shared by every worker and the bridge), read at most
-    every `refresh` seconds.
-
-    The stock storage makes two round trips on every call, GET state before and SET the
-    failure counter to 0 after a success. Here state and counter are read together, at most
-    every `refresh` seconds, and a success writes the counter only when it is not 0 already.
-    Writes that matter (a failure, a state change) go to Redis at once; another worker's trip is
-    seen within `refresh`.
-    """
-
-    REFRESH = 0.25
-
-    def __init__(self, client: redis.Redis, refresh: float = REFRESH, clock=time.monotonic):
-        super().__init__(pybreaker.STATE_CLOSED, client, namespace=BREAKER_NAMESPACE)
-        self._refresh = refresh
-        self._clock = clock
-        self._read_at = float("-inf")
-        self._state = pybreaker.STATE_CLOSED
-        self._counter = 0
-
-    def _read(self) -> None:
-        if self._clock() - self._read_at < self._refresh:
-            return
-        keys = self._namespace("state"), self._namespace("fail_counter")
-        try:
-            state, counter = self._redis.mget(keys)
-        except redis.RedisError:
-            self.logger.exception("RedisError: falling back to default circuit state")
-            self._state, self._counter = self._fallback_circuit_state, 0
-            return
-        if state is None:  # keys gone (flushed): start again as pybreaker does
-            self._initialize_redis_state(self._fallback_circuit_state)
-        self._state = state.decode() if state else self._fallback_circuit_state
-        self._counter = int(counter or 0)
-        self._read_at = self._clock()
-
-    @property
-    def state(self) -> str:
-        self._read()
-        return self._state
-
-    @state.setter
-    def state(self, state: str) -> None:
-        pybreaker.CircuitRedisStorage.state.fset(self, state)
-        self._state = str(state)
-
-    @property
-    def counter(self) -> int:
-        self._read()
-        return self._counter
-
-    def increment_counter(self) -> None:
-        try:
-            self._counter = int(self._redis.incr(self._namespace("fail_counter")))
-        except redis.RedisError:
-            self.logger.exception("RedisError")
-
-    def reset_counter(self) -> None:
-        self._read()
-        if self._counter:
-            super().reset_counter()
-            self._counter = 0
 
 
 class _BreakerMetrics(pybreaker.CircuitBreakerListener):

@@ -114,7 +114,7 @@ class Worker:
     @classmethod
     def from_settings(cls, settings: Settings) -> Worker:
         store = SidekiqStore.from_settings(settings)
-        versions = SidekiqVersionResolver(settings.sidekiq_version, store.published_sidekiq_version)
+        versions = store.versions(settings.sidekiq_version)
         return cls(
             settings,
             store,
@@ -163,8 +163,8 @@ class Worker:
     ) -> bool:
         holder = self.settler.holder
         if retry_set:
-            return self.store.claim_retry(payload, delivery, queue, deadline, holder)
-        return self.store.claim_delivery(delivery, deadline, holder)
+            return self.store.ledger.claim_retry(payload, delivery, queue, deadline, holder)
+        return self.store.ledger.claim(delivery, deadline, holder)
 
     def _settle(self, delivery: str | None, outcome: str) -> None:
         processed, failed = RUN_COUNTS.get(outcome, (0, 0))
@@ -176,7 +176,7 @@ class Worker:
         try:
             job = Job.parse(payload)
         except InvalidJob as exc:
-            self.store.add_dead(poison_entry(payload, exc.reason))
+            self.store.dead.add(poison_entry(payload, exc.reason))
             self.history.invalid(payload, queue)
             log.error(
                 "invalid job payload sent to the dead set: %s", exc.reason, extra={"queue": queue}
@@ -218,7 +218,7 @@ class Worker:
             # The job ran, but something in its payload breaks what follows. Raising it would
             # leave its delivery unsettled and the job re-published (and run) forever: bury it.
             error = f"{type(exc).__name__}: {exc}"[:500]
-            self.store.add_dead(poison_entry(job.text, error))
+            self.store.dead.add(poison_entry(job.text, error))
             log.error(
                 "job ran, but its payload broke its retry handling: sent to the dead set",
                 extra=job.log_context(queue),
@@ -227,7 +227,7 @@ class Worker:
 
     def _put_back(self, job: Job, queue: str, reason: Exception) -> str:
         # Not the job's fault: back to the tail of its queue (it runs next), no retry spent.
-        self.store.requeue(queue, job.text)
+        self.store.queues.requeue(queue, job.text)
         log.warning(
             "sidecar unavailable, job put back on its queue: %s",
             reason,
@@ -242,7 +242,7 @@ class Worker:
         it each time it runs reaches the limit (the count lives SIDECAR_DEATHS_TTL)."""
         if not isinstance(exc, SidecarDied) or not job.jid:
             return None
-        deaths = self.store.count_sidecar_death(job.jid)
+        deaths = self.store.sidecar_deaths.count(job.jid)
         if deaths < SIDECAR_DEATHS_MAX:
             return None
         message = f"the sidecar died {deaths} times while running this job (exit!, out of memory?)"
@@ -298,7 +298,7 @@ class Worker:
 
     def park(self, decision: Decision) -> None:
         """Hold a retry in Sidekiq's `retry` set; the bridge re-enqueues it when due."""
-        self.store.schedule_retry(decision.job, time.time() + decision.delay)
+        self.store.scheduled.schedule_retry(decision.job, time.time() + decision.delay)
         log.info(
             "retry parked in the retry set for %.0fs",
             decision.delay,
@@ -310,7 +310,7 @@ class Worker:
         job = decision.job
         discard = self._exhausted_hooks(job, failure, run_hook=True, death_handlers=False)
         if decision.goes_to_dead_set and not discard:
-            self.store.add_dead(job.text)
+            self.store.dead.add(job.text)
             log.warning(
                 "Adding dead %s job %s",
                 job.display_class,
@@ -367,7 +367,7 @@ class PerformTask(Task):
         queue = decision.job.queue  # `retry_queue` when the job has one, as Sidekiq moves it
         settings, store = self.worker.settings, self.worker.store
         delivery = new_delivery_token()  # enters the ledger when its countdown claims the retry
-        store.fail_into_retry_set(
+        store.ledger.fail_into_retry_set(
             self.request.kwargs.get("delivery"), decision.job, time.time() + decision.delay
         )
         # Sidekiq's retry_count is the truth (it survives parking and "Retry now"); make Celery

@@ -22,7 +22,8 @@ import pytest
 import redis
 
 from gokiq_celery.settings import load_settings
-from gokiq_celery.sidekiq.store import QUEUES, SidekiqStore, queue_key
+from gokiq_celery.sidekiq.keys import QUEUES, queue_key
+from gokiq_celery.sidekiq.store import SidekiqStore
 
 from .conftest import REPO, start_redis, wait_for
 
@@ -94,7 +95,7 @@ class Env:
 
     def held_by_bridges(self) -> int:
         """Jobs sitting in any bridge's in-flight or moving lists."""
-        return sum(self.store().held_by_bridges().values())
+        return sum(self.store().queues.held_by_bridges().values())
 
 
 @pytest.fixture

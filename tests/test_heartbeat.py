@@ -18,7 +18,7 @@ from gokiq_celery.messages import TASK_NAME, publish_options
 from gokiq_celery.settings import load_settings
 from gokiq_celery.sidecar import SidecarClient
 from gokiq_celery.sidekiq import Job, RetryPolicy, SidekiqStore
-from gokiq_celery.sidekiq.store import PROCESSES
+from gokiq_celery.sidekiq.keys import PROCESSES
 from gokiq_celery.tasks import Worker, perform
 
 from .conftest import sidekiq_processes, wait_for

@@ -12,7 +12,8 @@ from gokiq_celery.messages import new_delivery_token
 from gokiq_celery.settings import load_settings
 from gokiq_celery.settler import DeliverySettler
 from gokiq_celery.sidekiq import RetryPolicy, SidekiqStore
-from gokiq_celery.sidekiq.store import WORKER_BEAT, WORKERS
+from gokiq_celery.sidekiq.keys import WORKERS
+from gokiq_celery.sidekiq.ledger import WORKER_BEAT
 from gokiq_celery.tasks import Worker, perform
 
 from .conftest import free_port, wait_for
@@ -20,7 +21,7 @@ from .conftest import free_port, wait_for
 
 def entered(store: SidekiqStore, n: int) -> list[str]:
     tokens = [new_delivery_token() for _ in range(n)]
-    store.record_deliveries([(t, "default", '{"class":"A","args":[]}') for t in tokens], 1e10)
+    store.ledger.record([(t, "default", '{"class":"A","args":[]}') for t in tokens], 1e10)
     return tokens
 
 
@@ -31,8 +32,8 @@ def test_settlements_of_many_jobs_go_in_a_few_transactions(redis_client):
     redis_client.config_resetstat()
     for i, token in enumerate(tokens):
         settler.settle(token, processed=1, failed=int(i % 4 == 0))
-    wait_for(lambda: store.deliveries_pending() == 0, message="never settled")
-    wait_for(lambda: store.stats() == {"processed": 200, "failed": 50})
+    wait_for(lambda: store.ledger.pending() == 0, message="never settled")
+    wait_for(lambda: store.stats.counts() == {"processed": 200, "failed": 50})
     assert redis_client.info("commandstats")["cmdstat_exec"]["calls"] <= 5
 
 
@@ -46,7 +47,7 @@ def test_a_flush_while_redis_is_away_keeps_everything_for_the_next(redis_client)
     settler.flush()  # fails: nothing listens there
     settler.store = store
     settler.flush()
-    assert store.deliveries_pending() == 0 and store.stats()["processed"] == 3
+    assert store.ledger.pending() == 0 and store.stats.counts()["processed"] == 3
 
 
 def test_a_worker_shutting_down_writes_what_is_pending(redis_url, redis_client):
@@ -61,10 +62,10 @@ def test_a_worker_shutting_down_writes_what_is_pending(redis_url, redis_client):
             tokens = entered(store, 2)
             for token in tokens:
                 worker.settler.settle(token, processed=1)
-            assert store.deliveries_pending() == 2
+            assert store.ledger.pending() == 2
             signal.send(sender=None)
-            assert store.deliveries_pending() == 0
-        assert store.stats()["processed"] == 4
+            assert store.ledger.pending() == 0
+        assert store.stats.counts()["processed"] == 4
     finally:
         del perform.__dict__["worker"]
         if saved is not None:
