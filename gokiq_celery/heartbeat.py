@@ -31,6 +31,7 @@ from .messages import TASK_NAME
 from .settings import Settings
 from .sidekiq.store import SidekiqStore
 from .sidekiq.version import SidekiqVersion, SidekiqVersionResolver, SidekiqVersionUnknown
+from .worker import current_worker
 
 log = logging.getLogger("gokiq.worker")
 
@@ -121,9 +122,7 @@ class SidekiqHeartbeat(bootsteps.StartStopStep):
     def start(self, c) -> None:
         if self.thread is not None:
             return  # a restart after a broker reconnection: the beat never stopped
-        from .tasks import perform  # the worker's own settings and Redis (tests give their own)
-
-        worker = perform.worker
+        worker = current_worker()  # this process's settings and Redis (tests install their own)
         if not worker.settings.sidekiq_heartbeat:
             return
         consumed = {queue.name for queue in c.task_consumer.queues}

@@ -22,8 +22,8 @@ from typing import Any
 import pybreaker
 import redis
 
-from . import metrics
 from .connection import ConnectFailed, Reply, SidecarConnection, valid_header_value
+from .metrics import WorkerMetrics
 from .settings import Settings
 from .sidekiq.breaker import SharedBreakerStorage
 from .sidekiq.job import Job, dumps, finite_number
@@ -60,8 +60,14 @@ class Execution:
 
 
 class SidecarClient:
-    def __init__(self, settings: Settings, breaker_redis: redis.Redis) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        breaker_redis: redis.Redis,
+        metrics: WorkerMetrics | None = None,
+    ) -> None:
         self.settings = settings
+        self.metrics = metrics or WorkerMetrics()  # the breaker's state gauge
         self.base_url = settings.sidecar_url.rstrip("/")
         self._headers = {"Content-Type": "application/json"}
         if settings.sidecar_token:
@@ -113,10 +119,10 @@ class SidecarClient:
                 reset_timeout=self.settings.breaker_reset_timeout,
                 state_storage=SharedBreakerStorage(self._breaker_redis),
                 exclude=[SidecarTimeout],
-                listeners=[_BreakerMetrics()],
+                listeners=[_BreakerMetrics(self.metrics)],
                 name="sidecar",
             )
-            metrics.observe_breaker(self._local.breaker.current_state)
+            self.metrics.observe_breaker(self._local.breaker.current_state)
         return self._local.breaker
 
     @property
@@ -150,8 +156,11 @@ class SidecarClient:
 
 
 class _BreakerMetrics(pybreaker.CircuitBreakerListener):
+    def __init__(self, metrics: WorkerMetrics) -> None:
+        self.metrics = metrics
+
     def state_change(self, cb, old_state, new_state) -> None:
-        metrics.observe_breaker(new_state.name)
+        self.metrics.observe_breaker(new_state.name)
         log.warning(
             "sidecar circuit breaker %s -> %s", old_state and old_state.name, new_state.name
         )

@@ -275,7 +275,7 @@ def test_keyset_pages_walk_every_job_once_newest_first(engine):
         engine, filters={"job_class": "A"}, since=105.0, until=110.0, limit=100, cursor=None
     )[0]
     assert window and all(r["job_class"] == "A" and 105 <= r["created_at"] < 110 for r in window)
-    counts = dict(((c, s), n) for c, s, n in store.stats.counts(engine, 0.0))
+    counts = dict(((c, s), n) for c, s, n in store.stats(engine, 0.0))
     assert sum(counts.values()) == 30 and counts[("B", "succeeded")] == 5
 
 

@@ -8,13 +8,14 @@ import time
 import redis
 from celery.signals import worker_process_shutdown, worker_shutdown
 
+import gokiq_celery.tasks  # noqa: F401  (connects the shutdown signals)
 from gokiq_celery.messages import new_delivery_token
 from gokiq_celery.settings import load_settings
 from gokiq_celery.settler import DeliverySettler
 from gokiq_celery.sidekiq import RetryPolicy, SidekiqStore
 from gokiq_celery.sidekiq.keys import WORKERS
 from gokiq_celery.sidekiq.ledger import WORKER_BEAT
-from gokiq_celery.tasks import Worker, perform
+from gokiq_celery.worker import Worker, install_worker
 
 from .conftest import free_port, wait_for
 
@@ -55,8 +56,7 @@ def test_a_worker_shutting_down_writes_what_is_pending(redis_url, redis_client):
     store = SidekiqStore(redis_client)
     worker = Worker(settings, store, sidecar=None, policy=RetryPolicy())
     worker.settler.interval = 3600  # the flusher thread would not write for an hour
-    saved = perform.__dict__.pop("worker", None)
-    perform.worker = worker
+    saved = install_worker(worker)
     try:
         for signal in (worker_shutdown, worker_process_shutdown):  # threads pool, prefork child
             tokens = entered(store, 2)
@@ -67,9 +67,7 @@ def test_a_worker_shutting_down_writes_what_is_pending(redis_url, redis_client):
             assert store.ledger.pending() == 0
         assert store.stats.counts()["processed"] == 4
     finally:
-        del perform.__dict__["worker"]
-        if saved is not None:
-            perform.worker = saved
+        install_worker(saved)
 
 
 def test_the_settling_thread_keeps_the_process_alive_in_the_ledger_until_it_leaves(redis_client):

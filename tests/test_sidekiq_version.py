@@ -18,7 +18,7 @@ from gokiq_celery.sidekiq.version import (
     SidekiqVersionResolver,
     SidekiqVersionUnknown,
 )
-from gokiq_celery.tasks import Worker
+from gokiq_celery.worker import Worker
 
 from .conftest import free_port
 from .stand_in_sidecar import TOKEN, StandInSidecar

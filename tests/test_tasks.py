@@ -24,7 +24,7 @@ from gokiq_celery.sidecar import SidecarClient
 from gokiq_celery.sidekiq import Job, RetryPolicy, SidekiqStore
 from gokiq_celery.sidekiq.keys import DELIVERY_DEADLINES, RETRY
 from gokiq_celery.sidekiq.retry import decode_backtrace
-from gokiq_celery.tasks import SIDECAR_DEATHS_MAX, Worker, perform
+from gokiq_celery.worker import SIDECAR_DEATHS_MAX, Worker, current_worker, install_worker
 
 from .conftest import free_port, wait_for
 from .stand_in_sidecar import TOKEN, StandInSidecar
@@ -53,16 +53,21 @@ def stack(redis_server):
             queues="default critical low",
         )
         store = SidekiqStore.from_settings(settings)
-        perform.worker = Worker(
-            settings,
-            store,
-            SidecarClient(settings, store.redis),
-            RetryPolicy(settings.max_retries, settings.sidekiq_version, rng=NoJitter()),
+        previous = install_worker(
+            Worker(
+                settings,
+                store,
+                SidecarClient(settings, store.redis),
+                RetryPolicy(settings.max_retries, settings.sidekiq_version, rng=NoJitter()),
+            )
         )
-        with start_worker(
-            app, pool="threads", concurrency=8, perform_ping_check=False, shutdown_timeout=10
-        ):
-            yield sidecar, store, redis_server.client(broker_db)
+        try:
+            with start_worker(
+                app, pool="threads", concurrency=8, perform_ping_check=False, shutdown_timeout=10
+            ):
+                yield sidecar, store, redis_server.client(broker_db)
+        finally:
+            install_worker(previous)
 
 
 @pytest.fixture
@@ -106,17 +111,17 @@ def settle(broker) -> None:
 def worker_with(store: SidekiqStore, **settings_overrides):
     """The module's worker runs with other settings (another sidecar, say) for a while."""
     settings = load_settings(
-        redis_url=perform.worker.settings.redis_url,
+        redis_url=current_worker().settings.redis_url,
         sidecar_token=TOKEN,
         queues="default critical low",
         **settings_overrides,
     )
-    healthy = perform.worker
-    perform.worker = Worker(settings, store, SidecarClient(settings, store.redis), healthy.policy)
+    healthy = current_worker()
+    install_worker(Worker(settings, store, SidecarClient(settings, store.redis), healthy.policy))
     try:
         yield
     finally:
-        perform.worker = healthy
+        install_worker(healthy)
 
 
 def dead_jobs(store: SidekiqStore) -> list[Job]:
@@ -358,7 +363,7 @@ def test_whatever_still_breaks_after_a_run_sends_the_job_to_the_dead_set(env, st
     def broken(*args, **kwargs):
         raise OverflowError("a value no one foresaw")
 
-    monkeypatch.setattr(perform.worker.policy, "decide", broken)
+    monkeypatch.setattr(current_worker().policy, "decide", broken)
     job = make_job("FailJob", [])
     send_tracked(store, job)
     wait_for(lambda: store.dead.entries(), message="job not buried")
@@ -385,7 +390,7 @@ def test_metric_labels_are_resolved_classes_and_configured_queues(env, stack):
     settle(stack[2])
     labels = {
         (sample.labels["queue"], sample.labels["class"])
-        for metric in metrics.JOBS.collect()
+        for metric in current_worker().metrics.jobs.collect()
         for sample in metric.samples
     }
     assert not [label for label in labels if "spam" in "".join(label)], labels
@@ -409,10 +414,10 @@ def test_a_409_leaves_the_job_in_the_ledger_until_the_other_run_is_over(env, sta
     token = send_tracked(store, job)
     wait_for(lambda: sidecar.executed(job.jid), message="job never reached the sidecar")
     settle(stack[2])
-    perform.worker.settler.flush()
+    current_worker().settler.flush()
     assert store.ledger.tokens() == [token]
     deadline = store.redis.zscore(DELIVERY_DEADLINES, token)
-    assert deadline > time.time() + perform.worker.settings.job_timeout
+    assert deadline > time.time() + current_worker().settings.job_timeout
     assert store.stats.counts() == {"processed": 0, "failed": 0}
 
 

@@ -5,7 +5,8 @@ retries differ in details; the Busy page's hash of running jobs is `<identity>:w
 6.4.1 and `:work` from 6.4.2. The `sidekiq_version` setting names the version, or is `auto`:
 then it is what the sidecar publishes in Sidekiq's Redis when it boots (`Sidekiq::VERSION`,
 read by `SidekiqStore.published_sidekiq_version`; `SidekiqStore.versions` builds a process's
-resolver). Until a version is known, whoever would write such data waits (`SidekiqVersionUnknown`) rather than guess.
+resolver). Until a version is known, whoever would write such data waits
+(`SidekiqVersionUnknown`) rather than guess.
 """
 
 from __future__ import annotations
