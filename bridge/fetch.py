@@ -1,6 +1,8 @@
 """Reliable fetch: jobs move atomically from `queue:<q>` into this bridge's in-flight list, and
-leave it only once the broker has accepted them. A bridge that dies leaves its in-flight lists
-behind; any other bridge gives them back to their queues once the dead one's heartbeat expires.
+leave it for the delivery ledger in one step before they are published (`hand_over`; the
+ledger publishes again what no worker settles, gokiq_celery/sidekiq/ledger.py). A bridge that
+dies leaves its in-flight lists behind; any other bridge gives them back to their queues once
+the dead one's heartbeat expires.
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ from gokiq_celery.sidekiq.store import SidekiqStore
 
 
 class QueueOrder:
-    """The order in which queues are tried on each fetch, as Sidekiq does it (reference §6).
+    """The order in which queues are tried on each fetch, as Sidekiq does it
+    (docs/sidekiq-protocol.md §6).
 
     Strict (`--strict`, or no queue has a weight): always the declared order, so a busy first
     queue starves the others. Weighted: each queue appears max(weight, 1) times, the list is
@@ -42,12 +45,12 @@ class QueueOrder:
 
 @dataclass
 class Batch:
-    """Jobs fetched from one queue together; they sit in the in-flight list until acked."""
+    """Jobs fetched from one queue together; they sit in the in-flight list until handed over."""
 
     queue: str
     raws: list[bytes]
     jobs: list[Job] = field(default_factory=list)
-    job_raws: list[bytes] = field(default_factory=list)  # the exact bytes of each job, to ack
+    job_raws: list[bytes] = field(default_factory=list)  # the exact bytes of each job
     poison: list[tuple[bytes, str]] = field(default_factory=list)  # (raw, reason)
     # Delivery tokens, one per job, made once: a hand-over that is retried uses the same ones.
     tokens: list[str] = field(default_factory=list)

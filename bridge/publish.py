@@ -47,7 +47,8 @@ def broker_connection(broker_url: str) -> Connection:
         # A stalled broker must raise (and be retried), not hang the bridge forever.
         options = {"socket_timeout": 10, "socket_connect_timeout": 3}
     elif scheme in {"amqp", "amqps", "pyamqp"}:
-        # Only a confirmed publish lets the bridge drop the job from its in-flight list.
+        # Only a confirmed publish lets the bridge give the batch's ledger entries their long
+        # deadline (`delivery_timeout`); until then a lost batch is published again soon.
         options = {"confirm_publish": True}
     return Connection(broker_url, transport_options=options, connect_timeout=3)
 
@@ -146,11 +147,6 @@ class Publisher:
             return producer.channel.queue_declare(queue=celery_queue, passive=True).message_count
         except ChannelError:
             return 0  # Redis transport: the queue does not exist yet, so it is empty
-
-    def ping(self) -> None:
-        """Raise if the broker cannot be reached."""
-        self._ensure_producer()
-        self._connection.ensure_connection(max_retries=1)
 
 
 def _is_kombu_redis(channel) -> bool:

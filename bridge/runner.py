@@ -1,4 +1,4 @@
-"""The bridge process: the fetch → publish → ack loop, the scheduler and housekeeping threads,
+"""The bridge process: the fetch → hand over → publish loop, the scheduler and housekeeping threads,
 the status server, and a clean shutdown.
 
 Threads: the main thread fetches and publishes (it alone uses the broker connection); the
@@ -87,7 +87,7 @@ class Bridge:
         self.history = open_recorder(settings, self.metrics.registry)  # the job history
         self.scheduler.history = self.history
         self.stopping = threading.Event()
-        self.batch: Batch | None = None  # fetched, not yet acked
+        self.batch: Batch | None = None  # fetched, not yet published
         self.broker_ok = False
         self.blocking_wait = True  # until Redis refuses BLMOVE
         self._next_overdue_check = 0.0
@@ -174,7 +174,7 @@ class Bridge:
         """Redis answers and the broker did on the last attempt."""
         return bool(self.store.redis.ping()) and self.broker_ok
 
-    # -- fetch, publish, ack ----------------------------------------------------------------
+    # -- fetch, hand over, publish ----------------------------------------------------------
 
     def _fetch_loop(self) -> None:
         backoff = Backoff()

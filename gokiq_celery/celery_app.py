@@ -46,10 +46,11 @@ def _serve_metrics(sender=None, **_kwargs) -> None:
 
 @import_modules.connect
 def _gokiq_logging_by_default(sender: Celery | None = None, **_kwargs) -> None:
-    """Until someone configures logging, gokiq's format is the default: in `celery flower`,
-    which loads the app's modules before its tornado adds a handler of its own, so Flower logs
-    JSON lines like the rest."""
-    if sender is not app or logging.getLogger().handlers:
+    """gokiq's log format is the default when a Celery command loads the app's modules, so that
+    Flower logs JSON lines like every gokiq process. Flower loads them after tornado has given
+    the root logger a handler of its own (it adds one when there is none): in `celery flower`
+    gokiq's replaces it; elsewhere it is only added when nobody configured logging."""
+    if sender is not app or (logging.getLogger().handlers and not _in_command("flower")):
         return
     try:
         settings = process_settings()
@@ -63,10 +64,15 @@ def _flower_turns_events_on_at_once(sender: Celery | None = None, **_kwargs) -> 
     """Workers send task events only once a monitor asks (celeryconfig.py). Flower asks every
     5 s, the first time 5 s after it starts: in `celery flower`, ask as it starts instead, so
     it sees every job from its first second."""
-    ctx = click.get_current_context(silent=True)
-    if sender is None or ctx is None or ctx.info_name != "flower":
+    if sender is None or not _in_command("flower"):
         return
     try:
         sender.control.enable_events()
     except Exception as exc:  # the broker is down: Flower's own timer asks again later
         logging.getLogger(__name__).warning("could not turn task events on: %s", exc)
+
+
+def _in_command(name: str) -> bool:
+    """Whether this process runs the Celery command `name` (`celery -A gokiq_celery <name>`)."""
+    ctx = click.get_current_context(silent=True)
+    return ctx is not None and ctx.info_name == name

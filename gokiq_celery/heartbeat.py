@@ -1,10 +1,10 @@
 """Each Celery worker shows on Sidekiq's Busy page as a Sidekiq process, with the jobs it runs.
 
 The Web UI, `Sidekiq::ProcessSet` and `Sidekiq::WorkSet` read a registry that every Sidekiq
-process refreshes on a heartbeat (reference §2.5). A worker keeps its entry the same way,
-from its main process, where Celery tracks the requests running in any pool. Its signals
-work too: Quiet (TSTP) stops consuming, Stop (TERM) is Celery's warm shutdown, TTIN logs every
-thread's stack.
+process refreshes on a heartbeat (docs/sidekiq-protocol.md §2.5; the data: sidekiq/processes.py).
+A worker keeps its entry the same way, from its main process, where Celery tracks the requests
+running in any pool. Its signals work too: Quiet (TSTP) stops consuming, Stop (TERM) is Celery's
+warm shutdown, TTIN logs every thread's stack.
 """
 
 from __future__ import annotations

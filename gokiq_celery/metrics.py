@@ -47,7 +47,7 @@ class ClassLabels:
         return name if name in self._known else OTHER
 
 
-# Seconds from taking a job to its outcome.
+# Seconds from taking a job to its outcome (the sidecar's Metrics::BUCKETS are the same).
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
 _BREAKER_VALUES = {"closed": 0, "half-open": 1, "open": 2}
 

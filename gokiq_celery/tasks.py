@@ -1,12 +1,21 @@
-"""The one task, `gokiq.perform`: run a Sidekiq job in the sidecar, then ack, retry, park or bury.
+"""The one task, `gokiq.perform`: Celery's side of running a Sidekiq job (gokiq_celery/worker.py
+runs it) and of retrying it.
 
 A failure's fate is Sidekiq's (`RetryPolicy`); Celery carries it out. Every pending retry waits
-in Sidekiq's `retry` set (the Web UI's Retries tab, Retry Now, Delete, Kill). A short one is
-also Celery's own (`autoretry_for` on `JobFailed`, countdown and `max_retries` from the job's
-`retry` field): its countdown is a timer that claims the entry from the set when it fires, and
-runs the job only if it was still there. A retry due later than `max_celery_countdown` (a
-broker cannot hold an unacked message for days), or whose countdown is late, is taken by the
-bridge's poller.
+in Sidekiq's `retry` set, so the Web UI's Retries tab, Retry Now, Delete and Kill work on it,
+and it comes back by one of two routes:
+
+- **A Celery countdown** (`autoretry_for = JobFailed`, then `PerformTask.retry`): a retry due
+  within `max_celery_countdown` whose queue a worker consumes. The failed run's delivery is
+  settled into the retry set in one transaction (`ledger.fail_into_retry_set`) and a countdown
+  message is published under a new token; when it fires it runs the job only if its claim
+  takes the job's member out of the retry set first (`ledger.claim_retry`). Why: the retry runs
+  on time without polling, and Flower shows it as Celery's RETRY.
+- **The bridge's poller** (bridge/scheduler.py), which moves a due retry onto its queue like
+  any Sidekiq retry: a retry due later than `max_celery_countdown` (a broker cannot hold an
+  unacked message for days) or on a queue no worker consumes (`JobParked`, a Celery retry with
+  no message), a countdown that could not be published (`retry` raises `Ignore`), and one
+  whose countdown is `RETRY_GRACE` late (its worker died).
 """
 
 from __future__ import annotations
@@ -54,6 +63,8 @@ class PerformTask(Task):
         max_retries=None,
         **options: Any,
     ):
+        """Celery's retry of a `JobFailed` run: raises `Retry` once the countdown is
+        published, or `Ignore` when it could not be (the poller takes the retry when due)."""
         if not isinstance(exc, JobFailed):
             return super().retry(args, kwargs, exc, throw, eta, countdown, max_retries, **options)
         decision = exc.decision
@@ -88,7 +99,7 @@ class PerformTask(Task):
                 "retry left to the bridge: its countdown could not be published",
                 extra=decision.job.log_context(),
             )
-            return Ignore()
+            raise Ignore() from None
 
 
 # Not shared: other Celery apps in the same process (the bridge's, tests') must not inherit it.
@@ -101,7 +112,7 @@ def perform(
     retry_set: bool = False,
 ) -> str:
     try:
-        return current_worker().perform(payload, queue, delivery, retry_set)
+        return str(current_worker().perform(payload, queue, delivery, retry_set))
     except JobParked as parked:  # acked like any retry: the job waits in Sidekiq's retry set
         raise Retry(exc=parked, when=parked.delay) from None
 

@@ -32,12 +32,15 @@ log = logging.getLogger("gokiq.worker")
 # What a run adds to Sidekiq's stat:processed and stat:failed, by outcome, written in the
 # transaction that settles its delivery (a retry's when it is re-published: PerformTask.retry).
 # The other outcomes (unavailable, duplicate, invalid, stale) ran no job.
-RUN_COUNTS = {"ok": (1, 0), **dict.fromkeys(("parked", "dead", "dropped", "discarded"), (1, 1))}
+RUN_COUNTS = {
+    Outcome.OK: (1, 0),
+    **dict.fromkeys((Outcome.PARKED, Outcome.DEAD, Outcome.DROPPED, Outcome.DISCARDED), (1, 1)),
+}
 # Outcomes that leave the job's fate unknown: a 409 means another run of the jid is still in the
 # sidecar (e.g. one whose answer timed out), and it may yet fail with nobody to hear it. Their
 # ledger entry is not settled, so the bridge publishes the job again once the claim's deadline
 # (`run_window`) has passed.
-UNSETTLED = frozenset({"duplicate"})
+UNSETTLED = frozenset({Outcome.DUPLICATE})
 # A job the sidecar died running this many times (exit!, OOM: a connection broken after the job
 # was sent) fails with Gokiq::SidecarDied instead of going back to its queue again.
 SIDECAR_DEATHS_MAX = 3
@@ -61,7 +64,7 @@ class JobEnded(Exception):
     delivery settled: the task fails, so Flower shows it as FAILURE with the error. Celery acks a
     failed task like any other."""
 
-    def __init__(self, outcome: str, error: str) -> None:
+    def __init__(self, outcome: Outcome, error: str) -> None:
         super().__init__(f"{outcome}: {error}"[:500])
         self.outcome, self.error = outcome, error
 
@@ -73,7 +76,7 @@ class JobParked(Exception):
     """A retry parked in Sidekiq's `retry` set, delivery settled: the task ends as a Celery
     retry (RETRY in Flower, a task-retried event) although the bridge, not Celery, re-sends it."""
 
-    outcome = "parked"
+    outcome = Outcome.PARKED
 
     def __init__(self, error: str, delay: float) -> None:
         super().__init__(error[:500])
@@ -126,7 +129,7 @@ class Worker:
 
     def perform(
         self, payload: str, queue: str, delivery: str | None = None, retry_set: bool = False
-    ) -> str:
+    ) -> Outcome:
         """Run one delivery of a job; return its outcome, or raise `JobFailed` for a Celery retry,
         `JobParked` for a retry parked in the retry set, `JobEnded` for a job that failed for good.
 
@@ -144,7 +147,7 @@ class Worker:
                 "stale message skipped: its job was settled or published again",
                 extra={"queue": queue, "delivery": delivery},
             )
-            return "stale"
+            return Outcome.STALE
         try:
             outcome = self._perform(payload, queue)
         except (JobEnded, JobParked) as ended:
@@ -162,12 +165,12 @@ class Worker:
             return self.store.ledger.claim_retry(payload, delivery, queue, deadline, holder)
         return self.store.ledger.claim(delivery, deadline, holder)
 
-    def _settle(self, delivery: str | None, outcome: str) -> None:
+    def _settle(self, delivery: str | None, outcome: Outcome) -> None:
         processed, failed = RUN_COUNTS.get(outcome, (0, 0))
         if delivery or processed:
             self.settler.settle(delivery, processed, failed)
 
-    def _perform(self, payload: str, queue: str) -> str:
+    def _perform(self, payload: str, queue: str) -> Outcome:
         started = time.monotonic()
         try:
             job = Job.parse(payload)
@@ -177,9 +180,9 @@ class Worker:
             log.error(
                 "invalid job payload sent to the dead set: %s", exc.reason, extra={"queue": queue}
             )
-            self.metrics.jobs.labels(self._queue_label(queue), "(invalid)", "invalid").inc()
-            raise JobEnded("invalid", exc.reason) from None
-        outcome = "retry"
+            self.metrics.jobs.labels(self._queue_label(queue), "(invalid)", Outcome.INVALID).inc()
+            raise JobEnded(Outcome.INVALID, exc.reason) from None
+        outcome = Outcome.RETRY
         self.history.started(job, queue)
         try:
             outcome = self._run(job, queue)
@@ -196,7 +199,7 @@ class Worker:
     def _queue_label(self, queue: str) -> str:
         return queue_label(queue, (spec.name for spec in self.settings.queues))
 
-    def _run(self, job: Job, queue: str) -> str:
+    def _run(self, job: Job, queue: str) -> Outcome:
         if log.isEnabledFor(logging.INFO):
             log.info("start", extra=job.log_context(queue))
         try:
@@ -219,9 +222,9 @@ class Worker:
                 "job ran, but its payload broke its retry handling: sent to the dead set",
                 extra=job.log_context(queue),
             )
-            raise JobEnded("dead", error) from None
+            raise JobEnded(Outcome.DEAD, error) from None
 
-    def _put_back(self, job: Job, queue: str, reason: Exception) -> str:
+    def _put_back(self, job: Job, queue: str, reason: Exception) -> Outcome:
         # Not the job's fault: back to the tail of its queue (it runs next), no retry spent.
         self.store.queues.requeue(queue, job.text)
         log.warning(
@@ -229,7 +232,7 @@ class Worker:
             reason,
             extra=job.log_context(queue),
         )
-        return "unavailable"
+        return Outcome.UNAVAILABLE
 
     def _killed_sidecar(self, job: Job, exc: SidecarUnavailable) -> Execution | None:
         """The failure of a job the sidecar died running SIDECAR_DEATHS_MAX times, else None.
@@ -244,18 +247,18 @@ class Worker:
         message = f"the sidecar died {deaths} times while running this job (exit!, out of memory?)"
         return Execution("failed", failure=Failure("Gokiq::SidecarDied", message))
 
-    def _handle_result(self, job: Job, queue: str, execution: Execution) -> str:
+    def _handle_result(self, job: Job, queue: str, execution: Execution) -> Outcome:
         if execution.status == "duplicate":
             log.info(
                 "job already running in the sidecar, this delivery dropped",
                 extra=job.log_context(queue),
             )
-            return "duplicate"
+            return Outcome.DUPLICATE
         if execution.succeeded:
             if log.isEnabledFor(logging.INFO):
                 extra = {**job.log_context(queue), "elapsed": execution.execution_time}
                 log.info("done", extra=extra)
-            return "ok"
+            return Outcome.OK
         failure = execution.failure
         try:
             decision = self.policy.decide(job, failure, queue)
@@ -269,7 +272,7 @@ class Worker:
             extra={
                 **job.log_context(queue),
                 "elapsed": execution.execution_time,
-                "outcome": decision.outcome.value,
+                "outcome": decision.outcome,
             },
         )
         return self._carry_out(job, queue, failure, decision)
@@ -286,11 +289,11 @@ class Worker:
             raise JobParked(_error(failure), decision.delay)
         if outcome is Outcome.DEAD:
             self._bury(decision, failure)
-            raise JobEnded("dead", _error(failure))
-        if outcome is Outcome.DROP or self.versions.require().major >= 8:
+            raise JobEnded(Outcome.DEAD, _error(failure))
+        if outcome is Outcome.DROPPED or self.versions.require().major >= 8:
             # `retry: false` (and 8.x's :discard) still runs the app's death handlers.
             self._exhausted_hooks(decision.job, failure, run_hook=False, death_handlers=True)
-        raise JobEnded("dropped" if outcome is Outcome.DROP else "discarded", _error(failure))
+        raise JobEnded(outcome, _error(failure))
 
     def park(self, decision: Decision) -> None:
         """Hold a retry in Sidekiq's `retry` set; the bridge re-enqueues it when due."""

@@ -15,8 +15,7 @@ from gokiq_celery.settings import QueueSpec, parse_queues
 from gokiq_celery.sidekiq.job import poison_entry
 from gokiq_celery.sidekiq.keys import DEAD, QUEUES, RETRY, SCHEDULE, inflight_key, queue_key
 
-from .conftest import free_port, start_redis
-from .test_bridge_support import (
+from .bridge_support import (
     BridgeProcess,
     Env,
     bridge_env,
@@ -24,6 +23,7 @@ from .test_bridge_support import (
     make_job,
     wait_for,
 )
+from .conftest import free_port, start_redis
 
 __all__ = ["bridge_env", "bridge_redis"]  # fixtures used below
 

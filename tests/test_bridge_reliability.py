@@ -14,8 +14,8 @@ import pybreaker
 
 from gokiq_celery.sidekiq.keys import BREAKER_NAMESPACE
 
+from .bridge_support import BridgeProcess, bridge_env, bridge_redis, make_job, wait_for
 from .conftest import free_port, start_redis
-from .test_bridge_support import BridgeProcess, bridge_env, bridge_redis, make_job, wait_for
 
 __all__ = ["bridge_env", "bridge_redis"]  # fixtures used below
 

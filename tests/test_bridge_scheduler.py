@@ -14,7 +14,7 @@ from gokiq_celery.sidekiq.keys import DEAD, QUEUES, RETRY, SCHEDULE
 from gokiq_celery.sidekiq.scheduled import RETRY_GRACE
 from gokiq_celery.sidekiq.version import SidekiqVersionResolver
 
-from .test_bridge_support import BridgeProcess, bridge_env, bridge_redis, wait_for
+from .bridge_support import BridgeProcess, bridge_env, bridge_redis, wait_for
 
 __all__ = ["bridge_env", "bridge_redis"]  # fixtures used below
 
@@ -22,7 +22,8 @@ CREATED_AT = "1795415903.1272464"  # 17 significant digits: Lua's cjson would ke
 
 
 def scheduled_job(n: int, queue: str = "default", **extra) -> str:
-    """A `perform_in` member as Sidekiq 6.4.1 stores it: no `enqueued_at` (reference §8)."""
+    """A `perform_in` member as Sidekiq 6.4.1 stores it: no `enqueued_at`
+    (docs/sidekiq-protocol.md §8)."""
     fields = {"retry": True, "queue": queue, "class": "HardJob", "args": [n], **extra}
     head = json.dumps(fields, separators=(",", ":"))
     return head[:-1] + f',"jid":"{n:024x}","created_at":{CREATED_AT}}}'

@@ -26,9 +26,9 @@ from gokiq_history.recorder import NULL_RECORDER, HistoryRecorder, invalid_jid, 
 from gokiq_history.rows import fold, job_event, merge_job
 from gokiq_history.schema import attempts, jobs
 
+from .bridge_support import bridge_env, bridge_redis
 from .conftest import REPO
 from .history_support import pg_admin_url, pg_url
-from .test_bridge_support import bridge_env, bridge_redis
 
 __all__ = ["bridge_env", "bridge_redis", "pg_admin_url", "pg_url"]  # fixtures used below
 

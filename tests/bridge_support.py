@@ -1,4 +1,4 @@
-"""Shared helpers for the bridge tests (no tests here): a redis-server of their own, real
+"""Shared helpers for the bridge tests: a redis-server of their own, real
 `gokiq-bridge` subprocesses, and readers for the Celery messages the bridge published.
 
 The bridge tests use their own server (with 64 dbs) rather than the session one so that they
@@ -109,7 +109,7 @@ def bridge_env(bridge_redis, tmp_path) -> Env:
 
 
 def make_job(n: int, queue: str = "default", **extra) -> str:
-    """A realistic Sidekiq 7 payload (as Sidekiq 6.4.1 wrote it, reference §1.3)."""
+    """A realistic Sidekiq 7 payload (as Sidekiq 6.4.1 wrote it, docs/sidekiq-protocol.md §1.3)."""
     fields = {
         "retry": True,
         "queue": queue,
