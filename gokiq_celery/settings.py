@@ -196,7 +196,7 @@ def _coerce(name: str, raw: Any) -> Any:
         if name == "queue_map":
             return _parse_queue_map(raw)
         if name == "history_retention":
-            return parse_duration(raw)
+            return _finite(parse_duration(raw))
         if kind == "bool":
             return _parse_bool(raw)
         if kind == "int":

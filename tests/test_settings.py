@@ -160,3 +160,10 @@ def test_the_worker_refuses_to_start_on_a_bad_setting(tmp_path, variable, value,
     )
     assert result.returncode == 2
     assert result.stderr.strip() == f"gokiq: bad setting: {message}"
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), "nan"])
+def test_a_history_retention_that_is_not_a_finite_duration_is_refused(value):
+    """The fuzz test's find: NaN compares false with 0, so `<= 0` alone let it through."""
+    with pytest.raises(ConfigError, match="history_retention"):
+        load_settings(environ={}, history_retention=value)
