@@ -55,6 +55,9 @@ class NullRecorder:
     def enqueued(self, jobs: Any, queue: str | None = None) -> None:
         pass
 
+    def scheduled(self, jobs: Any) -> None:
+        pass
+
     def started(self, job: Job, queue: str) -> None:
         pass
 
@@ -158,6 +161,15 @@ class HistoryRecorder:
         """Jobs put on (or fetched from) a queue."""
         now = time.time()
         self._add([self._enqueued_event(job, queue, now) for job in jobs], [])
+
+    def scheduled(self, jobs: Any) -> None:
+        """Jobs put in the `schedule` set, to be enqueued when due (the ingestion API)."""
+        now = time.time()
+        events = [
+            self._job_event(job, job.queue, "scheduled", now, attempt=attempt_number(job))
+            for job in jobs
+        ]
+        self._add(events, [])
 
     def started(self, job: Job, queue: str) -> None:
         run = _Run(job, queue)
