@@ -102,7 +102,9 @@ def prepare(
     now = time.time()
     at = schedule_time(request.at, request.in_, now)
     if klass.active_job:
-        item, defaults = _active_job_item(request, klass, catalog, queue, now, at)
+        # From 7.3 Sidekiq ships the ActiveJob adapter itself, which orders the fields otherwise.
+        adapter = sidekiq.versions.require().before(7, 3) is False
+        item, defaults = _active_job_item(request, klass, catalog, queue, now, at, adapter)
     else:
         item, defaults = _sidekiq_item(request, klass, queue)
     job = _payload(sidekiq, item, defaults, now, queued=at is None)
@@ -119,7 +121,7 @@ def _sidekiq_item(request: JobRequest, klass: JobClass, queue: str):
     return item, klass.sidekiq_options
 
 
-def _active_job_item(request, klass: JobClass, catalog: Catalog, queue, now, at):
+def _active_job_item(request, klass: JobClass, catalog: Catalog, queue, now, at, sidekiq_adapter):
     options = request.sidekiq_options()
     if options:
         raise Refused(
@@ -140,7 +142,11 @@ def _active_job_item(request, klass: JobClass, catalog: Catalog, queue, now, at)
         now=now,
         scheduled_at=at,
     )
-    item = {"class": context["wrapper"], "wrapped": klass.name, "queue": queue, "args": [data]}
+    wrapper, args = context["wrapper"], [data]
+    if sidekiq_adapter:  # JobWrapper.set(wrapped:, queue:).perform_async(data): opts first
+        item = {"wrapped": klass.name, "queue": queue, "args": args, "class": wrapper}
+    else:  # Rails' own adapter: Sidekiq::Client.push("class" => JobWrapper, "wrapped" => ...)
+        item = {"class": wrapper, "wrapped": klass.name, "queue": queue, "args": args}
     return item, {**context.get("wrapper_options", {}), **klass.sidekiq_options}
 
 
