@@ -29,6 +29,7 @@ from .connection import valid_header_value
 
 _NAME = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 _FIELDS = {"name", "token", "classes", "queues", "rate", "burst", "read"}
+EXAMPLE = "[{name: etl, token: <16+ characters>, classes: [HardJob], queues: [default]}]"
 MIN_TOKEN_LENGTH = 16
 DEFAULT_RATE = 100.0  # jobs per second, when a client names none
 
@@ -83,13 +84,13 @@ def parse_clients(raw: Any, source: str = "api_clients") -> tuple[ApiClient, ...
         try:
             raw = yaml.safe_load(raw)  # JSON is YAML too
         except yaml.YAMLError:
-            raise ApiClientError(f"{source}: not valid YAML or JSON") from None
+            raise ApiClientError(f"{source}: not valid YAML or JSON; expected {EXAMPLE}") from None
     if raw is None:
         return ()
     if isinstance(raw, tuple) and all(isinstance(c, ApiClient) for c in raw):
         return raw
     if not isinstance(raw, list):
-        raise ApiClientError(f"{source}: must be a list of clients")
+        raise ApiClientError(f"{source}: must be a list of clients, such as {EXAMPLE}")
     return tuple(_client(entry, f"{source}[{n}]") for n, entry in enumerate(raw))
 
 
@@ -106,25 +107,25 @@ def _client(entry: Any, where: str) -> ApiClient:
         raise ApiClientError(f"{where}: must be a mapping with name and token")
     unknown = sorted(set(entry) - _FIELDS)
     if unknown:
-        raise ApiClientError(f"{where}: unknown field(s) {', '.join(map(str, unknown))}")
+        raise ApiClientError(
+            f"{where}: unknown field(s) {', '.join(map(str, unknown))} "
+            f"(a client has {', '.join(sorted(_FIELDS))})"
+        )
     if not isinstance(entry.get("name"), str) or not isinstance(entry.get("token"), str):
         raise ApiClientError(f"{where}: name and token are required strings")
     if len(entry["token"]) < MIN_TOKEN_LENGTH:  # a token that can be guessed is no token
         raise ApiClientError(f"{where}: token must be at least {MIN_TOKEN_LENGTH} characters")
+    classes = _globs(entry.get("classes", ()), f"{where}.classes")
+    queues = _globs(entry.get("queues", ()), f"{where}.queues")
+    read = _bool(entry.get("read", False), f"{where}.read")
     try:
-        return ApiClient(
-            name=entry["name"],
-            token=entry["token"],
-            classes=_globs(entry.get("classes", ()), f"{where}.classes"),
-            queues=_globs(entry.get("queues", ()), f"{where}.queues"),
-            rate=float(entry.get("rate", DEFAULT_RATE)),
-            burst=int(entry.get("burst", 0)),
-            read=_bool(entry.get("read", False), f"{where}.read"),
-        )
-    except (TypeError, ValueError) as exc:
-        if isinstance(exc, ApiClientError):
-            raise ApiClientError(f"{where}: {exc}") from None
+        rate, burst = float(entry.get("rate", DEFAULT_RATE)), int(entry.get("burst", 0))
+    except (TypeError, ValueError):
         raise ApiClientError(f"{where}: rate must be a number and burst an integer") from None
+    try:
+        return ApiClient(entry["name"], entry["token"], classes, queues, rate, burst, read)
+    except ApiClientError as exc:
+        raise ApiClientError(f"{where}: {exc}") from None
 
 
 def _globs(value: Any, where: str) -> tuple[str, ...]:
@@ -156,10 +157,17 @@ class ApiClients:
         names = [c.name for c in clients]
         duplicate = {n for n in names if names.count(n) > 1}
         if duplicate:
-            raise ApiClientError(f"api clients: name(s) used twice: {', '.join(sorted(duplicate))}")
+            raise ApiClientError(
+                f"api_clients: name(s) used twice: {', '.join(sorted(duplicate))} (across "
+                "api_clients, api_clients_file and api_tokens, whose clients are token-1, "
+                "token-2, ...): give each client a name of its own"
+            )
         digests = [_digest(c.token) for c in clients]
         if len(set(digests)) != len(digests):
-            raise ApiClientError("api clients: two clients share one token")
+            raise ApiClientError(
+                "api_clients: two clients share one token (across api_clients, "
+                "api_clients_file and api_tokens): give each client a token of its own"
+            )
         self._by_digest = list(zip(digests, clients, strict=True))
 
     def __len__(self) -> int:

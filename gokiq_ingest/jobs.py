@@ -19,7 +19,10 @@ from . import active_job
 from .catalog import Catalog, JobClass
 
 CLASS_NAME = r"^(::)?[A-Z][A-Za-z0-9_]*(::[A-Z][A-Za-z0-9_]*)*$"
-QUEUE_NAME = r"^[^\s:\x00]+$"  # what gokiq's settings accept as a queue name
+# No ASCII space or control character, no ":" (what gokiq's settings accept as a queue name),
+# spelled as a range so that Python's, pydantic's and JSON Schema's regexes agree (their `\s`
+# differ, e.g. on U+0085).
+QUEUE_NAME = r"^[^\x00-\x20:]+$"
 MAX_BULK = 1000
 Finite = Annotated[float, Field(allow_inf_nan=False)]
 
