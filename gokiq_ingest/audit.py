@@ -3,9 +3,13 @@ class, the queue, the jid or the reason, the source address and the time; never 
 
 Each event is logged at once (one JSON line, `submission accepted` / `submission refused`) and
 written to the history database's `gokiq_ingest_audit` table by a background thread, in
-batches, as the history is: a database that is slow or down never holds up a submission (events
-beyond `history_buffer` are dropped and counted). The same thread deletes the events older than
-`history_retention`. Without `history_url`, only the log.
+batches, as the history is: a database that is slow or down never holds up a submission.
+Events beyond `history_buffer` are dropped, counted and logged at most once a minute
+(`gokiq_history.drops`, as the history recorder does). Until a batch is written it is only in
+memory: a crash of gokiq-api loses the table's rows for the last `INTERVAL` (or for as long as
+the database was down), never a job, and each event's log line was written when it happened.
+The same thread deletes the events older than `history_retention`. Without `history_url`, only
+the log.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from sqlalchemy import (
     select,
 )
 
+from gokiq_history.drops import DropLog
 from gokiq_history.schema import metadata
 
 log = logging.getLogger("gokiq.ingest.audit")
@@ -86,7 +91,7 @@ class Auditor:
 
     def __init__(self, engine, *, retention: float, limit: int) -> None:
         self.engine, self.retention, self.limit = engine, retention, limit
-        self.dropped = 0
+        self.drops = DropLog(log, "audit", limit)
         self._events: list[dict[str, Any]] = []
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -102,10 +107,11 @@ class Auditor:
         with self._lock:
             room = max(self.limit - len(self._events), 0)
             self._events.extend(events[:room])
-            self.dropped += len(events) - min(room, len(events))
+            dropped = len(events) - min(room, len(events))
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="gokiq-audit", daemon=True)
                 self._thread.start()
+        self.drops.add(dropped)
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -124,7 +130,10 @@ class Auditor:
         except Exception as exc:
             log.warning("audit: cannot write %d events yet: %s", len(events), type(exc).__name__)
             with self._lock:
-                self._events = (events + self._events)[: self.limit]
+                kept = (events + self._events)[: self.limit]
+                dropped = len(events) + len(self._events) - len(kept)
+                self._events = kept
+            self.drops.add(dropped)
             return False
         return True
 

@@ -156,8 +156,8 @@ def test_a_python_client_enqueues_three_kinds_of_job_and_the_stack_runs_them(ing
 
     rows = stack.wait_runs(jids.values(), timeout=90)
     by_jid = {r["jid"]: r for r in rows}
-    assert by_jid[jids["plain"]]["args"] == ["via-api", 1]
-    assert by_jid[jids["scheduled"]]["args"] == ["via-api", 2]
+    assert json.loads(by_jid[jids["plain"]]["args"]) == ["via-api", 1]
+    assert json.loads(by_jid[jids["scheduled"]]["args"]) == ["via-api", 2]
     assert by_jid[jids["active"]]["note"] == "Hi, Ann!"  # the sidecar located the GlobalID
     ran_at = by_jid[jids["scheduled"]]["created_at"]
     assert ran_at >= scheduled.json()["at"] - 0.5  # not before it was due (Sidekiq's poll)
