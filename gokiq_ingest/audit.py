@@ -99,7 +99,7 @@ class Auditor:
         self._thread: threading.Thread | None = None
 
     def record(self, events: Sequence[dict[str, Any]]) -> None:
-        for e in events:
+        for e in events if log.isEnabledFor(logging.INFO) else ():
             message = "submission accepted" if e["outcome"] == "accepted" else "submission refused"
             log.info(message, extra={k: v for k, v in e.items() if v is not None and k != "at"})
         if self.engine is None:

@@ -199,6 +199,16 @@ def _router(ingest: Ingest, bearer: HTTPBearer) -> APIRouter:
         ),
     ]
 
+    async def context(
+        request: Request,
+        client: Annotated[ApiClient, Depends(submitter)],
+        idempotency_key: Key = None,
+    ) -> Context:
+        source = request.client.host if request.client else None
+        return Context(ingest, client, source, idempotency_key)
+
+    Submission = Annotated[Context, Depends(context)]
+
     @router.post(
         "/v1/jobs",
         status_code=201,
@@ -207,19 +217,11 @@ def _router(ingest: Ingest, bearer: HTTPBearer) -> APIRouter:
         responses=SINGLE_ERRORS,
         summary="Enqueue one job of the app",
     )
-    def submit(
-        job: JobRequest,
-        request: Request,
-        client: Annotated[ApiClient, Depends(submitter)],
-        idempotency_key: Key = None,
-    ) -> Any:
-        source = request.client.host if request.client else None
-        context = Context(ingest, client, source, idempotency_key, _digest(job))
-        prepared = context.prepare([job])
-        if isinstance(prepared[0], Refused):
-            refused = prepared[0]
-            raise HTTPException(refused.status, refused.reason)
-        return context.write(prepared, single=True)
+    def submit(job: JobRequest, context: Submission) -> Any:
+        (prepared,) = context.prepare([job])
+        if isinstance(prepared, Refused):
+            raise HTTPException(prepared.status, prepared.reason)
+        return context.write([prepared], job, single=True)
 
     @router.post(
         "/v1/jobs/bulk",
@@ -228,15 +230,8 @@ def _router(ingest: Ingest, bearer: HTTPBearer) -> APIRouter:
         responses=ERRORS,
         summary="Enqueue up to 1,000 jobs in one write, with an answer per job",
     )
-    def submit_bulk(
-        bulk: BulkRequest,
-        request: Request,
-        client: Annotated[ApiClient, Depends(submitter)],
-        idempotency_key: Key = None,
-    ) -> Any:
-        source = request.client.host if request.client else None
-        context = Context(ingest, client, source, idempotency_key, _digest(bulk))
-        return context.write(context.prepare(bulk.jobs), single=False)
+    def submit_bulk(bulk: BulkRequest, context: Submission) -> Any:
+        return context.write(context.prepare(bulk.jobs), bulk, single=False)
 
     return router
 
@@ -250,11 +245,9 @@ def _digest(model: BaseModel) -> str:
 class Context:
     """One request's submissions: checks, rate, write, answer, audit, history."""
 
-    def __init__(
-        self, ingest: Ingest, client: ApiClient, source: str | None, key: str | None, digest: str
-    ) -> None:
-        self.ingest, self.client, self.source = ingest, client, source
-        self.key, self.digest = key, digest
+    def __init__(self, ingest: Ingest, client: ApiClient, source: str | None, key: str | None):
+        self.ingest, self.client, self.source, self.key = ingest, client, source, key
+        self.digest: str | None = None  # of the request, with an Idempotency-Key
 
     def prepare(self, jobs: Sequence[JobRequest]) -> list[Prepared | Refused]:
         try:
@@ -274,12 +267,15 @@ class Context:
         except redis.RedisError:
             raise self.unavailable("Redis is unavailable", written="no") from None
 
-    def write(self, prepared: list[Prepared | Refused], single: bool) -> Any:
+    def write(self, prepared: list[Prepared | Refused], request: BaseModel, single: bool) -> Any:
         jobs = [p for p in prepared if isinstance(p, Prepared)]
         self._take(len(jobs))
         status = 201 if single else 200
         reply = _answer(prepared) if not single else _accepted(jobs[0])
-        stored = json.dumps({"request": self.digest, "status": status, "body": reply})
+        stored = ""  # the answer a retry with the same key gets
+        if self.key:
+            self.digest = _digest(request)
+            stored = json.dumps({"request": self.digest, "status": status, "body": reply})
         try:
             previous = self.ingest.submissions.write(
                 [job.submission() for job in jobs],
@@ -293,8 +289,8 @@ class Context:
         if previous is not None:
             return self._replay(previous)
         self.ingest.record_history(jobs)
-        for job in jobs:
-            self._audit(201, job.job_class, job.queue, jid=job.jid)
+        events = [self._event(201, job.job_class, job.queue, job.jid) for job in jobs]
+        self.ingest.auditor.record(events)
         return JSONResponse(reply, status)
 
     def _take(self, cost: int) -> None:
@@ -327,20 +323,19 @@ class Context:
         body = {"detail": detail, "written": written, "jids": list(jids)}
         return _Unavailable(body)
 
-    def _audit(self, status: int, job_class=None, queue=None, jid=None, reason=None) -> None:
-        self.ingest.auditor.record(
-            [
-                audit.event(
-                    status,
-                    client=self.client.name,
-                    source_ip=self.source,
-                    job_class=job_class,
-                    queue=queue,
-                    jid=jid,
-                    reason=reason,
-                )
-            ]
+    def _event(self, status: int, job_class=None, queue=None, jid=None, reason=None):
+        return audit.event(
+            status,
+            client=self.client.name,
+            source_ip=self.source,
+            job_class=job_class,
+            queue=queue,
+            jid=jid,
+            reason=reason,
         )
+
+    def _audit(self, status: int, job_class=None, queue=None, jid=None, reason=None) -> None:
+        self.ingest.auditor.record([self._event(status, job_class, queue, jid, reason)])
 
 
 class _Unavailable(HTTPException):

@@ -35,7 +35,7 @@ pytestmark = pytest.mark.e2e
 PIPELINE = "e2e-ingest-pipeline-token"
 READER = "e2e-ingest-reader-token"
 CLIENTS = [
-    {"name": "pipeline", "token": PIPELINE, "classes": ["HardJob", "GreetJob"],
+    {"name": "pipeline", "token": PIPELINE, "classes": ["HardJob", "GreetJob", "Namespaced::*"],
      "queues": ["default", "critical"], "rate": 100, "burst": 100},
 ]  # fmt: skip
 
