@@ -18,7 +18,8 @@ process: asyncio streams on keep-alive connections, no HTTP library in the way.
    20 ms.
 
 The machine is shared: the load average is printed with the figures, and only figures of the
-same run compare.
+same run compare. The CPU time gokiq-api spent per request (all its threads, from /proc) moves
+less with the machine's load than the rates do.
 """
 
 from __future__ import annotations
@@ -55,6 +56,12 @@ BULK_SIZE = 1000
 
 def load() -> str:
     return "load average {:.2f} {:.2f} {:.2f}".format(*os.getloadavg())
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process (all its threads), from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 # -- the load generator ---------------------------------------------------------------------
@@ -172,15 +179,21 @@ def run_round(bench: Bench, seconds: float, connections: int) -> dict[str, float
 
     asyncio.run(closed_loop(bench.port, single, connections, 2.0))  # warm-up
     bench.empty_queue()
+    cpu = cpu_seconds(bench.api.pid)
     statuses = asyncio.run(closed_loop(bench.port, single, connections, seconds))
+    cpu = cpu_seconds(bench.api.pid) - cpu
     single_rate = sum(statuses.values()) / seconds
     print(f"   single: {single_rate:8.0f} req/s   (target >= {TARGETS['single']:,.0f}); "
+          f"gokiq-api CPU {cpu * 1000 / sum(statuses.values()):.2f} ms per request; "
           f"answers {dict(statuses)}; {load()}", flush=True)  # fmt: skip
     bench.empty_queue()
 
+    cpu = cpu_seconds(bench.api.pid)
     statuses = asyncio.run(closed_loop(bench.port, bulk, 4, seconds))
+    cpu = cpu_seconds(bench.api.pid) - cpu
     bulk_rate = sum(statuses.values()) * BULK_SIZE / seconds
     print(f"   bulk:   {bulk_rate:8.0f} jobs/s  (target >= {TARGETS['bulk']:,.0f}); "
+          f"gokiq-api CPU {cpu * 1000 / sum(statuses.values()):.1f} ms per 1,000 jobs; "
           f"answers {dict(statuses)}; {load()}", flush=True)  # fmt: skip
     bench.empty_queue()
 

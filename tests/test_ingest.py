@@ -8,7 +8,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -17,7 +16,6 @@ import pytest
 import redis
 import requests
 import schemathesis
-import uvicorn
 from hypothesis import HealthCheck, given, settings
 from schemathesis import GenerationMode
 from sqlalchemy import select
@@ -30,6 +28,7 @@ from gokiq_ingest.audit import audit
 
 from .conftest import free_port, wait_for
 from .e2e.conftest import EXAMPLE_APP, SIDECAR_BIN, Service, _http_ok, sidekiq_api
+from .live_api import LiveServer, serving
 from .test_client import dump, without_varying
 
 SIDECAR_TOKEN = "sidecar-token-0123456789"
@@ -85,27 +84,21 @@ class Env:
             api_clients=CLIENTS,
             api_max_body_bytes=64 * 1024,
         )
-        self.port = free_port()
-        self.base = f"http://127.0.0.1:{self.port}"
-        self.app = create_app(self.settings)
-        config = uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_config=None)
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.api = LiveServer(create_app(self.settings))
+        self.base = self.api.base
 
     def start(self) -> Env:
         self.sidecar.start()
-        self.thread.start()
-        wait_for(lambda: self.server.started, timeout=30, message="gokiq-api did not start")
+        self.api.start()
         return self
 
     def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(10)
+        self.api.stop()
         self.sidecar.stop()
 
     @property
     def ingest(self):
-        return self.app.state.ingest
+        return self.api.app.state.ingest
 
     def post(self, path: str, body: Any, token: str = PIPELINE, **headers) -> requests.Response:
         data = body if isinstance(body, str | bytes) else json.dumps(body)
@@ -321,20 +314,10 @@ def test_a_write_whose_reply_is_lost_is_503_maybe_and_a_retry_does_not_repeat_it
 
 def test_redis_down_is_503_not_written(env, tmp_path):
     dead = dataclasses.replace(env.settings, redis_url=f"redis://127.0.0.1:{free_port()}/0")
-    port = free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(create_app(dead), host="127.0.0.1", port=port, log_config=None)
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        wait_for(lambda: server.started, timeout=30, message="gokiq-api did not start")
+    with serving(create_app(dead)) as api:
         reply = requests.post(
-            f"http://127.0.0.1:{port}/v1/jobs", json={"class": "HardJob"}, headers=auth(PIPELINE)
+            api.base + "/v1/jobs", json={"class": "HardJob"}, headers=auth(PIPELINE), timeout=30
         )
-    finally:
-        server.should_exit = True
-        thread.join(10)
     assert reply.status_code == 503
     assert reply.json()["written"] == "no"
 

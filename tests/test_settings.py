@@ -150,17 +150,24 @@ def test_bad_config_files(tmp_path):
 )
 def test_the_worker_refuses_to_start_on_a_bad_setting(tmp_path, variable, value, message):
     """`celery -A gokiq_celery worker` stops with one line naming the key, not a traceback."""
-    env = {**os.environ, variable: value}
+    argv = ["celery", "-A", "gokiq_celery", "worker"]
+    assert refused_start(argv, {**os.environ, variable: value}, tmp_path) == (
+        f"gokiq: bad setting: {message}"
+    )
+
+
+def refused_start(argv: list[str], env: dict[str, str], cwd) -> str:
+    """Start a program of the venv that must refuse its settings: exit 2; its stderr."""
     result = subprocess.run(
-        [str(VENV_BIN / "celery"), "-A", "gokiq_celery", "worker"],
+        [str(VENV_BIN / argv[0]), *argv[1:]],
         env=env,
-        cwd=tmp_path,
+        cwd=cwd,
         capture_output=True,
         text=True,
         timeout=60,
     )
-    assert result.returncode == 2
-    assert result.stderr.strip() == f"gokiq: bad setting: {message}"
+    assert result.returncode == 2, result.stderr
+    return result.stderr.strip()
 
 
 # -- gokiq-api's clients: api_clients, api_clients_file, api_tokens ---------------------------
@@ -283,13 +290,5 @@ def test_gokiq_api_refuses_to_start_on_a_bad_client_setting(tmp_path, env, messa
     """`gokiq-api` stops with one line naming the key, not a traceback."""
     base = {k: v for k, v in os.environ.items() if not k.startswith("GOKIQ_")}
     history = {"GOKIQ_HISTORY_URL": f"sqlite:///{tmp_path / 'h.sqlite3'}"}
-    result = subprocess.run(
-        [str(VENV_BIN / "gokiq-api")],
-        env={**base, **history, **env},
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert result.returncode == 2
-    assert result.stderr.strip() == f"gokiq-api: bad setting: {message}"
+    stderr = refused_start(["gokiq-api"], {**base, **history, **env}, tmp_path)
+    assert stderr == f"gokiq-api: bad setting: {message}"

@@ -18,13 +18,6 @@ class ClassesTest < Minitest::Test
     json["classes"].to_h { |c| [c["class"], c] }
   end
 
-  def with_allow(*entries)
-    @_rack_test_sessions = @_rack_test_current_session = nil # rack-test keeps the first app
-    @app = GokiqSidecar::App.new(auth: GokiqSidecar::Auth.new(TOKEN), state: state,
-                                 logger: GokiqSidecar::JsonLogger.new(log_io),
-                                 policy: GokiqSidecar::JobPolicy.new(entries))
-  end
-
   def test_needs_the_token_and_a_booted_app
     get_classes(false)
     assert_equal 401, last_response.status

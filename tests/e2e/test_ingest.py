@@ -27,13 +27,15 @@ from gokiq_ingest.audit import audit
 from ..conftest import VENV_BIN, free_port, wait_for
 from ..history_support import pg_admin_url, pg_url
 from .conftest import Service, Stack, _http_ok, running
+from .test_history import TOKEN as HISTORY_TOKEN
+from .test_history import HistoryStack
 
 __all__ = ["pg_admin_url", "pg_url"]  # fixtures used below
 
 pytestmark = pytest.mark.e2e
 
 PIPELINE = "e2e-ingest-pipeline-token"
-READER = "e2e-ingest-reader-token"
+READER = HISTORY_TOKEN
 CLIENTS = [
     {"name": "pipeline", "token": PIPELINE, "classes": ["HardJob", "GreetJob", "Namespaced::*"],
      "queues": ["default", "critical"], "rate": 100, "burst": 100},
@@ -44,11 +46,13 @@ def epoch(text: str) -> float:
     return datetime.fromisoformat(text).timestamp()
 
 
-class IngestStack:
-    """The stack, recording into `history_url`, and a gokiq-api process in front of it."""
+class IngestStack(HistoryStack):
+    """The stack, recording into `history_url`, and a gokiq-api process in front of it that
+    takes jobs and answers for their history (with test_history's reader token)."""
 
     def __init__(self, stack: Stack, api: Service, api_url: str, history_url: str) -> None:
-        self.stack, self.api, self.api_url, self.history_url = stack, api, api_url, history_url
+        super().__init__(stack, None, api, api_url)  # type: ignore[arg-type]  # no cluster of its own
+        self.history_url = history_url
         self.session = requests.Session()
 
     def submit(self, body: dict[str, Any], token: str = PIPELINE) -> requests.Response:
@@ -58,29 +62,6 @@ class IngestStack:
             headers={"Authorization": f"Bearer {token}"},
             timeout=30,
         )
-
-    def history(self, jid: str) -> dict[str, Any] | None:
-        reply = self.session.get(
-            f"{self.api_url}/v1/jobs/{jid}",
-            headers={"Authorization": f"Bearer {READER}"},
-            timeout=10,
-        )
-        if reply.status_code == 404:
-            return None
-        reply.raise_for_status()
-        return reply.json()
-
-    def wait_state(self, jid: str, state: str, timeout: float = 60) -> dict[str, Any]:
-        found: dict[str, Any] | None = None
-
-        def reached() -> bool:
-            nonlocal found
-            found = self.history(jid)
-            return bool(found and found["state"] == state)
-
-        wait_for(reached, timeout=timeout, interval=0.2, message=f"{jid} not {state}: {found}")
-        assert found is not None
-        return found
 
     def audit_rows(self) -> list[dict[str, Any]]:
         engine = store.open_engine(self.history_url)
@@ -141,7 +122,7 @@ def test_a_python_client_enqueues_three_kinds_of_job_and_the_stack_runs_them(ing
         # Their history starts at the submission (written by the API alone: the bridge is stopped).
         first_states = {
             "plain": ingest.wait_state(jids["plain"], "enqueued", timeout=10),
-            "scheduled": ingest.wait_state(jids["scheduled"], "scheduled", timeout=10),
+            "scheduled": ingest.wait_state(jids["scheduled"], "scheduled", 10, enqueued=False),
             "active": ingest.wait_state(jids["active"], "enqueued", timeout=10),
         }
     finally:
