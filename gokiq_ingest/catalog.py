@@ -1,8 +1,9 @@
 """The app's job classes, as its sidecar reports them (`GET /classes`), cached.
 
-The list is read again every `api_classes_refresh` seconds. When the sidecar cannot be reached,
-the last list read is kept; with none yet, `CatalogUnavailable` (the API answers 503: it cannot
-tell a job of the app from anything else).
+The list is read again every `api_classes_refresh` seconds, by a thread of its own while the
+last list serves the requests. When the sidecar cannot be reached, the last list read is kept;
+with none yet, `CatalogUnavailable` (the API answers 503: it cannot tell a job of the app from
+anything else).
 """
 
 from __future__ import annotations
@@ -80,13 +81,28 @@ class JobCatalog:
         self._read_at = float("-inf")
 
     def current(self) -> Catalog:
-        if time.monotonic() - self._read_at >= self._refresh:
-            with self._lock:  # one reader at a time; the others use what it read
-                if time.monotonic() - self._read_at >= self._refresh:
-                    self._read()
+        if self._due():
+            if self._catalog is None:
+                with self._lock:  # nothing to serve yet: wait for the one reader
+                    if self._due():
+                        self._read()
+            elif self._lock.acquire(blocking=False):
+                # A list to serve: it is read again in the background, and no request waits
+                # for the sidecar (a blocking refresh was the API's p99, bench/ingest.py).
+                threading.Thread(target=self._read_and_release, daemon=True).start()
         if self._catalog is None:
             raise CatalogUnavailable("the app's job classes are unknown: its sidecar is down")
         return self._catalog
+
+    def _due(self) -> bool:
+        return time.monotonic() - self._read_at >= self._refresh
+
+    def _read_and_release(self) -> None:
+        try:
+            if self._due():
+                self._read()
+        finally:
+            self._lock.release()
 
     def _read(self) -> None:
         self._read_at = time.monotonic()
