@@ -1,5 +1,5 @@
 """Events dropped from a full buffer (the database slow or down): counted at once, logged at
-most once per `interval`, so that a long outage gives one warning a minute, not one per event.
+most once per `INTERVAL`, so that a long outage gives one warning a minute, not one per event.
 Used by the history recorder and the ingestion API's audit."""
 
 from __future__ import annotations

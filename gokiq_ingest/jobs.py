@@ -19,7 +19,7 @@ from . import active_job
 from .catalog import Catalog, JobClass
 
 CLASS_NAME = r"^(::)?[A-Z][A-Za-z0-9_]*(::[A-Z][A-Za-z0-9_]*)*$"
-# No ASCII space or control character, no ":" (what gokiq's settings accept as a queue name),
+# No ":" and no space, as in gokiq's queue settings, and no ASCII control character either;
 # spelled as a range so that Python's, pydantic's and JSON Schema's regexes agree (their `\s`
 # differ, e.g. on U+0085).
 QUEUE_NAME = r"^[^\x00-\x20:]+$"

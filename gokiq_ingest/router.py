@@ -207,7 +207,7 @@ def _router(ingest: Ingest, bearer: HTTPBearer) -> APIRouter:
         source = request.client.host if request.client else None
         return Context(ingest, client, source, idempotency_key)
 
-    Submission = Annotated[Context, Depends(context)]
+    Submitted = Annotated[Context, Depends(context)]  # the client, its address, its key
 
     @router.post(
         "/v1/jobs",
@@ -217,7 +217,7 @@ def _router(ingest: Ingest, bearer: HTTPBearer) -> APIRouter:
         responses=SINGLE_ERRORS,
         summary="Enqueue one job of the app",
     )
-    def submit(job: JobRequest, context: Submission) -> Any:
+    def submit(job: JobRequest, context: Submitted) -> Any:
         (prepared,) = context.prepare([job])
         if isinstance(prepared, Refused):
             raise HTTPException(prepared.status, prepared.reason)
@@ -230,7 +230,7 @@ def _router(ingest: Ingest, bearer: HTTPBearer) -> APIRouter:
         responses=ERRORS,
         summary="Enqueue up to 1,000 jobs in one write, with an answer per job",
     )
-    def submit_bulk(bulk: BulkRequest, context: Submission) -> Any:
+    def submit_bulk(bulk: BulkRequest, context: Submitted) -> Any:
         return context.write(context.prepare(bulk.jobs), bulk, single=False)
 
     return router
