@@ -78,7 +78,7 @@ class SidekiqClient:
         """With `sidekiq_version: auto`, the version a sidecar published; a push before one is
         known raises SidekiqVersionUnknown rather than guess the timestamp format."""
         store = SidekiqStore.from_settings(settings)
-        versions = SidekiqVersionResolver(settings.sidekiq_version, store.published_sidekiq_version)
+        versions = store.versions(settings.sidekiq_version)
         return cls(store, versions)
 
     @property
@@ -119,11 +119,13 @@ class SidekiqClient:
         if not jobs:
             return []
         if when is not None:
-            self.store.schedule_payloads([(self.encode(job, queued=False), when) for job in jobs])
+            self.store.scheduled.schedule_payloads(
+                [(self.encode(job, queued=False), when) for job in jobs]
+            )
         else:
             enqueued_at = timestamp(self.version)
             payloads = [self.encode(job, enqueued_at=enqueued_at) for job in jobs]
-            self.store.push(base["queue"], *payloads)
+            self.store.queues.push(base["queue"], *payloads)
         return [job["jid"] for job in jobs]
 
     def normalize(

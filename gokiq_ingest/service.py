@@ -7,37 +7,18 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import redis
-from redis.backoff import NoBackoff
-from redis.retry import Retry
-
 from gokiq_celery.api_clients import ApiClients
 from gokiq_celery.client import SidekiqClient
 from gokiq_celery.settings import Settings
 from gokiq_celery.sidekiq.rate_limit import RateLimiter
+from gokiq_celery.sidekiq.redis_client import connect_fail_fast
 from gokiq_celery.sidekiq.store import SidekiqStore
 from gokiq_celery.sidekiq.submissions import Submissions
-from gokiq_celery.sidekiq.version import SidekiqVersionResolver
 from gokiq_history.recorder import Recorder, open_recorder
 
 from .audit import Auditor
 from .catalog import JobCatalog, sidecar_fetcher
 from .jobs import Prepared
-
-# A caller is waiting: Redis gets a short while, and a write is never sent twice by the driver
-# (a write whose reply was lost may have been done: the caller retries with its key).
-REDIS_TIMEOUT = 2.0
-REDIS_CONNECT_TIMEOUT = 1.0
-
-
-def fail_fast_redis(url: str) -> redis.Redis:
-    return redis.Redis.from_url(
-        url,
-        socket_timeout=REDIS_TIMEOUT,
-        socket_connect_timeout=REDIS_CONNECT_TIMEOUT,
-        retry=Retry(NoBackoff(), 0),
-        max_connections=64,
-    )
 
 
 @dataclass
@@ -53,9 +34,9 @@ class Ingest:
 
     @classmethod
     def from_settings(cls, settings: Settings, clients: ApiClients) -> Ingest:
-        client = fail_fast_redis(settings.redis_url)
+        client = connect_fail_fast(settings.redis_url)
         store = SidekiqStore(client)
-        versions = SidekiqVersionResolver(settings.sidekiq_version, store.published_sidekiq_version)
+        versions = store.versions(settings.sidekiq_version)
         engine = None
         if settings.history_url:
             from gokiq_history.store import open_engine

@@ -8,19 +8,18 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import redis
 
-from .store import QUEUES, SCHEDULE, _score, queue_key
-
-_SCRIPT = (Path(__file__).with_name("lua") / "submit.lua").read_text
+from . import keys
+from .keys import QUEUES, SCHEDULE, queue_key
+from .redis_client import Scripts, score
 
 
 def idempotency_key(client: str, key: str) -> str:
     """Per client (two clients may pick the same key); hashed (any length, any bytes)."""
     digest = hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()
-    return f"gokiq:idempotency:{client}:{digest}"
+    return keys.idempotency_key(client, digest)
 
 
 @dataclass(frozen=True)
@@ -34,7 +33,7 @@ class Submission:
 
 class Submissions:
     def __init__(self, client: redis.Redis) -> None:
-        self._submit = client.register_script(_SCRIPT())
+        self._submit = Scripts(client)("submit")
 
     def write(
         self,
@@ -54,7 +53,7 @@ class Submissions:
             if job.at is None:
                 args += [index[queue_key(job.queue)], job.queue, job.payload]
             else:
-                args += [0, _score(job.at), job.payload]
-        key = idempotency_key(*idempotency) if idempotency else "gokiq:idempotency:-"
+                args += [0, score(job.at), job.payload]
+        key = idempotency_key(*idempotency) if idempotency else keys.NO_IDEMPOTENCY_KEY
         previous = self._submit(keys=[key, QUEUES, SCHEDULE, *lists], args=args)
         return previous.decode() if previous is not None else None
