@@ -27,6 +27,7 @@ from kombu.transport import redis as kombu_redis
 
 from gokiq_celery.settings import Settings
 from gokiq_celery.sidekiq.job import Job
+from gokiq_celery.sidekiq.redis_client import CONNECT_TIMEOUT, SOCKET_TIMEOUT
 from gokiq_celery.sidekiq.store import SidekiqStore
 
 from .envelope import PERSISTENT, TaskMessages
@@ -44,13 +45,14 @@ def broker_connection(broker_url: str) -> Connection:
     scheme = urlsplit(broker_url).scheme
     options = {}
     if scheme in {"redis", "rediss"}:
-        # A stalled broker must raise (and be retried), not hang the bridge forever.
-        options = {"socket_timeout": 10, "socket_connect_timeout": 3}
+        # A stalled broker must raise (and be retried), not hang the bridge forever: the same
+        # timeouts as every client of Sidekiq's Redis.
+        options = {"socket_timeout": SOCKET_TIMEOUT, "socket_connect_timeout": CONNECT_TIMEOUT}
     elif scheme in {"amqp", "amqps", "pyamqp"}:
         # Only a confirmed publish lets the bridge give the batch's ledger entries their long
         # deadline (`delivery_timeout`); until then a lost batch is published again soon.
         options = {"confirm_publish": True}
-    return Connection(broker_url, transport_options=options, connect_timeout=3)
+    return Connection(broker_url, transport_options=options, connect_timeout=CONNECT_TIMEOUT)
 
 
 class Publisher:

@@ -118,7 +118,7 @@ class Worker:
             store,
             SidecarClient(settings, store.redis, metrics),
             RetryPolicy(settings.max_retries, versions),
-            history=open_recorder(settings),
+            history=open_recorder(settings, metrics.registry),  # served with the worker's
             metrics=metrics,
         )
 

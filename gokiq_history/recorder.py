@@ -184,7 +184,7 @@ class HistoryRecorder:
             run.error_class, run.error_message = error_class, error_message[:ERROR_MESSAGE_LIMIT]
 
     def finished(self, job: Job, outcome: str) -> None:
-        """The run started on this thread ended with the worker's `outcome` (tasks.py)."""
+        """The run started on this thread ended with `outcome` (gokiq_celery/worker.py)."""
         run = getattr(self._local, "run", None)
         self._local.run = None
         if run is None or run.job is not job:

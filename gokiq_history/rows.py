@@ -34,9 +34,10 @@ STATES = (
 TERMINAL = frozenset({"succeeded", "dead", "discarded", "dropped"})
 RANK = {"enqueued": 0, "scheduled": 0, "running": 1, "retrying": 2, **dict.fromkeys(TERMINAL, 3)}
 
-# The worker's outcome of a run (tasks.py) -> the job's state afterwards. Outcomes not listed
-# leave the job's state alone: "duplicate" (another delivery is running it), "unavailable"
-# (put back on its queue, no retry spent: it shows "running" until its next run).
+# The worker's outcome of a run (`Outcome`, gokiq_celery/sidekiq/retry.py) -> the job's state
+# afterwards. Outcomes not listed leave the job's state alone: "duplicate" (another delivery is
+# running it), "unavailable" (put back on its queue, no retry spent: it shows "running" until
+# its next run).
 STATE_AFTER = {
     "ok": "succeeded",
     "retry": "retrying",

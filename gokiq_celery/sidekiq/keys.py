@@ -5,7 +5,8 @@ the `queues` set, the `schedule`, `retry` and `dead` sorted sets, the `stat:*` c
 the process registry (`processes` and each identity's hashes and signals). gokiq's own keys all
 start with `gokiq:` so they never collide with Sidekiq's, Pro's (`queue:sq|...`) or
 Enterprise's. Each module of this package owns the keys of its part of the data model; this
-one only names them (tests/test_keys.py checks that no module outside the package does).
+one only names them, and a new part of the model (a new module here) adds its names here too.
+tests/test_keys.py checks that no module outside the package spells a key.
 """
 
 from __future__ import annotations
