@@ -54,6 +54,7 @@ bench: deps
 	$(BIN)/python bench/e2e.py
 	$(BIN)/python bench/vs_sidekiq.py
 	$(BIN)/python bench/history.py
+	$(BIN)/python bench/ingest.py
 
 clean:
 	rm -rf $(VENV) .run *.egg-info

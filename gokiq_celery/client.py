@@ -15,7 +15,8 @@ e.g. `cattr` for `Sidekiq::CurrentAttributes`).
 from __future__ import annotations
 
 import json
-import secrets
+import os
+import threading
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -31,9 +32,38 @@ DEFAULT_OPTIONS: Mapping[str, Any] = {"retry": True, "queue": "default"}
 RESERVED_KEYS = frozenset({"class", "args", "jid", "at", "created_at", "enqueued_at"})
 
 
+class _RandomBytes:
+    """The OS's random bytes, read 64 KiB (5,461 jids) at a time per thread. Each `os.urandom`
+    releases the GIL, and taking it back can wait for another thread's switch interval: one
+    read per jid made a bulk of 1,000 jobs queue for the GIL up to 1,000 times (py-spy on
+    bench/ingest.py). A forked child starts with an empty buffer, so parent and child never
+    hand out the same bytes."""
+
+    SIZE = 65536
+
+    def __init__(self) -> None:
+        self._local = threading.local()
+        os.register_at_fork(after_in_child=self._forget)
+
+    def _forget(self) -> None:
+        self._local = threading.local()
+
+    def take(self, n: int) -> bytes:
+        local = self._local
+        buffer, used = getattr(local, "buffer", b""), getattr(local, "used", 0)
+        if used + n > len(buffer):
+            buffer, used = os.urandom(max(self.SIZE, n)), 0
+            local.buffer = buffer
+        local.used = used + n
+        return buffer[used : used + n]
+
+
+_random = _RandomBytes()
+
+
 def new_jid() -> str:
     """Sidekiq's `SecureRandom.hex(12)`."""
-    return secrets.token_hex(12)
+    return _random.take(12).hex()
 
 
 class SidekiqClient:
@@ -83,39 +113,59 @@ class SidekiqClient:
         """Enqueue one job per argument list in one round trip (`Sidekiq::Client.push_bulk`):
         same options, own jids. Returns the jids in order."""
         now = time.time()
-        when = _schedule_time(at, in_, now)
-        base = self._normalize(job_class, options, now)
-        jobs = [{**base, "args": _json_args(args), "jid": new_jid()} for args in args_list]
+        when = schedule_time(at, in_, now)
+        base = self.normalize(_item(job_class, options), now)
+        jobs = [{**base, "args": json_args(args), "jid": new_jid()} for args in args_list]
         if not jobs:
             return []
         if when is not None:
-            self.store.scheduled.schedule_payloads([(dumps(job), when) for job in jobs])
+            self.store.scheduled.schedule_payloads(
+                [(self.encode(job, queued=False), when) for job in jobs]
+            )
         else:
             enqueued_at = timestamp(self.version)
-            payloads = [dumps({**job, "enqueued_at": enqueued_at}) for job in jobs]
+            payloads = [self.encode(job, enqueued_at=enqueued_at) for job in jobs]
             self.store.queues.push(base["queue"], *payloads)
         return [job["jid"] for job in jobs]
 
-    def _normalize(self, job_class: str, options: Mapping[str, Any], now: float) -> dict:
-        """`normalize_item`: defaults, then the item's own keys (class, args, options), in
-        Ruby's Hash#merge order, so the JSON reads as Sidekiq's."""
-        if not isinstance(job_class, str) or not job_class:
-            raise ValueError("job_class: the job's class name, e.g. 'HardJob'")
-        reserved = RESERVED_KEYS.intersection(options)
-        if reserved:
-            raise ValueError(f"not a job option here: {', '.join(sorted(reserved))}")
-        fields: dict[str, Any] = dict(DEFAULT_OPTIONS)
-        # "args" and "jid" are set per job; their places are kept, as in Ruby.
-        fields.update({"class": job_class, "args": [], **options, "jid": ""})
-        if not isinstance(fields["queue"], str) or not fields["queue"]:
+    def normalize(
+        self, item: Mapping[str, Any], now: float, defaults: Mapping[str, Any] = DEFAULT_OPTIONS
+    ) -> dict[str, Any]:
+        """`normalize_item`: `defaults` (Sidekiq's; for a pushed class object, its own
+        `get_sidekiq_options`), then the item's keys (class, args, options) in its order, as
+        Ruby's Hash#merge orders them, so the JSON reads as Sidekiq's; then jid (a
+        placeholder, set per job) and created_at."""
+        fields: dict[str, Any] = dict(defaults)
+        fields.update(item)
+        fields["jid"] = ""
+        if not isinstance(fields.get("queue"), str) or not fields["queue"]:
             raise ValueError("queue: must be a non-empty queue name")
         if "tags" in fields and not isinstance(fields["tags"], list):
             raise ValueError("tags: must be a list")
         fields["created_at"] = timestamp(self.version, now)
         return fields
 
+    def encode(
+        self, job: Mapping[str, Any], *, queued: bool = True, enqueued_at: Any = None
+    ) -> str:
+        """The payload's text; a job put on a queue now gets `enqueued_at` (now, unless
+        given), a scheduled one none, as Sidekiq's client writes them."""
+        if not queued:
+            return dumps(job)
+        return dumps({**job, "enqueued_at": enqueued_at or timestamp(self.version)})
 
-def _json_args(args: Sequence[Any]) -> list[Any]:
+
+def _item(job_class: str, options: Mapping[str, Any]) -> dict[str, Any]:
+    """The item `Sidekiq::Client.push` is given: class, args (set per job), then options."""
+    if not isinstance(job_class, str) or not job_class:
+        raise ValueError("job_class: the job's class name, e.g. 'HardJob'")
+    reserved = RESERVED_KEYS.intersection(options)
+    if reserved:
+        raise ValueError(f"not a job option here: {', '.join(sorted(reserved))}")
+    return {"class": job_class, "args": [], **options}
+
+
+def json_args(args: Sequence[Any]) -> list[Any]:
     """The job's arguments, refused unless they survive JSON unchanged (Sidekiq 7's strict
     arguments): a tuple, a datetime or a set would reach Ruby as something else."""
     if isinstance(args, str | bytes) or not isinstance(args, Sequence):
@@ -132,7 +182,7 @@ def _json_args(args: Sequence[Any]) -> list[Any]:
     return args
 
 
-def _schedule_time(at: float | None, in_: float | None, now: float) -> float | None:
+def schedule_time(at: float | None, in_: float | None, now: float) -> float | None:
     """When to run, or None for now. `perform_in` takes an interval below 1e9 as relative."""
     if at is not None and in_ is not None:
         raise ValueError("give `at` or `in_`, not both")

@@ -21,6 +21,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 import yaml
 
+from .api_clients import ApiClient, ApiClientError, ApiClients, parse_clients, read_clients_file
+from .api_clients import readers_from_tokens as _readers
 from .connection import valid_header_value
 from .sidekiq.version import AUTO, SidekiqVersion
 
@@ -82,7 +84,13 @@ class Settings:
     history_migrate: bool = False  # apply the migrations at start-up
     api_bind: str = "127.0.0.1"
     api_port: int = 9480
-    api_tokens: str = field(default="", repr=False)  # comma-separated bearer tokens
+    api_tokens: str = field(default="", repr=False)  # comma-separated bearer tokens (read only)
+    # The ingestion API (gokiq_ingest): clients with scopes and rates (gokiq_celery.api_clients).
+    api_clients: tuple[ApiClient, ...] = ()
+    api_clients_file: str = ""  # YAML list of clients, read at start-up
+    api_max_body_bytes: int = 5 * 1024 * 1024
+    api_classes_refresh: float = 30.0  # seconds between reads of the sidecar's GET /classes
+    api_idempotency_ttl: float = 86400.0  # how long an Idempotency-Key is remembered
 
     @property
     def broker_url(self) -> str:
@@ -99,6 +107,12 @@ class Settings:
         # may drain in that time: at 2 x concurrency (40) one bridge fed at most ~2,600 jobs/s
         # however many workers there were; at 10 x it reaches its own ceiling (bench VM).
         return self.max_pending or 10 * self.worker_concurrency
+
+    @functools.cached_property
+    def api_client_list(self) -> ApiClients:
+        """Every client of gokiq-api: `api_tokens` (read only), `api_clients`, the file's."""
+        extra = read_clients_file(self.api_clients_file) if self.api_clients_file else ()
+        return ApiClients([*_readers(self.api_tokens), *self.api_clients, *extra])
 
     def celery_queue(self, sidekiq_queue: str) -> str:
         return self.queue_map.get(sidekiq_queue, sidekiq_queue)
@@ -195,8 +209,10 @@ def _coerce(name: str, raw: Any) -> Any:
             return raw if _is_queue_specs(raw) else parse_queues(raw)
         if name == "queue_map":
             return _parse_queue_map(raw)
-        if name == "history_retention":
+        if name in ("history_retention", "api_idempotency_ttl"):
             return _finite(parse_duration(raw))
+        if name == "api_clients":
+            return parse_clients(raw)
         if kind == "bool":
             return _parse_bool(raw)
         if kind == "int":
@@ -207,6 +223,8 @@ def _coerce(name: str, raw: Any) -> Any:
     except (TypeError, ValueError) as exc:
         if isinstance(exc, ConfigError):
             raise
+        if isinstance(exc, ApiClientError):
+            raise ConfigError(str(exc)) from None
         raise ConfigError(f"{name}: expected {kind}, got {raw!r}") from None
 
 
@@ -325,6 +343,17 @@ def _validate(s: Settings) -> None:
         if getattr(s, name) < 0:
             raise ConfigError(f"{name}: must be >= 0, got {getattr(s, name)}")
     _validate_history(s)
+    _validate_api(s)
+
+
+def _validate_api(s: Settings) -> None:
+    for name in ("api_max_body_bytes", "api_classes_refresh", "api_idempotency_ttl"):
+        if getattr(s, name) <= 0:
+            raise ConfigError(f"{name}: must be > 0, got {getattr(s, name)}")
+    try:
+        s.api_client_list  # noqa: B018 - reads the file and checks names and tokens, once
+    except ApiClientError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def _validate_history(s: Settings) -> None:

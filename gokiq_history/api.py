@@ -1,12 +1,13 @@
-"""`gokiq-api`: the job history over HTTP (FastAPI on uvicorn).
+"""`gokiq-api`: the job history over HTTP (FastAPI on uvicorn), and the ingestion API
+(`POST /v1/jobs`, `gokiq_ingest`).
 
-`/v1/...` needs `Authorization: Bearer <token>`, one of `api_tokens` (GOKIQ_API_TOKENS,
-comma-separated), compared in constant time. `/health` and `/metrics` are open, like the
-bridge's and the worker's; the server binds 127.0.0.1 unless `api_bind` says otherwise.
+`/v1/...` needs `Authorization: Bearer <token>`: a client's (`api_clients`, or one of
+`api_tokens`, which may only read), compared in constant time (`gokiq_celery.api_clients`).
+`/health` and `/metrics` are open, like the bridge's and the worker's; the server binds
+127.0.0.1 unless `api_bind` says otherwise.
 """
 
 import argparse
-import hmac
 import logging
 import re
 import sys
@@ -24,6 +25,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 from sqlalchemy import Engine
 from sqlalchemy.exc import DBAPIError
 
+import gokiq_ingest
 from gokiq_celery.logs import setup_logging
 from gokiq_celery.settings import ConfigError, Settings, load_settings
 
@@ -107,6 +109,7 @@ class Health(BaseModel):
 
 AUTH_ERRORS: dict[int | str, dict[str, Any]] = {
     401: {"model": Error, "description": "no or unknown bearer token"},
+    403: {"model": Error, "description": "a client that may not read the history"},
     503: {"model": Error, "description": "the history database is unavailable"},
 }
 
@@ -212,7 +215,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     engine = engine or store.open_engine(
         settings.history_url, pool_size=5, pre_ping=False, read_only=True
     )
-    tokens = [t.strip().encode() for t in settings.api_tokens.split(",") if t.strip()]
+    clients = settings.api_client_list
     registry = CollectorRegistry()
     requests = Counter(
         "gokiq_api_requests",
@@ -220,16 +223,16 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
         ["route", "status"],
         registry=registry,
     )
-    bearer = HTTPBearer(auto_error=False, description="one of GOKIQ_API_TOKENS")
+    bearer = HTTPBearer(auto_error=False, description="a client's token (api_clients, api_tokens)")
 
     async def authorized(  # async: no I/O, so no hop to the thread pool
         credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
     ) -> None:
-        given = credentials.credentials.encode() if credentials else b""
-        # Every token is compared, so the time taken does not tell which one nearly matched.
-        matches = [hmac.compare_digest(given, token) for token in tokens]
-        if not (credentials and any(matches)):
+        client = clients.find(credentials.credentials if credentials else None)
+        if client is None:
             raise HTTPException(401, "bearer token required", {"WWW-Authenticate": "Bearer"})
+        if not client.read:
+            raise HTTPException(403, "this client may not read the job history")
 
     app = FastAPI(
         dependencies=[Depends(_reject_unknown_parameters)],
@@ -335,6 +338,8 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
             "by_class": [{"class": c, "state": s, "count": n} for c, s, n in counts],
         }
 
+    ingest = gokiq_ingest.mount(app, settings, clients, bearer)
+    app.router.on_shutdown.append(ingest.close)
     return app
 
 
@@ -348,8 +353,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = load_settings(args.config, api_bind=args.bind, api_port=args.port)
         if not settings.history_url:
             raise ConfigError("history_url: required by gokiq-api (GOKIQ_HISTORY_URL)")
-        if not settings.api_tokens.strip():
-            raise ConfigError("api_tokens: required by gokiq-api (GOKIQ_API_TOKENS)")
+        if not len(settings.api_client_list):
+            raise ConfigError(
+                "api_clients or api_tokens: gokiq-api needs at least one client "
+                "(GOKIQ_API_CLIENTS, api_clients_file or GOKIQ_API_TOKENS)"
+            )
     except ConfigError as exc:
         print(f"gokiq-api: bad setting: {exc}", file=sys.stderr)
         return 2

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from gokiq_celery.sidekiq.job import epoch_seconds
 
+from .drops import DropLog
 from .rows import (
     ERROR_MESSAGE_LIMIT,
     STATE_AFTER,
@@ -53,6 +54,9 @@ class NullRecorder:
     enabled = False
 
     def enqueued(self, jobs: Any, queue: str | None = None) -> None:
+        pass
+
+    def scheduled(self, jobs: Any) -> None:
         pass
 
     def started(self, job: Job, queue: str) -> None:
@@ -119,7 +123,6 @@ class HistoryRecorder:
     RETENTION_INTERVAL = 60.0
     RETENTION_BATCH = 1000
     RETENTION_BATCHES = 10  # per round: the deletes never hold the writer long
-    DROP_LOG_INTERVAL = 60.0
 
     def __init__(
         self,
@@ -147,8 +150,7 @@ class HistoryRecorder:
         self._pid: int | None = None
         self._engine = None
         self._local = threading.local()  # the run in progress on each worker thread
-        self._dropped_since_log = 0
-        self._next_drop_log = 0.0
+        self.drops = DropLog(log, "history", self.limit, self.metrics.dropped.inc)
         self._next_retention = 0.0
         self._stop = threading.Event()
 
@@ -158,6 +160,15 @@ class HistoryRecorder:
         """Jobs put on (or fetched from) a queue."""
         now = time.time()
         self._add([self._enqueued_event(job, queue, now) for job in jobs], [])
+
+    def scheduled(self, jobs: Any) -> None:
+        """Jobs put in the `schedule` set, to be enqueued when due (the ingestion API)."""
+        now = time.time()
+        events = [
+            self._job_event(job, job.queue, "scheduled", now, attempt=attempt_number(job))
+            for job in jobs
+        ]
+        self._add(events, [])
 
     def started(self, job: Job, queue: str) -> None:
         run = _Run(job, queue)
@@ -273,23 +284,7 @@ class HistoryRecorder:
             self._jobs.extend(kept_jobs)
             self._attempts.extend(kept_attempts)
             dropped = len(job_rows) + len(attempt_rows) - len(kept_jobs) - len(kept_attempts)
-        if dropped:
-            self._count_dropped(dropped)
-
-    def _count_dropped(self, count: int) -> None:
-        self.metrics.dropped.inc(count)
-        now = time.monotonic()
-        with self._lock:
-            self._dropped_since_log += count
-            if now < self._next_drop_log:
-                return
-            self._next_drop_log = now + self.DROP_LOG_INTERVAL
-            count, self._dropped_since_log = self._dropped_since_log, 0
-        log.warning(
-            "history: %d events dropped (buffer of %d full: the database is slow or down)",
-            count,
-            self.limit,
-        )
+        self.drops.add(dropped)
 
     def pending(self) -> int:
         with self._lock:
@@ -356,8 +351,7 @@ class HistoryRecorder:
             self._jobs = job_rows[:room]
             self._attempts = attempt_rows[: max(room - len(self._jobs), 0)]
             dropped = len(job_rows) + len(attempt_rows) - len(self._jobs) - len(self._attempts)
-        if dropped:
-            self._count_dropped(dropped)
+        self.drops.add(dropped)
 
     def _delete_expired(self) -> None:
         now = time.monotonic()

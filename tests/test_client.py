@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import redis
 
-from gokiq_celery.client import SidekiqClient, push
+from gokiq_celery.client import SidekiqClient, new_jid, push
 from gokiq_celery.settings import load_settings
 from gokiq_celery.sidekiq.keys import SIDEKIQ_VERSION_KEY
 from gokiq_celery.sidekiq.store import SidekiqStore
@@ -205,3 +205,26 @@ def test_refuses_what_sidekiq_would_refuse(redis_client):
         with pytest.raises(ValueError):
             client.push("HardJob", args, **options)
     assert redis_client.keys("*") == []
+
+
+def test_jids_are_24_hex_digits_unique_across_refills_threads_and_a_fork():
+    from concurrent.futures import ThreadPoolExecutor
+
+    jids = [new_jid() for _ in range(20_000)]  # several 64 KiB refills of the buffer
+    with ThreadPoolExecutor(4) as pool:
+        jids += [j for batch in pool.map(lambda _: [new_jid() for _ in range(3000)], range(4))
+                 for j in batch]  # fmt: skip
+    assert all(re.fullmatch(r"[0-9a-f]{24}", jid) for jid in jids)
+    assert len(set(jids)) == len(jids)
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: what it hands out next must not be what the parent does
+        os.write(write, "".join(new_jid() for _ in range(100)).encode())
+        os._exit(0)
+    os.close(write)
+    os.waitpid(pid, 0)
+    with os.fdopen(read) as child:
+        text = child.read()
+    in_child = {text[n : n + 24] for n in range(0, len(text), 24)}
+    assert len(in_child) == 100
+    assert in_child.isdisjoint(new_jid() for _ in range(100))

@@ -40,6 +40,7 @@ SOURCES = (
     "gokiq_celery",
     "bridge",
     "gokiq_history",
+    "gokiq_ingest",
 )
 NOT_SOURCES = shutil.ignore_patterns("__pycache__")
 # Installed with any venv; not gokiq's business.

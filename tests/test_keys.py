@@ -25,7 +25,7 @@ from gokiq_celery.sidekiq import keys
 
 REPO = Path(__file__).resolve().parent.parent
 PACKAGE = REPO / "gokiq_celery" / "sidekiq"
-SHIPPED = ["gokiq_celery", "bridge", "gokiq_history", "docker", "celeryconfig.py"]
+SHIPPED = ["gokiq_celery", "bridge", "gokiq_history", "gokiq_ingest", "docker", "celeryconfig.py"]
 HOLE = "\x00"
 CONTAINER_METHODS = set(dir(dict)) | set(dir(list)) | set(dir(set))
 REDIS_COMMANDS = frozenset(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -149,17 +150,148 @@ def test_bad_config_files(tmp_path):
 )
 def test_the_worker_refuses_to_start_on_a_bad_setting(tmp_path, variable, value, message):
     """`celery -A gokiq_celery worker` stops with one line naming the key, not a traceback."""
-    env = {**os.environ, variable: value}
+    argv = ["celery", "-A", "gokiq_celery", "worker"]
+    assert refused_start(argv, {**os.environ, variable: value}, tmp_path) == (
+        f"gokiq: bad setting: {message}"
+    )
+
+
+def refused_start(argv: list[str], env: dict[str, str], cwd) -> str:
+    """Start a program of the venv that must refuse its settings: exit 2; its stderr."""
     result = subprocess.run(
-        [str(VENV_BIN / "celery"), "-A", "gokiq_celery", "worker"],
+        [str(VENV_BIN / argv[0]), *argv[1:]],
         env=env,
-        cwd=tmp_path,
+        cwd=cwd,
         capture_output=True,
         text=True,
         timeout=60,
     )
-    assert result.returncode == 2
-    assert result.stderr.strip() == f"gokiq: bad setting: {message}"
+    assert result.returncode == 2, result.stderr
+    return result.stderr.strip()
+
+
+# -- gokiq-api's clients: api_clients, api_clients_file, api_tokens ---------------------------
+
+TOKEN_A = "token-a-0123456789abcdef"
+TOKEN_B = "token-b-0123456789abcdef"
+
+
+def clients_env(*clients: dict) -> dict[str, str]:
+    return {"GOKIQ_API_CLIENTS": json.dumps(list(clients))}
+
+
+def test_clients_come_from_the_setting_the_file_and_api_tokens(tmp_path):
+    path = tmp_path / "clients.yml"
+    path.write_text(f"- {{name: etl, token: {TOKEN_B}, queues: [low-*], rate: 5, burst: 20}}\n")
+    yml = tmp_path / "gokiq.yml"
+    yml.write_text(
+        f"api_clients:\n  - name: billing\n    token: {TOKEN_A}\n"
+        "    classes: ['Billing::*']\n    queues: [default]\n    read: true\n"
+        f"api_clients_file: {path}\n"
+    )
+    s = load_settings(yml, environ={"GOKIQ_API_TOKENS": "reader-1, reader-2"})
+    clients = s.api_client_list
+    assert len(clients) == 4
+    billing, etl = clients.find(TOKEN_A), clients.find(TOKEN_B)
+    assert (billing.name, billing.classes, billing.queues, billing.read) == (
+        "billing", ("Billing::*",), ("default",), True,
+    )  # fmt: skip
+    assert billing.may_enqueue("Billing::Invoice") and not billing.may_enqueue("Other")
+    assert (etl.rate, etl.bucket_size, etl.read, etl.classes) == (5.0, 20, False, ())
+    assert etl.may_use_queue("low-priority") and not etl.may_use_queue("default")
+    reader = clients.find("reader-2")
+    assert (reader.name, reader.read, reader.classes) == ("token-2", True, ())
+    assert clients.find("reader-3") is None and clients.find(None) is None
+    assert TOKEN_A not in repr(s) and TOKEN_B not in repr(s)
+    # The same clients from the environment (JSON), and a rate's default bucket.
+    env = clients_env({"name": "etl", "token": TOKEN_A, "rate": 2.5})
+    assert load_settings(environ=env).api_client_list.find(TOKEN_A).bucket_size == 3
+
+
+@pytest.mark.parametrize(
+    ("clients", "message"),
+    [
+        ('{"name": "etl"}', "api_clients: must be a list of clients, such as [{name: etl, "),
+        ("[{name: etl", "api_clients: not valid YAML or JSON; expected [{name: etl, token: "),
+        ([{"name": "etl", "token": "short-secret"}],
+         "api_clients[0]: token must be at least 16 characters"),
+        ([{"name": "etl"}], "api_clients[0]: name and token are required strings"),
+        (["etl"], "api_clients[0]: must be a mapping with name and token"),
+        ([{"name": "etl", "token": TOKEN_A, "queue": ["a"]}],
+         "api_clients[0]: unknown field(s) queue (a client has burst, classes, name, queues, "
+         "rate, read, token)"),
+        ([{"name": "a", "token": TOKEN_B}, {"name": "etl", "token": TOKEN_A, "rate": 0}],
+         "api_clients[1]: client etl: rate must be > 0 jobs/s, got 0.0"),
+        ([{"name": "etl", "token": TOKEN_A, "rate": "fast"}],
+         "api_clients[0]: rate must be a number and burst an integer"),
+        ([{"name": "etl", "token": TOKEN_A, "burst": -1}],
+         "api_clients[0]: client etl: burst must be >= 0, got -1"),
+        ([{"name": "etl", "token": TOKEN_A, "read": "yes"}],
+         "api_clients[0].read: must be true or false"),
+        ([{"name": "etl", "token": TOKEN_A, "queues": [""]}],
+         "api_clients[0].queues: must be a list of non-empty glob strings"),
+        ([{"name": "etl", "token": TOKEN_A, "classes": {"HardJob": 1}}],
+         "api_clients[0].classes: must be a list of non-empty glob strings"),
+        ([{"name": "my etl", "token": TOKEN_A}],
+         "api_clients[0]: client name 'my etl': 1-64 letters, digits, '_', '.', ':' or '-'"),
+        ([{"name": "etl", "token": TOKEN_A + "\n"}],
+         "api_clients[0]: client etl: token must be printable ASCII"),
+        ([{"name": "etl", "token": TOKEN_A}, {"name": "etl", "token": TOKEN_B}],
+         "api_clients: name(s) used twice: etl (across api_clients, api_clients_file and "
+         "api_tokens, whose clients are token-1, token-2, ...): give each client a name of "
+         "its own"),
+        ([{"name": "etl", "token": TOKEN_A}, {"name": "bi", "token": TOKEN_A}],
+         "api_clients: two clients share one token (across api_clients, api_clients_file and "
+         "api_tokens): give each client a token of its own"),
+    ],
+)  # fmt: skip
+def test_a_bad_client_names_the_key_the_entry_and_the_fix(clients, message):
+    env = {"GOKIQ_API_CLIENTS": clients if isinstance(clients, str) else json.dumps(clients)}
+    with pytest.raises(ConfigError) as info:
+        load_settings(environ=env)
+    assert str(info.value).startswith(message)
+    assert "secret" not in str(info.value) and TOKEN_A not in str(info.value)
+
+
+def test_a_reader_token_may_not_be_a_clients_too(tmp_path):
+    env = {**clients_env({"name": "etl", "token": TOKEN_A}), "GOKIQ_API_TOKENS": TOKEN_A}
+    with pytest.raises(ConfigError, match=r"^api_clients: two clients share one token"):
+        load_settings(environ=env)
+
+
+def test_a_bad_clients_file_names_the_file_and_the_entry(tmp_path):
+    missing = tmp_path / "missing.yml"
+    with pytest.raises(ConfigError) as info:
+        load_settings(environ={"GOKIQ_API_CLIENTS_FILE": str(missing)})
+    assert str(info.value) == f"api_clients_file {missing}: No such file or directory"
+    path = tmp_path / "clients.yml"
+    path.write_text(f"- name: etl\n  token: {TOKEN_A}\n  rate: -2\n")
+    with pytest.raises(ConfigError) as info:
+        load_settings(environ={"GOKIQ_API_CLIENTS_FILE": str(path)})
+    assert str(info.value) == (
+        f"api_clients_file {path}[0]: client etl: rate must be > 0 jobs/s, got -2.0"
+    )
+    path.write_text("clients: []\n")
+    with pytest.raises(ConfigError, match=rf"^api_clients_file {path}: must be a list of clients"):
+        load_settings(environ={"GOKIQ_API_CLIENTS_FILE": str(path)})
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"GOKIQ_API_CLIENTS": '[{"name": "etl", "token": "short-secret"}]'},
+         "api_clients[0]: token must be at least 16 characters"),
+        ({}, "api_clients or api_tokens: gokiq-api needs at least one client "
+             "(GOKIQ_API_CLIENTS, api_clients_file or GOKIQ_API_TOKENS)"),
+        ({"GOKIQ_API_IDEMPOTENCY_TTL": "0"}, "api_idempotency_ttl: must be > 0, got 0.0"),
+    ],
+)  # fmt: skip
+def test_gokiq_api_refuses_to_start_on_a_bad_client_setting(tmp_path, env, message):
+    """`gokiq-api` stops with one line naming the key, not a traceback."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith("GOKIQ_")}
+    history = {"GOKIQ_HISTORY_URL": f"sqlite:///{tmp_path / 'h.sqlite3'}"}
+    stderr = refused_start(["gokiq-api"], {**base, **history, **env}, tmp_path)
+    assert stderr == f"gokiq-api: bad setting: {message}"
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), "nan"])

@@ -102,3 +102,16 @@ def moving_key(bridge_id: str, set_name: str) -> str:
 
 def sidecar_deaths_key(jid: str) -> str:
     return f"gokiq:sidecar-deaths:{jid}"
+
+
+# gokiq-api's ingestion (gokiq_ingest): each client's token bucket (rate_limit.py), and the
+# reply remembered for each Idempotency-Key (submissions.py; the key given is hashed).
+def rate_limit_key(client: str) -> str:
+    return f"gokiq:ratelimit:{client}"
+
+
+def idempotency_key(client: str, key_digest: str) -> str:
+    return f"gokiq:idempotency:{client}:{key_digest}"
+
+
+NO_IDEMPOTENCY_KEY = "gokiq:idempotency:-"  # the script's key slot, unused without a key

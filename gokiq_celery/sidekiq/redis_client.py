@@ -2,7 +2,7 @@
 
 Every process (bridge, worker, Flower, `gokiq_celery.client`) connects through `connect`, so a
 stalled Redis raises (and is retried) instead of hanging a thread, and a restarted one is
-reconnected to.
+reconnected to; gokiq-api through `connect_fail_fast`, which answers its caller instead.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import redis
-from redis.backoff import EqualJitterBackoff
+from redis.backoff import EqualJitterBackoff, NoBackoff
 from redis.retry import Retry
 
 # Timeouts so that a stalled Redis raises (and is retried) instead of hanging a thread.
@@ -39,6 +39,24 @@ def connect(url: str) -> redis.Redis:
         socket_connect_timeout=CONNECT_TIMEOUT,
         health_check_interval=HEALTH_CHECK_INTERVAL,
         retry=reconnecting(),
+    )
+
+
+# gokiq-api's client: a caller is waiting, so Redis gets a short while, and a write is never
+# sent twice by the driver (a write whose reply was lost may have been done: the caller is
+# told "maybe" and retries with its Idempotency-Key).
+FAIL_FAST_TIMEOUT = 2.0
+FAIL_FAST_CONNECT_TIMEOUT = 1.0
+
+
+def connect_fail_fast(url: str) -> redis.Redis:
+    """A client of the Redis at `url` that fails at once instead of reconnecting (gokiq-api)."""
+    return redis.Redis.from_url(
+        url,
+        socket_timeout=FAIL_FAST_TIMEOUT,
+        socket_connect_timeout=FAIL_FAST_CONNECT_TIMEOUT,
+        retry=Retry(NoBackoff(), 0),
+        max_connections=64,
     )
 
 

@@ -48,13 +48,6 @@ class AttackSurfaceTest < Minitest::Test
     ActionMailer::Base.deliveries.clear
   end
 
-  def with_allow(*entries)
-    @_rack_test_sessions = @_rack_test_current_session = nil # rack-test keeps the first app
-    @app = GokiqSidecar::App.new(auth: GokiqSidecar::Auth.new(TOKEN), state: state,
-                                 logger: GokiqSidecar::JsonLogger.new(log_io),
-                                 policy: GokiqSidecar::JobPolicy.new(entries))
-  end
-
   def assert_refused(payload)
     execute(payload.merge("jid" => new_jid))
     assert_equal 422, last_response.status, last_response.body

@@ -56,6 +56,14 @@ module SidecarTestHelpers
     header "Authorization", "Bearer #{TOKEN}"
   end
 
+  # A new app whose job policy allows `entries` (the app's allow-list setting).
+  def with_allow(*entries)
+    @_rack_test_sessions = @_rack_test_current_session = nil # rack-test keeps the first app
+    @app = GokiqSidecar::App.new(auth: GokiqSidecar::Auth.new(TOKEN), state: state,
+                                 logger: GokiqSidecar::JsonLogger.new(log_io),
+                                 policy: GokiqSidecar::JobPolicy.new(entries))
+  end
+
   # Positional `auth` on purpose: braceless string-keyed hashes in calls like
   # execute("class" => ...) would otherwise be taken as keyword arguments.
   def post_json(path, body, auth = true)

@@ -14,6 +14,8 @@
 #   perform_in     class, args=[], in=seconds, set={} -> jid
 #   push           item (hash; "class" may name an unknown class) -> jid  (Sidekiq::Client.push)
 #                  middleware=false: a client without the app's client middleware
+#                  class_object=true: "class" is turned into the class itself, so the class's
+#                  sidekiq_options are merged in as `Klass.perform_async` merges them
 #   push_bulk      class, args (list of arg lists), queue?, at? -> [jids]  (one LPUSH)
 #   trickle        class, n, interval, args=[] -> [{jid, at}] (perform_async, sleep; n times)
 #   perform_later  class, args=[], kwargs={}, set={} -> jid (ActiveJob; {"$person": name}
@@ -116,7 +118,9 @@ module SidekiqApi
     when "push"
       client = Sidekiq::Client.new
       client.middleware(&:clear) if op["middleware"] == false
-      client.push(op.fetch("item"))
+      item = op.fetch("item")
+      item = item.merge("class" => klass(item["class"])) if op["class_object"]
+      client.push(item)
     when "push_bulk"
       item = {"class" => klass(op["class"]), "args" => op.fetch("args")}
       item["queue"] = op["queue"] if op["queue"]

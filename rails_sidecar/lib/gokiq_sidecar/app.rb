@@ -18,7 +18,9 @@ module GokiqSidecar
       @auth = auth
       @state = state
       @logger = logger
-      @runner = runner || Runner.new(resolver: Resolver.new(policy: policy), logger: logger)
+      resolver = Resolver.new(policy: policy)
+      @runner = runner || Runner.new(resolver: resolver, logger: logger)
+      @catalog = JobCatalog.new(resolver: resolver, policy: policy)
       @metrics = metrics
       @max_body = max_body_bytes
       @ready_check = ready_check || method(:database_ok?)
@@ -30,6 +32,7 @@ module GokiqSidecar
       when "/health" then method == "GET" ? reply(200, status: "ok", sidekiq_version: ::Sidekiq::VERSION) : not_allowed
       when "/ready" then method == "GET" ? ready : not_allowed
       when "/metrics" then method == "GET" ? metrics_page : not_allowed
+      when "/classes" then method == "GET" ? classes(env) : not_allowed
       when "/jobs/execute" then method == "POST" ? guarded(env) { |body| execute(env, body) } : not_allowed
       when "/jobs/exhausted" then method == "POST" ? guarded(env) { |body| exhausted(body) } : not_allowed
       else reply(404, status: "not_found")
@@ -61,6 +64,14 @@ module GokiqSidecar
       reply(413, status: "too_large")
     rescue BadRequest => e
       reply(400, status: "bad_request", error_message: e.message)
+    end
+
+    # What gokiq-api validates submissions against: authenticated like /jobs/*, since it
+    # lists the app's job classes.
+    def classes(env)
+      return reply(401, status: "unauthorized") unless @auth.allowed?(env)
+      return reply(503, status: "unavailable", reason: @state.phase.to_s) unless @state.ready?
+      reply(200, @catalog.to_h)
     end
 
     def read_json_object(env)

@@ -1,0 +1,72 @@
+"""What the ingestion routes share in one gokiq-api process: the clients, the app's classes,
+Sidekiq's Redis (its client, the rate limiter, the submission writer), the audit and the
+history recorder."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from gokiq_celery.api_clients import ApiClients
+from gokiq_celery.client import SidekiqClient
+from gokiq_celery.settings import Settings
+from gokiq_celery.sidekiq.rate_limit import RateLimiter
+from gokiq_celery.sidekiq.redis_client import connect_fail_fast
+from gokiq_celery.sidekiq.store import SidekiqStore
+from gokiq_celery.sidekiq.submissions import Submissions
+from gokiq_history.recorder import Recorder, open_recorder
+
+from .audit import Auditor
+from .catalog import JobCatalog, sidecar_fetcher
+from .jobs import Prepared
+
+
+@dataclass
+class Ingest:
+    clients: ApiClients
+    catalog: JobCatalog
+    sidekiq: SidekiqClient
+    limiter: RateLimiter
+    submissions: Submissions
+    auditor: Auditor
+    recorder: Recorder
+    idempotency_ttl: float
+
+    @classmethod
+    def from_settings(cls, settings: Settings, clients: ApiClients) -> Ingest:
+        client = connect_fail_fast(settings.redis_url)
+        store = SidekiqStore(client)
+        versions = store.versions(settings.sidekiq_version)
+        engine = None
+        if settings.history_url:
+            from gokiq_history.store import open_engine
+
+            engine = open_engine(settings.history_url)
+        return cls(
+            clients=clients,
+            catalog=JobCatalog(
+                sidecar_fetcher(settings.sidecar_url, settings.sidecar_token),
+                settings.api_classes_refresh,
+            ),
+            sidekiq=SidekiqClient(store, versions),
+            limiter=RateLimiter(client),
+            submissions=Submissions(client),
+            auditor=Auditor(
+                engine, retention=settings.history_retention, limit=settings.history_buffer
+            ),
+            recorder=open_recorder(settings),
+            idempotency_ttl=settings.api_idempotency_ttl,
+        )
+
+    def record_history(self, jobs: Sequence[Prepared]) -> None:
+        """The jobs' history starts at their submission: enqueued, or scheduled."""
+        queued = [job.job for job in jobs if job.at is None]
+        scheduled = [job.job for job in jobs if job.at is not None]
+        if queued:
+            self.recorder.enqueued(queued)
+        if scheduled:
+            self.recorder.scheduled(scheduled)
+
+    def close(self) -> None:
+        self.auditor.close()
+        self.recorder.close()
