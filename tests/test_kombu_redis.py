@@ -4,8 +4,11 @@ and messages still published, consumed and acked as kombu's own transport does."
 from __future__ import annotations
 
 import contextlib
+import time
+from types import SimpleNamespace
 
 import kombu
+from celery.worker import state as worker_state
 
 from gokiq_celery import app
 from gokiq_celery.kombu_redis import Transport
@@ -86,3 +89,76 @@ def test_a_broker_restart_is_a_connection_error_not_an_unrecoverable_one(tmp_pat
     finally:
         if server.process.poll() is None:
             server.process.terminate()
+
+
+def _restarted_holding_one_unacked(tmp_path, name: str):
+    """A consumer holds one unacked message of queue `name`, with its BRPOP in flight, when its
+    redis-server stops (AOF on); Celery's consumer then collects and closes the connection, and
+    the server starts again on the same port and data. Returns (server, the message's tag)."""
+    server = start_redis(tmp_path / "redis", None, "--appendonly", "yes")
+    conn = kombu.Connection(server.url(1), transport=Transport)
+    assert _consuming(conn, name) == [{"n": 2}]
+    [tag] = conn.default_channel.qos._delivered
+    conn.default_channel._brpop_start()
+    server.process.terminate()
+    server.process.wait(10)
+    with contextlib.suppress(Exception):
+        conn.collect()
+    with contextlib.suppress(*conn.connection_errors):
+        conn.close()
+    server = start_redis(server.dir, server.port, "--appendonly", "yes")
+    assert server.client(1).hlen("unacked") == 1  # closing could not restore it
+    return server, tag
+
+
+def test_unacked_messages_a_broker_restart_kept_are_restored_on_reconnect(tmp_path):
+    """A message delivered to the channel but not acked (a worker's prefetch) stayed in the
+    broker's `unacked` hash when the channel closed with the broker down: kombu restores it on
+    close, which failed, and nothing tried again (celery/celery#1307), so it waited for the
+    visibility timeout. The process's next channel to connect restores it."""
+    name = "gokiq-kombu-reconnect"
+    server, _ = _restarted_holding_one_unacked(tmp_path, name)
+    try:
+        broker = server.client(1)
+        with kombu.Connection(server.url(1), transport=Transport) as again:
+            again.default_channel  # noqa: B018 (Celery's consumer reconnecting)
+            assert broker.hlen("unacked") == 0 and broker.llen(name) == 1
+    finally:
+        server.process.terminate()
+
+
+def test_a_message_delivered_again_since_is_not_restored(tmp_path):
+    """Another worker that took the message after the restart holds it now (kombu noted the
+    new delivery's time in `unacked_index`): restoring it would hand it out twice."""
+    name = "gokiq-kombu-redelivered"
+    server, tag = _restarted_holding_one_unacked(tmp_path, name)
+    try:
+        broker = server.client(1)
+        broker.zadd("unacked_index", {tag: time.time() + 1})  # as kombu's QoS.append does
+        with kombu.Connection(server.url(1), transport=Transport) as again:
+            again.default_channel  # noqa: B018
+            assert broker.hlen("unacked") == 1 and broker.llen(name) == 0
+    finally:
+        server.process.terminate()
+
+
+class _Request:  # what Celery's worker state tracks of a job it runs: its message
+    def __init__(self, delivery_tag: str):
+        self.message = SimpleNamespace(delivery_tag=delivery_tag)
+
+
+def test_the_message_of_a_job_the_worker_still_runs_is_not_restored(tmp_path):
+    """A job that was running at the connection loss acks its own message when done; restoring
+    its message would run it a second time meanwhile."""
+    name = "gokiq-kombu-running"
+    server, tag = _restarted_holding_one_unacked(tmp_path, name)
+    running = _Request(tag)
+    worker_state.active_requests.add(running)
+    try:
+        broker = server.client(1)
+        with kombu.Connection(server.url(1), transport=Transport) as again:
+            again.default_channel  # noqa: B018
+            assert broker.hlen("unacked") == 1 and broker.llen(name) == 0
+    finally:
+        worker_state.active_requests.discard(running)
+        server.process.terminate()
