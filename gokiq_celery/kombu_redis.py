@@ -37,7 +37,7 @@ class Channel(kombu_redis.Channel):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)  # connects (or raises)
-        kombu_unacked.restore_unrestored(self)
+        kombu_unacked.settle_unsettled(self)
 
     def _connparams(self, asynchronous: bool = False) -> dict[str, Any]:
         if self._last_connparams is None:

@@ -8,6 +8,7 @@ import time
 from types import SimpleNamespace
 
 import kombu
+import pytest
 from celery.worker import state as worker_state
 
 from gokiq_celery import app
@@ -44,16 +45,18 @@ def test_publish_consume_and_ack_as_kombu_does(broker_url, redis_server, redis_d
     assert broker.hlen("unacked") == 0 and broker.llen("gokiq-kombu-test") == 0
 
 
-def _consuming(conn: kombu.Connection, name: str) -> list:
+def _consuming(conn: kombu.Connection, name: str, messages: list | None = None) -> list:
     """A consumer of queue `name` and of an auto-delete fanout queue (as Celery's pidbox and
-    events), holding one unacked message of `name`."""
+    events), holding one unacked message of `name` (appended to `messages`); returns bodies."""
     queue = kombu.Queue(name, routing_key=name)
     fanout = kombu.Queue(
         f"{name}.pidbox", kombu.Exchange(f"{name}.fanout", "fanout"), auto_delete=True
     )
     conn.Producer().publish({"n": 2}, routing_key=name, declare=[queue])
     got: list = []
-    conn.Consumer([queue, fanout], callbacks=[lambda body, msg: got.append(body)]).consume()
+    held = [] if messages is None else messages
+    on_message = [lambda body, msg: (got.append(body), held.append(msg))]
+    conn.Consumer([queue, fanout], callbacks=on_message).consume()
     conn.drain_events(timeout=10)
     return got
 
@@ -91,17 +94,22 @@ def test_a_broker_restart_is_a_connection_error_not_an_unrecoverable_one(tmp_pat
             server.process.terminate()
 
 
-def _restarted_holding_one_unacked(tmp_path, name: str):
+def _restarted_holding_one_unacked(tmp_path, name: str, ack_while_down: bool = False):
     """A consumer holds one unacked message of queue `name`, with its BRPOP in flight, when its
-    redis-server stops (AOF on); Celery's consumer then collects and closes the connection, and
-    the server starts again on the same port and data. Returns (server, the message's tag)."""
+    redis-server stops (AOF on); its job acks it while the server is down if `ack_while_down`;
+    Celery's consumer then collects and closes the connection, and the server starts again on
+    the same port and data. Returns (server, the message's tag)."""
     server = start_redis(tmp_path / "redis", None, "--appendonly", "yes")
     conn = kombu.Connection(server.url(1), transport=Transport)
-    assert _consuming(conn, name) == [{"n": 2}]
+    messages: list = []
+    assert _consuming(conn, name, messages) == [{"n": 2}]
     [tag] = conn.default_channel.qos._delivered
     conn.default_channel._brpop_start()
     server.process.terminate()
     server.process.wait(10)
+    if ack_while_down:
+        with pytest.raises(conn.connection_errors):
+            messages[0].ack()
     with contextlib.suppress(Exception):
         conn.collect()
     with contextlib.suppress(*conn.connection_errors):
@@ -138,6 +146,20 @@ def test_a_message_delivered_again_since_is_not_restored(tmp_path):
         with kombu.Connection(server.url(1), transport=Transport) as again:
             again.default_channel  # noqa: B018
             assert broker.hlen("unacked") == 1 and broker.llen(name) == 0
+    finally:
+        server.process.terminate()
+
+
+def test_a_message_its_job_acked_while_the_broker_was_down_is_acked_not_restored(tmp_path):
+    """The job finished and acked while Redis was down: running it again is not the way to
+    settle that message, completing its ack is."""
+    name = "gokiq-kombu-acked"
+    server, _ = _restarted_holding_one_unacked(tmp_path, name, ack_while_down=True)
+    try:
+        broker = server.client(1)
+        with kombu.Connection(server.url(1), transport=Transport) as again:
+            again.default_channel  # noqa: B018
+            assert broker.hlen("unacked") == 0 and broker.llen(name) == 0
     finally:
         server.process.terminate()
 
