@@ -9,9 +9,14 @@ messages then wait in `unacked` for the visibility timeout (an hour), and gokiq'
 re-publishes their jobs after `delivery_timeout` (300 s). The same gap upstream:
 celery/celery#1307 ("Redis: Restore unacked on broker reconnection", closed unfixed).
 
-Here a restore that fails on a connection error leaves its delivery tags in the process's
-memory, per broker. The process's next channel to connect to that broker then restores them,
-using kombu's own atomic `restore_by_tag`. A tag is skipped when:
+A restart can also cut the write that records a delivery in `unacked`, after BRPOP took the
+message from its queue, or only that write's reply. The worker then saw an error and never got
+the message, which is in `unacked` or nowhere in the broker (seen in the Redis-restart e2e test).
+
+Here such a restore or write, when it fails on a connection error, leaves its delivery tags
+(and, for a write, the message) in the process's memory, per broker. The process's next
+channel to connect to that broker then restores them, with kombu's own atomic
+`restore_by_tag`, or puts back a message that never reached `unacked`. A tag is skipped when:
 - the message is no longer unacked (acked, or restored by someone else);
 - it was delivered again after the failure: its `unacked_index` score, the delivery time, is
   newer, so another worker holds it now;
@@ -27,6 +32,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import Counter
 from typing import Any, NamedTuple
 
 from celery.worker import state as worker_state
@@ -36,14 +42,19 @@ log = logging.getLogger(__name__)
 
 
 class Unsettled(NamedTuple):
-    """A tag whose restore or ack failed: since when, and whether its job acked it."""
+    """A delivery whose record in `unacked`, restore or ack failed."""
 
     failed_at: float
-    acked: bool
+    acked: bool = False  # its job acked it: complete the ack, never restore it
+    message: tuple | None = None  # (payload, exchange, routing key), if its record failed
 
     def merge(self, other: Unsettled) -> Unsettled:
         # The earliest failure guards best against a delivery since; an ack always wins.
-        return Unsettled(min(self.failed_at, other.failed_at), self.acked or other.acked)
+        return Unsettled(
+            min(self.failed_at, other.failed_at),
+            self.acked or other.acked,
+            self.message or other.message,
+        )
 
 
 # Per process, because the channel and the connection that failed are gone when the broker is
@@ -64,11 +75,20 @@ class QoS(kombu_redis.QoS):
         super().__init__(*args, **kwargs)
         self._broker = broker_of(self.channel)  # while connected: it fails later, closed
 
+    def append(self, message: Any, delivery_tag: str) -> None:
+        try:
+            super().append(message, delivery_tag)
+        except self.channel.connection_errors:
+            delivery = message.delivery_info
+            what = (message._raw, delivery["exchange"], delivery["routing_key"])
+            self._remember([delivery_tag], Unsettled(time.time(), message=what))
+            raise
+
     def ack(self, delivery_tag: str) -> None:
         try:
             super().ack(delivery_tag)
         except self.channel.connection_errors:
-            self._remember([delivery_tag], acked=True)
+            self._remember([delivery_tag], Unsettled(time.time(), acked=True))
             raise
 
     def restore_unacked(self, client: Any = None) -> None:
@@ -76,13 +96,13 @@ class QoS(kombu_redis.QoS):
         try:
             super().restore_unacked(client)
         except self.channel.connection_errors:
-            self._remember(tags, acked=False)
+            self._remember(tags, Unsettled(time.time()))
             log.warning("broker down: %d unacked messages to restore once it is back", len(tags))
             raise
 
-    def _remember(self, tags: list[str], acked: bool) -> None:
+    def _remember(self, tags: list[str], unsettled: Unsettled) -> None:
         if self._broker is not None:
-            _remember(self._broker, dict.fromkeys(tags, Unsettled(time.time(), acked)))
+            _remember(self._broker, dict.fromkeys(tags, unsettled))
 
 
 def _remember(broker: str, tags: dict[str, Unsettled]) -> None:
@@ -101,27 +121,37 @@ def settle_unsettled(channel: Any) -> None:
     if not pending:
         return
     held = _tags_of_jobs_held()
-    restored = acked = 0
+    outcomes: Counter[str | None] = Counter()
     try:
         with channel.conn_or_acquire() as client:
             for tag, unsettled in list(pending.items()):
-                if tag not in held and _delivered_before(channel, client, tag, unsettled):
-                    if unsettled.acked:
-                        channel.qos._remove_from_indices(tag, client.pipeline()).execute()
-                        acked += 1
-                    else:
-                        channel.qos.restore_by_tag(tag, client=client)
-                        restored += 1
+                if tag not in held:
+                    outcomes[_settle(channel, client, tag, unsettled)] += 1
                 del pending[tag]
     except channel.connection_errors:
         _remember(broker, pending)
+    restored, acked = outcomes["restored"], outcomes["acked"]
     log.info("after a broker outage: %d unacked messages restored, %d acked", restored, acked)
 
 
-def _delivered_before(channel: Any, client: Any, tag: str, unsettled: Unsettled) -> bool:
+def _settle(channel: Any, client: Any, tag: str, unsettled: Unsettled) -> str | None:
+    """Restore or ack one delivery: "restored", "acked", or None when it is not ours to."""
     # ZSCORE is not among the commands kombu's client prefixes with global_keyprefix.
-    score = client.zscore(f"{channel.global_keyprefix}{channel.unacked_index_key}", tag)
-    return score is not None and score <= unsettled.failed_at
+    delivered_at = client.zscore(f"{channel.global_keyprefix}{channel.unacked_index_key}", tag)
+    if delivered_at is None:  # not in `unacked`: acked, restored, or never recorded there
+        if unsettled.message is None:
+            return None
+        with client.pipeline() as pipe:
+            channel._do_restore_message(*unsettled.message, pipe)
+            pipe.execute()
+        return "restored"
+    if delivered_at > unsettled.failed_at:  # delivered again since: someone else's now
+        return None
+    if unsettled.acked:
+        channel.qos._remove_from_indices(tag, client.pipeline()).execute()
+        return "acked"
+    channel.qos.restore_by_tag(tag, client=client)
+    return "restored"
 
 
 def _tags_of_jobs_held() -> set[str]:

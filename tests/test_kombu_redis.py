@@ -9,6 +9,7 @@ from types import SimpleNamespace
 
 import kombu
 import pytest
+import redis
 from celery.worker import state as worker_state
 
 from gokiq_celery import app
@@ -128,6 +129,42 @@ def test_unacked_messages_a_broker_restart_kept_are_restored_on_reconnect(tmp_pa
     server, _ = _restarted_holding_one_unacked(tmp_path, name)
     try:
         broker = server.client(1)
+        with kombu.Connection(server.url(1), transport=Transport) as again:
+            again.default_channel  # noqa: B018 (Celery's consumer reconnecting)
+            assert broker.hlen("unacked") == 0 and broker.llen(name) == 1
+    finally:
+        server.process.terminate()
+
+
+@pytest.mark.parametrize("lost", ["reply", "write"])
+def test_a_delivery_redis_recorded_or_not_is_put_back_on_reconnect(tmp_path, monkeypatch, lost):
+    """BRPOP took the message from its queue, then a restart cut the write that records it in
+    `unacked`, or only that write's reply: the consumer saw an error and never got the message,
+    which is in `unacked` or nowhere, so closing the channel did not restore it (seen in the
+    Redis-restart e2e test). The cut is simulated; the write itself runs on the real server."""
+    name = f"gokiq-kombu-lost-{lost}"
+    server = start_redis(tmp_path / "redis", None, "--appendonly", "yes")
+    execute = redis.client.Pipeline.execute
+
+    def execute_and_cut(pipeline, *args, **kwargs):
+        if lost == "reply":
+            execute(pipeline, *args, **kwargs)
+        raise redis.ConnectionError("Connection closed by server.")
+
+    try:
+        broker = server.client(1)
+        with kombu.Connection(server.url(1), transport=Transport) as conn:
+            queue = kombu.Queue(name, routing_key=name)
+            conn.Producer().publish({"n": 3}, routing_key=name, declare=[queue])
+            got: list = []
+            conn.Consumer(queue, callbacks=[lambda body, msg: got.append(body)]).consume()
+            monkeypatch.setattr(redis.client.Pipeline, "execute", execute_and_cut)
+            with pytest.raises(conn.connection_errors):
+                conn.drain_events(timeout=10)
+            monkeypatch.undo()
+            assert got == [] and not conn.default_channel.qos._delivered
+        assert broker.llen(name) == 0  # closing did not put it back: it was not delivered
+        assert broker.hlen("unacked") == (1 if lost == "reply" else 0)
         with kombu.Connection(server.url(1), transport=Transport) as again:
             again.default_channel  # noqa: B018 (Celery's consumer reconnecting)
             assert broker.hlen("unacked") == 0 and broker.llen(name) == 1
