@@ -120,6 +120,15 @@ def _restarted_holding_one_unacked(tmp_path, name: str, ack_while_down: bool = F
     return server, tag
 
 
+def _left_after_reconnect(server, name: str) -> tuple[int, int]:
+    """Once the process connects again (Celery's consumer reconnecting): the messages left in
+    `unacked` and in queue `name`."""
+    with kombu.Connection(server.url(1), transport=Transport) as again:
+        again.default_channel  # noqa: B018 (connects)
+        broker = server.client(1)
+        return broker.hlen("unacked"), broker.llen(name)
+
+
 def test_unacked_messages_a_broker_restart_kept_are_restored_on_reconnect(tmp_path):
     """A message delivered to the channel but not acked (a worker's prefetch) stayed in the
     broker's `unacked` hash when the channel closed with the broker down: kombu restores it on
@@ -128,10 +137,7 @@ def test_unacked_messages_a_broker_restart_kept_are_restored_on_reconnect(tmp_pa
     name = "gokiq-kombu-reconnect"
     server, _ = _restarted_holding_one_unacked(tmp_path, name)
     try:
-        broker = server.client(1)
-        with kombu.Connection(server.url(1), transport=Transport) as again:
-            again.default_channel  # noqa: B018 (Celery's consumer reconnecting)
-            assert broker.hlen("unacked") == 0 and broker.llen(name) == 1
+        assert _left_after_reconnect(server, name) == (0, 1)
     finally:
         server.process.terminate()
 
@@ -165,9 +171,7 @@ def test_a_delivery_redis_recorded_or_not_is_put_back_on_reconnect(tmp_path, mon
             assert got == [] and not conn.default_channel.qos._delivered
         assert broker.llen(name) == 0  # closing did not put it back: it was not delivered
         assert broker.hlen("unacked") == (1 if lost == "reply" else 0)
-        with kombu.Connection(server.url(1), transport=Transport) as again:
-            again.default_channel  # noqa: B018 (Celery's consumer reconnecting)
-            assert broker.hlen("unacked") == 0 and broker.llen(name) == 1
+        assert _left_after_reconnect(server, name) == (0, 1)
     finally:
         server.process.terminate()
 
@@ -180,9 +184,7 @@ def test_a_message_delivered_again_since_is_not_restored(tmp_path):
     try:
         broker = server.client(1)
         broker.zadd("unacked_index", {tag: time.time() + 1})  # as kombu's QoS.append does
-        with kombu.Connection(server.url(1), transport=Transport) as again:
-            again.default_channel  # noqa: B018
-            assert broker.hlen("unacked") == 1 and broker.llen(name) == 0
+        assert _left_after_reconnect(server, name) == (1, 0)
     finally:
         server.process.terminate()
 
@@ -193,10 +195,7 @@ def test_a_message_its_job_acked_while_the_broker_was_down_is_acked_not_restored
     name = "gokiq-kombu-acked"
     server, _ = _restarted_holding_one_unacked(tmp_path, name, ack_while_down=True)
     try:
-        broker = server.client(1)
-        with kombu.Connection(server.url(1), transport=Transport) as again:
-            again.default_channel  # noqa: B018
-            assert broker.hlen("unacked") == 0 and broker.llen(name) == 0
+        assert _left_after_reconnect(server, name) == (0, 0)
     finally:
         server.process.terminate()
 
@@ -214,10 +213,7 @@ def test_the_message_of_a_job_the_worker_still_runs_is_not_restored(tmp_path):
     running = _Request(tag)
     worker_state.active_requests.add(running)
     try:
-        broker = server.client(1)
-        with kombu.Connection(server.url(1), transport=Transport) as again:
-            again.default_channel  # noqa: B018
-            assert broker.hlen("unacked") == 1 and broker.llen(name) == 0
+        assert _left_after_reconnect(server, name) == (1, 0)
     finally:
         worker_state.active_requests.discard(running)
         server.process.terminate()
