@@ -56,8 +56,18 @@ class BrokerRestarts:
         deliveries it may have lost due now. Returns how many were, or None (no restart)."""
         if self.broker is None:
             return None
-        info = self.broker.info("server")
-        run_id = info["run_id"]
+        try:
+            info = self.broker.info("server")
+            run_id = info["run_id"]
+        except (redis.ResponseError, KeyError) as exc:  # INFO renamed away, or no run_id in it
+            log.warning(
+                "cannot read the broker's run_id (%s): after a restart of its Redis, a fetch "
+                "it cut waits for delivery_timeout",
+                exc,
+            )
+            self.close()
+            self.broker = None
+            return None
         if run_id == self.run_id:
             return None
         restarted_at = time.time() - float(info["uptime_in_seconds"]) + RESTART_MARGIN

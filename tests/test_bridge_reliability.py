@@ -215,6 +215,20 @@ def test_a_rabbitmq_broker_is_not_watched_for_restarts(bridge_env):
     assert bridge_env.redis.get(BROKER_RUN_ID)  # a Redis broker's run_id: recorded
 
 
+def test_a_redis_broker_without_info_is_left_unwatched(bridge_env, tmp_path, caplog):
+    """INFO renamed away (some managed Redis): said once, then no more checks."""
+    server = start_redis(tmp_path / "redis", None, "--rename-command", "INFO", "")
+    try:
+        watch = BrokerRestarts.for_broker(server.url(1), bridge_env.store().ledger, 300)
+        assert watch.check() is None and watch.broker is None
+        assert watch.check() is None
+        [said] = [r.message for r in caplog.records if "run_id" in r.message]
+        assert said.lower().startswith("cannot read the broker's run_id (unknown command 'info'")
+    finally:
+        server.process.kill()
+        server.process.wait(10)
+
+
 def test_backpressure_pauses_at_max_pending_and_resumes(bridge_env):
     bridge_env.push("default", [make_job(i) for i in range(500)])
     with BridgeProcess(bridge_env, "--max-pending", "50", "--batch-size", "100") as bridge:
