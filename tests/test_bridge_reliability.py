@@ -6,6 +6,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import json
+import logging
 import random
 import time
 import urllib.request
@@ -215,16 +216,30 @@ def test_a_rabbitmq_broker_is_not_watched_for_restarts(bridge_env):
     assert bridge_env.redis.get(BROKER_RUN_ID)  # a Redis broker's run_id: recorded
 
 
-def test_a_redis_broker_without_info_is_left_unwatched(bridge_env, tmp_path, caplog):
+class _Said(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+def test_a_redis_broker_without_info_is_left_unwatched(bridge_env, tmp_path):
     """INFO renamed away (some managed Redis): said once, then no more checks."""
     server = start_redis(tmp_path / "redis", None, "--rename-command", "INFO", "")
+    log, said_lines = logging.getLogger("gokiq.bridge"), _Said()
+    level, log.level = log.level, logging.WARNING  # other tests configure gokiq's logging
+    log.addHandler(said_lines)
     try:
         watch = BrokerRestarts.for_broker(server.url(1), bridge_env.store().ledger, 300)
         assert watch.check() is None and watch.broker is None
         assert watch.check() is None
-        [said] = [r.message for r in caplog.records if "run_id" in r.message]
+        [said] = [message for message in said_lines.messages if "run_id" in message]
         assert said.lower().startswith("cannot read the broker's run_id (unknown command 'info'")
     finally:
+        log.removeHandler(said_lines)
+        log.level = level
         server.process.kill()
         server.process.wait(10)
 
