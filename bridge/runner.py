@@ -1,9 +1,10 @@
 """The bridge process: the fetch → hand over → publish loop, the scheduler and housekeeping threads,
 the status server, and a clean shutdown.
 
-Threads: the main thread fetches and publishes (it alone uses the broker connection); the
-scheduler thread polls `retry`/`schedule`; the housekeeping thread renews the heartbeat,
-recovers dead bridges and refreshes the gauges; the HTTP thread serves /metrics.
+Threads: the main thread fetches and publishes (it alone uses the publisher's broker
+connection); the scheduler thread polls `retry`/`schedule`; the housekeeping thread renews the
+heartbeat, recovers dead bridges and dead workers' deliveries, notices a restart of the
+broker's Redis (broker_restarts.py) and refreshes the gauges; the HTTP thread serves /metrics.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from gokiq_celery.sidekiq.job import InvalidJob, Job, epoch_seconds, poison_entr
 from gokiq_celery.sidekiq.store import SidekiqStore
 from gokiq_history.recorder import open_recorder
 
+from .broker_restarts import BrokerRestarts
 from .fetch import Batch, QueueOrder, ReliableFetcher
 from .metrics import BridgeMetrics
 from .publish import Backpressure, Publisher
@@ -77,6 +79,9 @@ class Bridge:
         self.fetcher = ReliableFetcher(self.store, self.bridge_id, self.queues)
         self.publisher = publisher or Publisher(settings)
         self.backpressure = Backpressure(settings, self.publisher, self.store, self.metrics)
+        self.broker_restarts = BrokerRestarts.for_broker(
+            settings.broker_url, self.store.ledger, settings.delivery_timeout
+        )
         self.scheduler = Scheduler(
             self.store,
             self.bridge_id,
@@ -146,6 +151,7 @@ class Bridge:
             log.error("could not give back in-flight jobs (%s); recovery will", exc)
             code = 1
         self.publisher.close()
+        self.broker_restarts.close()
         self.history.close()
         if self.status is not None:
             self.status.stop()
@@ -316,12 +322,14 @@ class Bridge:
             try:
                 self.fetcher.register(ttl)
                 self.refresh_gauges()
-                if time.monotonic() >= next_workers:
-                    next_workers = time.monotonic() + self.WORKER_RECOVERY_INTERVAL
-                    self.recover_dead_workers()
                 if time.monotonic() >= next_recovery:
                     next_recovery = time.monotonic() + self.settings.bridge_recovery_interval
                     self._recover()
+                if time.monotonic() >= next_workers:
+                    next_workers = time.monotonic() + self.WORKER_RECOVERY_INTERVAL
+                    self.recover_dead_workers()
+                    # Last: a broker that is down (on a server of its own) fails this alone.
+                    self.broker_restarts.check()
             except Exception as exc:
                 log.warning("housekeeping: %s: %s", type(exc).__name__, exc)
 

@@ -15,7 +15,9 @@ consumer first `collect()`s the connection (which unhooks the transport from it)
 whose parameters kombu reads from that unhooked connection: an AttributeError that Celery calls
 unrecoverable, and the worker process exits. Here the parameters read while connected are
 reused, so the messages go back to their queue (or, with the broker still down, the failure is
-a connection error that Celery ignores and the consumer reconnects).
+a connection error that Celery ignores and the consumer reconnects). What that failed restore
+left in the broker's `unacked` hash is restored by the process's next channel to connect
+(gokiq_celery/kombu_unacked.py).
 """
 
 from __future__ import annotations
@@ -25,10 +27,17 @@ from typing import Any
 import redis
 from kombu.transport import redis as kombu_redis
 
+from gokiq_celery import kombu_unacked
+
 
 class Channel(kombu_redis.Channel):
+    QoS = kombu_unacked.QoS
     _command_client: tuple[Any, Any] | None = None  # (the pool it wraps, the client)
     _last_connparams: dict[bool, dict[str, Any]] | None = None  # by `asynchronous`
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)  # connects (or raises)
+        kombu_unacked.settle_unsettled(self)
 
     def _connparams(self, asynchronous: bool = False) -> dict[str, Any]:
         if self._last_connparams is None:

@@ -17,11 +17,15 @@ def work_entry(work)
   {"queue" => work.queue, "run_at" => work.raw("run_at"), "payload" => work.job.item}
 end
 
+# The running jobs first, then the processes: each beat writes a process's jobs and its busy
+# count together, so a job seen here is counted in the busy count read after it (read the other
+# way round, a beat between the two reads could show the job beside the last beat's count).
+work = Sidekiq::WorkSet.new.map { |identity, tid, work| [identity, tid, work_entry(work)] }
 processes = Sidekiq::ProcessSet.new.to_a
 processes.each(&:quiet!) if ARGV[0] == "quiet"
 processes.each(&:stop!) if ARGV[0] == "stop"
 attributes = %w[identity hostname pid tag concurrency queues labels busy beat quiet rss rtt_us]
 puts JSON.generate(
   "processes" => processes.map { |p| attributes.to_h { |name| [name, p[name]] }.merge("stopping" => p.stopping?) },
-  "work" => Sidekiq::WorkSet.new.map { |identity, tid, work| [identity, tid, work_entry(work)] }
+  "work" => work
 )

@@ -4,17 +4,21 @@ run three at a time, cut off from their broker, and held back by backpressure.""
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
+import logging
 import random
 import time
 import urllib.request
 from datetime import UTC, datetime
 
 import pybreaker
+import redis
 
-from gokiq_celery.sidekiq.keys import BREAKER_NAMESPACE
+from bridge.broker_restarts import BrokerRestarts
+from gokiq_celery.sidekiq.keys import BREAKER_NAMESPACE, BROKER_RUN_ID
 
-from .bridge_support import BridgeProcess, bridge_env, bridge_redis, make_job, wait_for
+from .bridge_support import BridgeProcess, Env, bridge_env, bridge_redis, make_job, wait_for
 from .conftest import free_port, start_redis
 
 __all__ = ["bridge_env", "bridge_redis"]  # fixtures used below
@@ -159,6 +163,85 @@ def test_broker_down_then_back_publishes_everything(bridge_env, tmp_path):
         for broker in brokers:
             broker.process.kill()
             broker.process.wait(10)
+
+
+def test_a_broker_restart_publishes_again_at_once_what_its_last_fetch_may_have_lost(tmp_path):
+    """kombu's BRPOP ran on a Redis that then exited before replying: the message is in no
+    queue and no `unacked` record, only in the ledger. Once the restarted broker answers (same
+    port and data, AOF on), the bridge publishes every unclaimed delivery of before the restart
+    again within seconds, not at delivery_timeout (300 s); the copy a broker may still hold is
+    stale. A claimed delivery (a live worker runs it) is left alone."""
+    server = start_redis(tmp_path / "redis", None, "--appendonly", "yes")
+    env = Env(server, 0, tmp_path)
+    store = env.store()
+    lost, running = make_job(1), make_job(2)
+    store.ledger.record([("lost", "default", lost), ("running", "default", running)], time.time())
+    store.ledger.extend(["lost", "running"], time.time() + 300)  # published: delivery_timeout
+    assert store.ledger.claim("running", time.time() + 600, "worker-1")
+
+    def worker_alive_and(read):
+        with contextlib.suppress(redis.ConnectionError):  # the worker beats while Redis is up
+            env.store().ledger.beat_worker("worker-1")
+        return read()
+
+    try:
+        with BridgeProcess(env, "--max-pending", "1000") as bridge:
+            run_id = server.client(1).info("server")["run_id"].encode()
+            wait_for(lambda: env.redis.get(BROKER_RUN_ID) == run_id, timeout=15)
+            server.process.terminate()
+            server.process.wait(10)
+            time.sleep(1)
+            server = start_redis(server.dir, server.port, "--appendonly", "yes")
+            [message] = wait_for(lambda: worker_alive_and(lambda: env.messages("default")), 15)
+            time.sleep(1)
+            assert worker_alive_and(lambda: env.broker_count("default")) == 1
+            assert bridge.terminate() == 0
+        token = message["kwargs"]["delivery"]
+        assert message["args"] == [lost, "default"] and token != "lost"
+        assert env.store().ledger.tokens() == sorted([token, "running"])
+        assert not env.store().ledger.claim("lost", time.time() + 600, "worker-2")  # stale
+        said = [line for line in bridge.log_lines() if "broker's Redis restarted" in line["msg"]]
+        assert [line["returned"] for line in said] == [1]
+    finally:
+        server.process.kill()
+        server.process.wait(10)
+
+
+def test_a_rabbitmq_broker_is_not_watched_for_restarts(bridge_env):
+    """RabbitMQ keeps a delivery until it is acked: no fetch is lost by a restart."""
+    ledger = bridge_env.store().ledger
+    watch = BrokerRestarts.for_broker("amqp://guest:guest@127.0.0.1:5672//", ledger, 300)
+    assert watch.broker is None and watch.check() is None
+    assert BrokerRestarts.for_broker(bridge_env.broker_url, ledger, 300).check() is None
+    assert bridge_env.redis.get(BROKER_RUN_ID)  # a Redis broker's run_id: recorded
+
+
+class _Said(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+def test_a_redis_broker_without_info_is_left_unwatched(bridge_env, tmp_path):
+    """INFO renamed away (some managed Redis): said once, then no more checks."""
+    server = start_redis(tmp_path / "redis", None, "--rename-command", "INFO", "")
+    log, said_lines = logging.getLogger("gokiq.bridge"), _Said()
+    level, log.level = log.level, logging.WARNING  # other tests configure gokiq's logging
+    log.addHandler(said_lines)
+    try:
+        watch = BrokerRestarts.for_broker(server.url(1), bridge_env.store().ledger, 300)
+        assert watch.check() is None and watch.broker is None
+        assert watch.check() is None
+        [said] = [message for message in said_lines.messages if "run_id" in message]
+        assert said.lower().startswith("cannot read the broker's run_id (unknown command 'info'")
+    finally:
+        log.removeHandler(said_lines)
+        log.level = level
+        server.process.kill()
+        server.process.wait(10)
 
 
 def test_backpressure_pauses_at_max_pending_and_resumes(bridge_env):

@@ -4,8 +4,13 @@ and messages still published, consumed and acked as kombu's own transport does."
 from __future__ import annotations
 
 import contextlib
+import time
+from types import SimpleNamespace
 
 import kombu
+import pytest
+import redis
+from celery.worker import state as worker_state
 
 from gokiq_celery import app
 from gokiq_celery.kombu_redis import Transport
@@ -41,16 +46,18 @@ def test_publish_consume_and_ack_as_kombu_does(broker_url, redis_server, redis_d
     assert broker.hlen("unacked") == 0 and broker.llen("gokiq-kombu-test") == 0
 
 
-def _consuming(conn: kombu.Connection, name: str) -> list:
+def _consuming(conn: kombu.Connection, name: str, messages: list | None = None) -> list:
     """A consumer of queue `name` and of an auto-delete fanout queue (as Celery's pidbox and
-    events), holding one unacked message of `name`."""
+    events), holding one unacked message of `name` (appended to `messages`); returns bodies."""
     queue = kombu.Queue(name, routing_key=name)
     fanout = kombu.Queue(
         f"{name}.pidbox", kombu.Exchange(f"{name}.fanout", "fanout"), auto_delete=True
     )
     conn.Producer().publish({"n": 2}, routing_key=name, declare=[queue])
     got: list = []
-    conn.Consumer([queue, fanout], callbacks=[lambda body, msg: got.append(body)]).consume()
+    held = [] if messages is None else messages
+    on_message = [lambda body, msg: (got.append(body), held.append(msg))]
+    conn.Consumer([queue, fanout], callbacks=on_message).consume()
     conn.drain_events(timeout=10)
     return got
 
@@ -86,3 +93,127 @@ def test_a_broker_restart_is_a_connection_error_not_an_unrecoverable_one(tmp_pat
     finally:
         if server.process.poll() is None:
             server.process.terminate()
+
+
+def _restarted_holding_one_unacked(tmp_path, name: str, ack_while_down: bool = False):
+    """A consumer holds one unacked message of queue `name`, with its BRPOP in flight, when its
+    redis-server stops (AOF on); its job acks it while the server is down if `ack_while_down`;
+    Celery's consumer then collects and closes the connection, and the server starts again on
+    the same port and data. Returns (server, the message's tag)."""
+    server = start_redis(tmp_path / "redis", None, "--appendonly", "yes")
+    conn = kombu.Connection(server.url(1), transport=Transport)
+    messages: list = []
+    assert _consuming(conn, name, messages) == [{"n": 2}]
+    [tag] = conn.default_channel.qos._delivered
+    conn.default_channel._brpop_start()
+    server.process.terminate()
+    server.process.wait(10)
+    if ack_while_down:
+        with pytest.raises(conn.connection_errors):
+            messages[0].ack()
+    with contextlib.suppress(Exception):
+        conn.collect()
+    with contextlib.suppress(*conn.connection_errors):
+        conn.close()
+    server = start_redis(server.dir, server.port, "--appendonly", "yes")
+    assert server.client(1).hlen("unacked") == 1  # closing could not restore it
+    return server, tag
+
+
+def _left_after_reconnect(server, name: str) -> tuple[int, int]:
+    """Once the process connects again (Celery's consumer reconnecting): the messages left in
+    `unacked` and in queue `name`."""
+    with kombu.Connection(server.url(1), transport=Transport) as again:
+        again.default_channel  # noqa: B018 (connects)
+        broker = server.client(1)
+        return broker.hlen("unacked"), broker.llen(name)
+
+
+def test_unacked_messages_a_broker_restart_kept_are_restored_on_reconnect(tmp_path):
+    """A message delivered to the channel but not acked (a worker's prefetch) stayed in the
+    broker's `unacked` hash when the channel closed with the broker down: kombu restores it on
+    close, which failed, and nothing tried again (celery/celery#1307), so it waited for the
+    visibility timeout. The process's next channel to connect restores it."""
+    name = "gokiq-kombu-reconnect"
+    server, _ = _restarted_holding_one_unacked(tmp_path, name)
+    try:
+        assert _left_after_reconnect(server, name) == (0, 1)
+    finally:
+        server.process.terminate()
+
+
+@pytest.mark.parametrize("lost", ["reply", "write"])
+def test_a_delivery_redis_recorded_or_not_is_put_back_on_reconnect(tmp_path, monkeypatch, lost):
+    """BRPOP took the message from its queue, then a restart cut the write that records it in
+    `unacked`, or only that write's reply: the consumer saw an error and never got the message,
+    which is in `unacked` or nowhere, so closing the channel did not restore it (seen in the
+    Redis-restart e2e test). The cut is simulated; the write itself runs on the real server."""
+    name = f"gokiq-kombu-lost-{lost}"
+    server = start_redis(tmp_path / "redis", None, "--appendonly", "yes")
+    execute = redis.client.Pipeline.execute
+
+    def execute_and_cut(pipeline, *args, **kwargs):
+        if lost == "reply":
+            execute(pipeline, *args, **kwargs)
+        raise redis.ConnectionError("Connection closed by server.")
+
+    try:
+        broker = server.client(1)
+        with kombu.Connection(server.url(1), transport=Transport) as conn:
+            queue = kombu.Queue(name, routing_key=name)
+            conn.Producer().publish({"n": 3}, routing_key=name, declare=[queue])
+            got: list = []
+            conn.Consumer(queue, callbacks=[lambda body, msg: got.append(body)]).consume()
+            monkeypatch.setattr(redis.client.Pipeline, "execute", execute_and_cut)
+            with pytest.raises(conn.connection_errors):
+                conn.drain_events(timeout=10)
+            monkeypatch.undo()
+            assert got == [] and not conn.default_channel.qos._delivered
+        assert broker.llen(name) == 0  # closing did not put it back: it was not delivered
+        assert broker.hlen("unacked") == (1 if lost == "reply" else 0)
+        assert _left_after_reconnect(server, name) == (0, 1)
+    finally:
+        server.process.terminate()
+
+
+def test_a_message_delivered_again_since_is_not_restored(tmp_path):
+    """Another worker that took the message after the restart holds it now (kombu noted the
+    new delivery's time in `unacked_index`): restoring it would hand it out twice."""
+    name = "gokiq-kombu-redelivered"
+    server, tag = _restarted_holding_one_unacked(tmp_path, name)
+    try:
+        broker = server.client(1)
+        broker.zadd("unacked_index", {tag: time.time() + 1})  # as kombu's QoS.append does
+        assert _left_after_reconnect(server, name) == (1, 0)
+    finally:
+        server.process.terminate()
+
+
+def test_a_message_its_job_acked_while_the_broker_was_down_is_acked_not_restored(tmp_path):
+    """The job finished and acked while Redis was down: running it again is not the way to
+    settle that message, completing its ack is."""
+    name = "gokiq-kombu-acked"
+    server, _ = _restarted_holding_one_unacked(tmp_path, name, ack_while_down=True)
+    try:
+        assert _left_after_reconnect(server, name) == (0, 0)
+    finally:
+        server.process.terminate()
+
+
+class _Request:  # what Celery's worker state tracks of a job it runs: its message
+    def __init__(self, delivery_tag: str):
+        self.message = SimpleNamespace(delivery_tag=delivery_tag)
+
+
+def test_the_message_of_a_job_the_worker_still_runs_is_not_restored(tmp_path):
+    """A job that was running at the connection loss acks its own message when done; restoring
+    its message would run it a second time meanwhile."""
+    name = "gokiq-kombu-running"
+    server, tag = _restarted_holding_one_unacked(tmp_path, name)
+    running = _Request(tag)
+    worker_state.active_requests.add(running)
+    try:
+        assert _left_after_reconnect(server, name) == (1, 0)
+    finally:
+        worker_state.active_requests.discard(running)
+        server.process.terminate()

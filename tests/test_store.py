@@ -148,6 +148,38 @@ def test_a_dead_worker_process_s_deliveries_are_handed_back_at_once(redis_client
     assert redis_client.zscore(DELIVERY_DEADLINES, "later") == pytest.approx(now + 300)
 
 
+def test_a_broker_restart_makes_the_unclaimed_deliveries_of_before_it_due(redis_client):
+    """A new run_id: unclaimed deliveries published before the restart (or handed over, not yet
+    published) are due now; claimed ones, ones published after it, and ones already due are
+    untouched. The first run_id ever recorded, and the same one again (another bridge, a later
+    check), are no news."""
+    store = SidekiqStore(redis_client)
+    now = time.time()
+    restart = now - 10
+    published = {"before": restart - 60, "claimed": restart - 60, "after": restart + 5}
+    for token, at in published.items():
+        store.ledger.record([(token, "default", make(token).text)], deadline=at + 300)
+    store.ledger.record([("handing", "default", make("handing").text)], deadline=restart + 30)
+    store.ledger.record([("overdue", "default", make("overdue").text)], deadline=now - 1)
+    assert store.ledger.claim("claimed", now + 600, "w1")
+
+    assert store.ledger.broker_restarted("first", restart - 100, 300, now) is None
+    assert store.ledger.broker_restarted("first", restart - 100, 300, now) is None
+    assert redis_client.zscore(DELIVERY_DEADLINES, "before") == pytest.approx(restart + 240)
+    assert store.ledger.broker_restarted("second", restart, 300, now) == 2
+    assert store.ledger.broker_restarted("second", restart, 300, now) is None
+    taken = store.ledger.take_overdue(now, ["n1", "n2", "n3", "n4"], now + 30)
+    assert sorted(Job.parse(payload).jid for _, _, payload in taken) == [
+        "before",
+        "handing",
+        "overdue",
+    ]
+    assert redis_client.zscore(DELIVERY_DEADLINES, "claimed") == pytest.approx(now + 600)
+    assert redis_client.zscore(DELIVERY_DEADLINES, "after") == pytest.approx(restart + 305)
+    # The copy of "before" still in the broker is stale now: its claim fails.
+    assert not store.ledger.claim("before", now + 600, "w2")
+
+
 def test_ledger_entries_keep_any_queue_name_and_payload_exact(redis_client):
     store = SidekiqStore(redis_client)
     odd = [("t1", "q:1\nweird", '{"class":"A","args":["é\\n"]}'), ("t2", "été", '{"args":[]}')]

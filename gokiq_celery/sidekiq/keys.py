@@ -69,6 +69,7 @@ DELIVERIES = "gokiq:deliveries"  # hash: token -> queue and payload
 DELIVERY_DEADLINES = "gokiq:deliveries:due"  # zset: token -> when to presume the message lost
 DELIVERY_HOLDERS = "gokiq:deliveries:holders"  # hash: token -> worker process
 WORKERS = "gokiq:workers"  # zset: worker process -> last sign of life
+BROKER_RUN_ID = "gokiq:broker:run_id"  # string: the broker Redis's run_id a bridge last saw
 
 
 def breaker_key(field: str) -> str:

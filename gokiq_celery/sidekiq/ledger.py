@@ -22,6 +22,9 @@ The one API, used by the bridge and the workers:
 - `take_overdue`: entries whose deadline passed (a message lost with a SIGKILLed worker, one a
   Redis broker holds unacked for its visibility timeout, a broker that lost its data) are
   re-tokened for the bridge to publish again (lua/take_overdue_deliveries.lua).
+- `broker_restarted`: the broker's Redis has a new run_id: every unclaimed delivery published
+  before the restart is due now (lua/broker_restarted.lua; kombu's BRPOP may have taken its
+  message from the broker without any worker receiving it).
 
 Each worker process that claims keeps a sign of life in `gokiq:workers` (a claim, or
 `beat_worker` every WORKER_BEAT s); one silent for WORKER_TTL is dead, and
@@ -37,6 +40,7 @@ import redis
 
 from .job import Job
 from .keys import (
+    BROKER_RUN_ID,
     DELIVERIES,
     DELIVERY_DEADLINES,
     DELIVERY_HOLDERS,
@@ -125,6 +129,19 @@ class DeliveryLedger:
         args = [score(now), score(WORKER_TTL), score(delivery_timeout)]
         count, *dead = self.scripts("recover_workers")(keys=keys, args=args)
         return int(count), [holder.decode() for holder in dead]
+
+    def broker_restarted(
+        self, run_id: str, restarted_at: float, delivery_timeout: float, now: float | None = None
+    ) -> int | None:
+        """The broker's Redis answers with `run_id`: if it is not the run_id last recorded (by
+        any bridge), the broker restarted at `restarted_at` and every unclaimed delivery
+        published by then is made due now (lua/broker_restarted.lua). Returns how many, or None
+        when there is no news (the same run_id, or the first one ever recorded)."""
+        now = time.time() if now is None else now
+        keys = [BROKER_RUN_ID, DELIVERY_DEADLINES, DELIVERY_HOLDERS]
+        args = [run_id, score(now), score(restarted_at), score(delivery_timeout)]
+        made_due = int(self.scripts("broker_restarted")(keys=keys, args=args))
+        return None if made_due < 0 else made_due
 
     # -- the workers ------------------------------------------------------------------------
 

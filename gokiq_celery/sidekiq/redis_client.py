@@ -31,14 +31,20 @@ def reconnecting() -> Retry:
     return Retry(backoff, RECONNECT_RETRIES, supported_errors=(redis.ConnectionError,))
 
 
-def connect(url: str) -> redis.Redis:
-    """A client of the Redis at `url`, with gokiq's timeouts and reconnection."""
+def _reconnect_once() -> Retry:
+    return Retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,))
+
+
+def connect(url: str, *, reconnect: bool = True) -> redis.Redis:
+    """A client of the Redis at `url`, with gokiq's timeouts and reconnection (`reconnect`
+    False: a command caught by a lost connection is sent once more on a new one, at once, then
+    fails: for a caller that tries again later and must not stall meanwhile)."""
     return redis.Redis.from_url(
         url,
         socket_timeout=SOCKET_TIMEOUT,
         socket_connect_timeout=CONNECT_TIMEOUT,
         health_check_interval=HEALTH_CHECK_INTERVAL,
-        retry=reconnecting(),
+        retry=reconnecting() if reconnect else _reconnect_once(),
     )
 
 
