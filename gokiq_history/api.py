@@ -66,6 +66,9 @@ class JobSummary(BaseModel):
     attempts: int
     created_at: datetime
     enqueued_at: datetime | None
+    due_at: datetime | None = Field(
+        description="when it was due, as last seen waiting in `schedule` or `retry`"
+    )
     first_started_at: datetime | None
     last_started_at: datetime | None
     finished_at: datetime | None
@@ -149,6 +152,7 @@ def _time(value: float | None) -> datetime | None:
 _TIME_FIELDS = (
     "created_at",
     "enqueued_at",
+    "due_at",
     "first_started_at",
     "last_started_at",
     "finished_at",

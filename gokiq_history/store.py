@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 
 from sqlalchemy import (
     Engine,
+    Select,
     and_,
     case,
     create_engine,
@@ -139,6 +140,7 @@ def _job_upsert_sql(engine: Engine) -> str:
         "attempts": _greatest(engine, old.attempts, new.attempts),
         "created_at": _least(engine, old.created_at, new.created_at),
         "enqueued_at": _least(engine, old.enqueued_at, new.enqueued_at),
+        "due_at": lead("due_at"),
         "first_started_at": _least(engine, old.first_started_at, new.first_started_at),
         "last_started_at": _greatest(engine, old.last_started_at, new.last_started_at),
         "finished_at": follow("finished_at", wins),
@@ -236,10 +238,28 @@ def list_jobs(
     limit: int,
     cursor: str | None,
 ) -> tuple[list[dict[str, Any]], str | None]:
-    """Newest first by (created_at, jid); at most `limit` rows and the next page's cursor.
+    """Newest first by (created_at, jid); at most `limit` rows and the next page's cursor."""
+    query = listing_query(filters=filters, since=since, until=until, limit=limit, cursor=cursor)
+    with engine.connect() as conn:
+        rows = [dict(r) for r in conn.execute(query).mappings()]
+    more = len(rows) > limit
+    rows = rows[:limit]
+    return rows, encode_cursor(rows[-1]["created_at"], rows[-1]["jid"]) if more else None
 
-    Each filter (job_class, queue, state) has an index led by it and followed by the sort key,
-    so the database walks one index from the cursor and stops after `limit` matches.
+
+def listing_query(
+    *,
+    filters: dict[str, str | None],
+    since: float | None,
+    until: float | None,
+    limit: int,
+    cursor: str | None,
+) -> Select:
+    """The page `list_jobs` reads (one row more than `limit`: is there a next page?).
+
+    Each filter (job_class, queue, state), and state with either of the others, has an index
+    led by it and followed by the sort key, so the database walks one index range from the
+    cursor and stops after `limit` matches (tests/test_history_plans.py checks the plans).
     """
     conditions = [jobs.c[name] == value for name, value in filters.items() if value is not None]
     if since is not None:
@@ -249,17 +269,12 @@ def list_jobs(
     if cursor is not None:
         at, jid = decode_cursor(cursor)
         conditions.append(tuple_(jobs.c.created_at, jobs.c.jid) < tuple_(at, jid))
-    query = (
+    return (
         select(jobs)
         .where(and_(True, *conditions))
         .order_by(jobs.c.created_at.desc(), jobs.c.jid.desc())
         .limit(limit + 1)
     )
-    with engine.connect() as conn:
-        rows = [dict(r) for r in conn.execute(query).mappings()]
-    more = len(rows) > limit
-    rows = rows[:limit]
-    return rows, encode_cursor(rows[-1]["created_at"], rows[-1]["jid"]) if more else None
 
 
 def stats(engine: Engine, since: float) -> list[tuple[str, str, int]]:
