@@ -17,7 +17,7 @@ from typing import Annotated, Any, Literal
 
 from fastapi import Depends, FastAPI, HTTPException, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
@@ -166,6 +166,12 @@ def _timed(row: dict[str, Any]) -> dict[str, Any]:
     return {k: _time(v) if k in _TIME_FIELDS else v for k, v in row.items()}
 
 
+def _json(model: BaseModel) -> Response:
+    """A model validated once, as JSON: a returned model would be validated and serialised
+    again against the route's response_model (which still documents it)."""
+    return Response(model.model_dump_json(by_alias=True), media_type="application/json")
+
+
 def _summary(row: dict[str, Any]) -> JobSummary:
     return JobSummary.model_validate(_timed(row))
 
@@ -277,7 +283,8 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
         if found is None:
             raise HTTPException(404, "no such job")
         job, runs = found
-        return JobDetail.model_validate({**_timed(job), "runs": [_timed(r) for r in runs]})
+        detail = JobDetail.model_validate({**_timed(job), "runs": [_timed(r) for r in runs]})
+        return _json(detail)
 
     @app.get(
         "/v1/jobs",
