@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import os
 import random
 import shutil
 import signal
@@ -44,32 +43,12 @@ sys.path.insert(0, str(REPO / "bench"))
 
 from e2e import bulk, percentile, wait_done  # noqa: E402
 from sqlalchemy import text  # noqa: E402
+from worker import cpu_seconds  # noqa: E402
 
 from gokiq_history import migrations, store  # noqa: E402
 from tests.conftest import VENV_BIN, free_port  # noqa: E402
 from tests.e2e.conftest import Stack  # noqa: E402
 from tests.history_support import pg_admin, pg_database  # noqa: E402
-
-
-def _cpu_seconds(pids: list[int]) -> float:
-    """User + system CPU of these processes and all their descendants (Linux /proc)."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    total, todo = 0.0, list(pids)
-    while todo:
-        pid = todo.pop()
-        todo.extend(children.get(pid, []))
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    return total
 
 
 def _database_backends(url: str | None) -> list[int]:
@@ -86,8 +65,8 @@ def _database_backends(url: str | None) -> list[int]:
 
 
 def _process_cpu(stack: Stack, url: str | None) -> dict[str, float]:
-    cpu = {s.name: _cpu_seconds([s.pid]) for s in (stack.bridge, stack.worker, stack.sidecar)}
-    cpu["postgres"] = _cpu_seconds(_database_backends(url))
+    cpu = {s.name: cpu_seconds(s.pid) for s in (stack.bridge, stack.worker, stack.sidecar)}
+    cpu["postgres"] = sum(cpu_seconds(pid) for pid in _database_backends(url))
     return cpu
 
 

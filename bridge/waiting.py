@@ -65,17 +65,20 @@ class WaitingJobsWatcher:
     def run(self, stop: threading.Event) -> None:
         """Read a slice of each set every `interval` until `stop`; errors are logged and
         retried with a backoff (the jobs do not depend on this)."""
-        backoff = Backoff(first=1.0, cap=30.0)
-        while not stop.is_set():
-            try:
-                self.poll()
-            except Exception:
-                delay = backoff.next()
-                log.exception("history: cannot read the waiting jobs, retrying in %.0fs", delay)
-                stop.wait(delay)
-                continue
-            backoff.reset()
-            stop.wait(self.interval)
+        backoff, delay = Backoff(first=1.0, cap=30.0), 0.0
+        while not stop.wait(delay):
+            delay = self._poll_or_back_off(backoff)
+
+    def _poll_or_back_off(self, backoff: Backoff) -> float:
+        """Poll once; how long to wait before the next."""
+        try:
+            self.poll()
+        except Exception:
+            delay = backoff.next()
+            log.exception("history: cannot read the waiting jobs, retrying in %.0fs", delay)
+            return delay
+        backoff.reset()
+        return self.interval
 
     def poll(self) -> int:
         """Read the next slice of each set; how many waiting jobs were recorded."""

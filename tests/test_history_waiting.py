@@ -4,14 +4,18 @@ databases (SQLite and PostgreSQL)."""
 
 from __future__ import annotations
 
+import threading
 import time
+
+import redis
 
 from bridge.metrics import BridgeMetrics
 from bridge.scheduler import Scheduler
 from bridge.waiting import WaitingJobsWatcher
 from gokiq_celery.sidekiq.job import Job
-from gokiq_celery.sidekiq.store import RETRY, SCHEDULE
+from gokiq_celery.sidekiq.store import RETRY, SCHEDULE, SidekiqStore
 
+from .conftest import free_port, wait_for
 from .history_support import pg_admin_url, pg_url
 from .test_bridge_support import bridge_env, bridge_redis
 from .test_history import db_url, engine, read_job, recorder_for
@@ -85,3 +89,25 @@ def test_a_large_set_is_read_in_bounded_slices_and_a_far_future_push_mid_pass_is
     assert recorder.flush()
     assert read_job(engine, "far")["due_at"] == now + 10 * MONTH
     assert read_job(engine, "head")["state"] == "scheduled"
+
+
+def test_the_watchers_thread_records_what_is_pushed_survives_redis_errors_and_stops(
+    bridge_env, db_url, caplog
+):
+    store = bridge_env.store()
+    recorder = recorder_for(db_url)
+    watcher = WaitingJobsWatcher(store, recorder, interval=0.05)
+    stop = threading.Event()
+    thread = threading.Thread(target=watcher.run, args=(stop,))
+    thread.start()
+    try:
+        store.redis.zadd(SCHEDULE, {hard_job("pushed", time.time()).text: time.time() + 60})
+        wait_for(lambda: recorder.pending() > 0, timeout=10, message="the push was not seen")
+        down = SidekiqStore(redis.Redis(port=free_port(), socket_connect_timeout=0.5))
+        watcher.store = down  # Redis gone: logged and retried, the thread goes on
+        wait_for(lambda: "cannot read the waiting jobs" in caplog.text, timeout=10)
+        assert thread.is_alive()
+    finally:
+        stop.set()
+        thread.join(10)
+    assert not thread.is_alive()
