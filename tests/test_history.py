@@ -160,8 +160,11 @@ def test_the_recorder_records_a_failed_run_then_a_success(engine, db_url):
     first = job("r1")
     recorder.enqueued([first], "default")
     recorder.started(first, "default")
-    recorder.failed(first, "ArgumentError", "boom")
+    recorder.failed(first, "ArgumentError", "boom", retry_at=1800000000.25)
     recorder.finished(first, "retry")
+    assert recorder.flush()
+    row = read_job(engine, "r1")
+    assert (row["state"], row["due_at"], row["finished_at"]) == ("retrying", 1800000000.25, None)
     second = job("r1", retry_count=0, error_class="ArgumentError")
     recorder.started(second, "default")
     recorder.finished(second, "ok")
@@ -171,6 +174,7 @@ def test_the_recorder_records_a_failed_run_then_a_success(engine, db_url):
     assert row["created_at"] == 1700000000.5
     assert row["args"] is None  # off by default
     assert (row["error_class"], row["error_message"]) == ("ArgumentError", "boom")
+    assert row["due_at"] == 1800000000.25  # when the retry was due: kept
     assert [(r["attempt"], r["outcome"], r["error_class"]) for r in runs] == [
         (1, "retry", "ArgumentError"),
         (2, "ok", None),
