@@ -369,7 +369,9 @@ class HistoryRecorder:
                 from .migrations import upgrade
 
                 upgrade(self.url)
-            self._engine = store.open_engine(self.url)
+            # No pre-ping (a round trip per batch): a batch that fails on a connection the
+            # database dropped is put back and written again on a new one.
+            self._engine = store.open_engine(self.url, pre_ping=False)
         store.write_batch(self._engine, job_rows, attempt_rows)
 
     def _put_back(self, job_rows: list[dict[str, Any]], attempt_rows: list[dict[str, Any]]):
