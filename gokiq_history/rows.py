@@ -87,9 +87,7 @@ def job_event(jid: str, state: str, at: float, attempt: int = 0, **values: Any) 
     event is about (an enqueued job's: the run it waits for)."""
     row = dict.fromkeys(JOB_COLUMNS)
     rank = 4 * attempt + RANK[state]
-    row.update(values, jid=jid, state=state, state_rank=rank, state_at=at)
-    if row["updated_at"] is None:
-        row["updated_at"] = at
+    row.update(values, jid=jid, state=state, state_rank=rank, state_at=at, updated_at=at)
     if row["created_at"] is None:
         row["created_at"] = at
     if row["attempts"] is None:

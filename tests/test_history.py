@@ -60,12 +60,18 @@ def read_job(engine, jid: str) -> dict:
 
 
 def lifecycle(jid: str, t0: float) -> list[dict]:
-    """A job's events in the order they happened: enqueued, run, retry, run, success."""
+    """A job's events in the order they happened: scheduled (perform_in), enqueued when due,
+    run, retry (seen waiting in `retry` too), run, success."""
     return [
+        job_event(jid, "scheduled", t0 - 60, 1, job_class="HardJob", queue="default",
+                  due_at=t0),
         job_event(jid, "enqueued", t0, 1, job_class="HardJob", queue="default", enqueued_at=t0),
         job_event(jid, "running", t0 + 1, 1, attempts=1, first_started_at=t0 + 1,
                   last_started_at=t0 + 1, worker="w1"),
         job_event(jid, "retrying", t0 + 2, 1, attempts=1, runtime=1.0, worker="w1",
+                  error_class="RuntimeError", error_message="boom", error_at=t0 + 2,
+                  due_at=t0 + 19),
+        job_event(jid, "retrying", t0 + 3, 1, attempts=1, due_at=t0 + 19.5, created_at=t0 - 60,
                   error_class="RuntimeError", error_message="boom", error_at=t0 + 2),
         job_event(jid, "running", t0 + 20, 2, attempts=2, first_started_at=t0 + 20,
                   last_started_at=t0 + 20, worker="w2"),
@@ -110,6 +116,7 @@ def test_a_lifecycle_written_in_order_ends_succeeded(engine):
     assert (row["first_started_at"], row["last_started_at"]) == (1001.0, 1020.0)
     assert (row["error_class"], row["error_message"]) == ("RuntimeError", "boom")
     assert (row["finished_at"], row["runtime"], row["enqueued_at"]) == (1021.0, 0.5, 1000.0)
+    assert (row["due_at"], row["created_at"]) == (1019.5, 940.0)  # the last due time seen
 
 
 def test_a_terminal_state_is_not_overwritten_by_an_older_event(engine):
@@ -131,7 +138,7 @@ def test_a_terminal_state_is_not_overwritten_by_an_older_event(engine):
 @settings(
     max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
-@given(order=st.permutations(range(5)), cuts=st.sets(st.integers(1, 4)), replay=st.booleans())
+@given(order=st.permutations(range(7)), cuts=st.sets(st.integers(1, 6)), replay=st.booleans())
 def test_any_order_batching_or_replay_converges_to_the_python_fold(engine, order, cuts, replay):
     jid = f"p{random.getrandbits(40)}"
     events = lifecycle(jid, 1000.0)
