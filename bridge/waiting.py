@@ -21,8 +21,8 @@ import threading
 import time
 
 from gokiq_celery.sidekiq.job import InvalidJob, Job
-from gokiq_celery.sidekiq.store import RETRY, SCHEDULE, SidekiqStore
-from gokiq_celery.sidekiq.waiting_sets import scan_waiting, waiting_size
+from gokiq_celery.sidekiq.keys import RETRY, SCHEDULE
+from gokiq_celery.sidekiq.store import SidekiqStore
 from gokiq_history.recorder import HistoryRecorder
 
 from .retrying import Backoff
@@ -94,9 +94,9 @@ class WaitingJobsWatcher:
     def _read_slice(self, set_name: str, state: str) -> int:
         current = self._passes[set_name]
         if current.cursor == 0:
-            current.slice = self._slice_size(waiting_size(self.store, set_name))
+            current.slice = self._slice_size(self.store.scheduled.size(set_name))
         seen_at = time.time()  # before the read: no later than what the members were seen in
-        current.cursor, members = scan_waiting(self.store, set_name, current.cursor, current.slice)
+        current.cursor, members = self.store.scheduled.scan(set_name, current.cursor, current.slice)
         waiting = []
         for raw, score in members:
             key = hash((raw, score))

@@ -13,11 +13,12 @@ from bridge.metrics import BridgeMetrics
 from bridge.scheduler import Scheduler
 from bridge.waiting import WaitingJobsWatcher
 from gokiq_celery.sidekiq.job import Job
-from gokiq_celery.sidekiq.store import RETRY, SCHEDULE, SidekiqStore
+from gokiq_celery.sidekiq.keys import RETRY, SCHEDULE
+from gokiq_celery.sidekiq.store import SidekiqStore
 
+from .bridge_support import bridge_env, bridge_redis
 from .conftest import free_port, wait_for
 from .history_support import pg_admin_url, pg_url
-from .test_bridge_support import bridge_env, bridge_redis
 from .test_history import db_url, engine, read_job, recorder_for
 
 __all__ = ["bridge_env", "bridge_redis", "db_url", "engine", "pg_admin_url", "pg_url"]
