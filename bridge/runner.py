@@ -32,6 +32,7 @@ from .metrics import BridgeMetrics
 from .publish import Backpressure, Publisher
 from .retrying import Backoff
 from .scheduler import Scheduler
+from .waiting import WaitingJobsWatcher
 
 log = logging.getLogger("gokiq.bridge")
 
@@ -121,6 +122,9 @@ class Bridge:
         if self._register():
             self._start_thread("bridge-scheduler", self.scheduler.run, self.stopping)
             self._start_thread("bridge-housekeeping", self._housekeeping)
+            if self.history.enabled:  # scheduled and retrying jobs, as they wait
+                watcher = WaitingJobsWatcher(self.store, self.history)
+                self._start_thread("bridge-history-waiting", watcher.run, self.stopping)
             self._fetch_loop()
         return self._shutdown()
 

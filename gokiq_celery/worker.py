@@ -264,7 +264,8 @@ class Worker:
             decision = self.policy.decide(job, failure, queue)
         except SidekiqVersionUnknown as exc:  # a retry written now could have the wrong format
             return self._put_back(job, queue, exc)
-        self.history.failed(job, failure.error_class, failure.error_message)
+        retry_at = time.time() + decision.delay if decision.outcome is Outcome.RETRY else None
+        self.history.failed(job, failure.error_class, failure.error_message, retry_at)
         log.info(
             "fail: %s: %s",
             failure.error_class,

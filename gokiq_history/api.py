@@ -18,7 +18,7 @@ from typing import Annotated, Any, Literal
 
 from fastapi import Depends, FastAPI, HTTPException, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
@@ -68,6 +68,9 @@ class JobSummary(BaseModel):
     attempts: int
     created_at: datetime
     enqueued_at: datetime | None
+    due_at: datetime | None = Field(
+        description="when it was due, as last seen waiting in `schedule` or `retry`"
+    )
     first_started_at: datetime | None
     last_started_at: datetime | None
     finished_at: datetime | None
@@ -152,6 +155,7 @@ def _time(value: float | None) -> datetime | None:
 _TIME_FIELDS = (
     "created_at",
     "enqueued_at",
+    "due_at",
     "first_started_at",
     "last_started_at",
     "finished_at",
@@ -163,6 +167,12 @@ _TIME_FIELDS = (
 
 def _timed(row: dict[str, Any]) -> dict[str, Any]:
     return {k: _time(v) if k in _TIME_FIELDS else v for k, v in row.items()}
+
+
+def _json(model: BaseModel) -> Response:
+    """A model validated once, as JSON: a returned model would be validated and serialised
+    again against the route's response_model (which still documents it)."""
+    return Response(model.model_dump_json(by_alias=True), media_type="application/json")
 
 
 def _summary(row: dict[str, Any]) -> JobSummary:
@@ -276,7 +286,8 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
         if found is None:
             raise HTTPException(404, "no such job")
         job, runs = found
-        return JobDetail.model_validate({**_timed(job), "runs": [_timed(r) for r in runs]})
+        detail = JobDetail.model_validate({**_timed(job), "runs": [_timed(r) for r in runs]})
+        return _json(detail)
 
     @app.get(
         "/v1/jobs",

@@ -56,13 +56,15 @@ class NullRecorder:
     def enqueued(self, jobs: Any, queue: str | None = None) -> None:
         pass
 
-    def scheduled(self, jobs: Any) -> None:
+    def waiting(self, state: str, jobs: list[tuple[Job, float]], seen_at: float) -> None:
         pass
 
     def started(self, job: Job, queue: str) -> None:
         pass
 
-    def failed(self, job: Job, error_class: str, error_message: str) -> None:
+    def failed(
+        self, job: Job, error_class: str, error_message: str, retry_at: float | None = None
+    ) -> None:
         pass
 
     def finished(self, job: Job, outcome: str) -> None:
@@ -105,7 +107,7 @@ class _Run:
 
     __slots__ = (
         "attempt", "error_class", "error_message", "job", "monotonic", "queue", "reported",
-        "started_at",
+        "retry_at", "started_at",
     )  # fmt: skip
 
     def __init__(self, job: Job, queue: str) -> None:
@@ -113,6 +115,7 @@ class _Run:
         self.started_at, self.monotonic = time.time(), time.monotonic()
         self.error_class: str | None = None
         self.error_message: str | None = None
+        self.retry_at: float | None = None
         self.reported = False  # its "running" event was written
 
 
@@ -161,14 +164,10 @@ class HistoryRecorder:
         now = time.time()
         self._add([self._enqueued_event(job, queue, now) for job in jobs], [])
 
-    def scheduled(self, jobs: Any) -> None:
-        """Jobs put in the `schedule` set, to be enqueued when due (the ingestion API)."""
-        now = time.time()
-        events = [
-            self._job_event(job, job.queue, "scheduled", now, attempt=attempt_number(job))
-            for job in jobs
-        ]
-        self._add(events, [])
+    def waiting(self, state: str, jobs: list[tuple[Job, float]], seen_at: float) -> None:
+        """Jobs seen waiting in `schedule` ("scheduled") or `retry` ("retrying"), each with its
+        due time, by a read that started at `seen_at` (bridge/waiting.py)."""
+        self._add([self._waiting_event(job, state, due_at, seen_at) for job, due_at in jobs], [])
 
     def started(self, job: Job, queue: str) -> None:
         run = _Run(job, queue)
@@ -177,11 +176,15 @@ class HistoryRecorder:
             self._ensure_thread()
             self._running[id(run)] = run
 
-    def failed(self, job: Job, error_class: str, error_message: str) -> None:
-        """The run in progress on this thread raised: kept for `finished`."""
+    def failed(
+        self, job: Job, error_class: str, error_message: str, retry_at: float | None = None
+    ) -> None:
+        """The run in progress on this thread raised (and is retried at `retry_at`, if it is):
+        kept for `finished`."""
         run = getattr(self._local, "run", None)
         if run is not None and run.job is job:
             run.error_class, run.error_message = error_class, error_message[:ERROR_MESSAGE_LIMIT]
+            run.retry_at = retry_at
 
     def finished(self, job: Job, outcome: str) -> None:
         """The run started on this thread ended with `outcome` (gokiq_celery/worker.py)."""
@@ -196,11 +199,9 @@ class HistoryRecorder:
         error = {"error_class": run.error_class, "error_message": run.error_message}
         job_rows = []
         if state := STATE_AFTER.get(outcome):
-            terminal = {"finished_at": now} if state not in {"retrying", "enqueued"} else {}
+            after = {"due_at": run.retry_at} if state == "retrying" else {"finished_at": now}
             failure = dict(error, error_at=now) if run.error_class else {}
-            job_rows.append(
-                self._run_event(run, state, now, runtime=runtime, **terminal, **failure)
-            )
+            job_rows.append(self._run_event(run, state, now, runtime=runtime, **after, **failure))
         self._add(job_rows, [self._attempt(run, **ended, **error)])
 
     def invalid(self, raw: bytes | str, queue: str) -> None:
@@ -231,6 +232,17 @@ class HistoryRecorder:
             attempt=attempt_number(job),
             enqueued_at=enqueued_at,
         )
+
+    def _waiting_event(self, job: Job, state: str, due_at: float, seen_at: float) -> dict[str, Any]:
+        """Dated when it was seen waiting, and never after it was due: before the same
+        attempt's next state (enqueued, when due or moved by hand, then running...), whichever
+        process records that one and whenever; a job seen again with a new due time is seen
+        later, so its new due time wins."""
+        values: dict[str, Any] = {"attempt": attempt_number(job), "due_at": due_at}
+        if state == "retrying":  # about the run that failed; its error is in the payload
+            values["attempt"] = values["attempts"] = values["attempt"] - 1
+            values.update(_payload_error(job))
+        return self._job_event(job, job.queue, state, min(seen_at, due_at), **values)
 
     def _job_event(self, job: Job, queue: str, state: str, at: float, **values: Any):
         args = json.dumps(job.args, ensure_ascii=False) if self.record_args else None
@@ -340,7 +352,9 @@ class HistoryRecorder:
                 from .migrations import upgrade
 
                 upgrade(self.url)
-            self._engine = store.open_engine(self.url)
+            # No pre-ping (a round trip per batch): a batch that fails on a connection the
+            # database dropped is put back and written again on a new one.
+            self._engine = store.open_engine(self.url, pre_ping=False)
         store.write_batch(self._engine, job_rows, attempt_rows)
 
     def _put_back(self, job_rows: list[dict[str, Any]], attempt_rows: list[dict[str, Any]]):
@@ -382,6 +396,16 @@ class HistoryRecorder:
         self.flush()
         if self._engine is not None:
             self._engine.dispose()
+
+
+def _payload_error(job: Job) -> dict[str, Any]:
+    """The last failure a retry's payload carries (Sidekiq's error_class, retried_at...)."""
+    failed_at = epoch_seconds(job.get("retried_at")) or epoch_seconds(job.get("failed_at"))
+    error_class, message = job.get("error_class"), job.get("error_message")
+    if not (isinstance(error_class, str) and failed_at):
+        return {}
+    message = message[:ERROR_MESSAGE_LIMIT] if isinstance(message, str) else None
+    return {"error_class": error_class, "error_message": message, "error_at": failed_at}
 
 
 def _short(exc: Exception) -> str:

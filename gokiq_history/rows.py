@@ -9,7 +9,7 @@ clocks, and a batch that failed is written again), so a row is never "set", it i
   the states only move forward (enqueued < running < retrying or a final state), whatever the
   processes' clocks say (the bridge notes a fetch after publishing it, when the job may have
   run already); at equal ranks the later event wins;
-- worker, queue and runtime follow that event too, but a null never erases a value;
+- worker, queue, runtime and due_at follow that event too, but a null never erases a value;
 - first/last start and `created_at` are a min/max, `attempts` a max;
 - the error group follows the greatest `error_at`.
 
@@ -58,6 +58,7 @@ JOB_COLUMNS = (
     "attempts",
     "created_at",
     "enqueued_at",
+    "due_at",
     "first_started_at",
     "last_started_at",
     "finished_at",
@@ -133,6 +134,7 @@ def merge_job(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
         "attempts": max(old["attempts"], new["attempts"]),
         "created_at": _least(old["created_at"], new["created_at"]),
         "enqueued_at": _least(old["enqueued_at"], new["enqueued_at"]),
+        "due_at": _first(lead["due_at"], other["due_at"]),
         "first_started_at": _least(old["first_started_at"], new["first_started_at"]),
         "last_started_at": _greatest(old["last_started_at"], new["last_started_at"]),
         "finished_at": lead["finished_at"],

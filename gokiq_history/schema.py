@@ -30,6 +30,7 @@ jobs = Table(
     Column("attempts", Integer, nullable=False),
     Column("created_at", Float, nullable=False),  # the payload's created_at: the sort key
     Column("enqueued_at", Float),
+    Column("due_at", Float),  # when it was due: last seen waiting in `schedule` or `retry`
     Column("first_started_at", Float),
     Column("last_started_at", Float),
     Column("finished_at", Float),
@@ -39,11 +40,15 @@ jobs = Table(
     Column("worker", Text),
     Column("runtime", Float),
     Column("updated_at", Float, nullable=False),  # retention deletes by this
-    # Keyset pagination, newest first, unfiltered and by each filter; then retention.
+    # Keyset pagination, newest first: unfiltered, by each filter, and by each documented pair
+    # of filters (class and state, queue and state: one index range, no row filtered out; a
+    # third filter is checked on the rows of that range); then retention.
     Index("ix_gokiq_jobs_created", "created_at", "jid"),
     Index("ix_gokiq_jobs_class_created", "job_class", "created_at", "jid"),
     Index("ix_gokiq_jobs_queue_created", "queue", "created_at", "jid"),
     Index("ix_gokiq_jobs_state_created", "state", "created_at", "jid"),
+    Index("ix_gokiq_jobs_class_state_created", "job_class", "state", "created_at", "jid"),
+    Index("ix_gokiq_jobs_queue_state_created", "queue", "state", "created_at", "jid"),
     Index("ix_gokiq_jobs_updated", "updated_at"),
 )
 

@@ -16,7 +16,10 @@ from urllib.parse import urlsplit
 
 from sqlalchemy import (
     Engine,
+    Float,
+    Select,
     and_,
+    bindparam,
     case,
     create_engine,
     delete,
@@ -81,8 +84,31 @@ def _sqlite_pragmas(dbapi_connection, _record) -> None:
     cursor.close()
 
 
-def _insert(engine: Engine, table):
-    return (postgresql if engine.dialect.name == "postgresql" else sqlite).insert(table)
+def _insert(engine: Engine, table, columns: tuple[str, ...]):
+    """An INSERT of a batch of rows. PostgreSQL: one statement over one array per column
+    (`unnest`), run once; SQLite: a row's VALUES, run as the driver's executemany."""
+    if engine.dialect.name != "postgresql":
+        return sqlite.insert(table)
+    arrays = [bindparam(name, type_=postgresql.ARRAY(table.c[name].type)) for name in columns]
+    rows = func.unnest(*arrays).table_valued(*columns).render_derived(name="batch")
+    return postgresql.insert(table).from_select(columns, select(*(rows.c[n] for n in columns)))
+
+
+def _batch_parameters(engine: Engine, rows: list[dict[str, Any]], table, columns: tuple[str, ...]):
+    """The rows as `_insert`'s statement takes them: one array per column on PostgreSQL, sent
+    in binary (`_compiled`), whose dumper follows an array's first value: a time that is an int
+    (1700000000) would make a float array's other values ints, so times are made floats."""
+    if engine.dialect.name != "postgresql":
+        return rows
+    arrays = {name: [row[name] for row in rows] for name in columns}
+    for name in _float_columns(table):
+        arrays[name] = [None if v is None else float(v) for v in arrays[name]]
+    return arrays
+
+
+@functools.cache
+def _float_columns(table) -> tuple[str, ...]:
+    return tuple(c.name for c in table.c if isinstance(c.type, Float))
 
 
 def _least(engine: Engine, a, b):
@@ -101,22 +127,26 @@ def _greatest(engine: Engine, a, b):
 def upsert_jobs(engine: Engine, conn, rows: list[dict[str, Any]]) -> None:
     """Merge job events into `gokiq_jobs` (the rule of `rows.merge_job`); rows: distinct jids."""
     if rows:
-        conn.exec_driver_sql(_job_upsert_sql(engine), rows)
+        conn.exec_driver_sql(
+            _job_upsert_sql(engine), _batch_parameters(engine, rows, jobs, JOB_COLUMNS)
+        )
 
 
 def upsert_attempts(engine: Engine, conn, rows: list[dict[str, Any]]) -> None:
     """Merge run events into `gokiq_job_attempts`: a known value is never erased."""
     if rows:
-        conn.exec_driver_sql(_attempt_upsert_sql(engine), rows)
+        parameters = _batch_parameters(engine, rows, attempts, ATTEMPT_COLUMNS)
+        conn.exec_driver_sql(_attempt_upsert_sql(engine), parameters)
 
 
-# The upserts are compiled once per engine and run as the driver's executemany with the rows
-# as they are: SQLAlchemy's per-row parameter processing cost ~40 µs a row, the driver's ~17.
+# The upserts are compiled once per engine and run as the driver's statement with the rows as
+# they are: SQLAlchemy's per-row parameter processing cost ~40 µs a row, psycopg's executemany
+# ~17 (one prepared execution per row), its arrays for one `unnest` statement a few.
 
 
 @functools.lru_cache(maxsize=8)
 def _job_upsert_sql(engine: Engine) -> str:
-    stmt = _insert(engine, jobs)
+    stmt = _insert(engine, jobs, JOB_COLUMNS)
     new, old = stmt.excluded, jobs.c
     wins = tuple_(new.state_rank, new.state_at) > tuple_(old.state_rank, old.state_at)
     newer_error = new.error_at > func.coalesce(old.error_at, literal_column("-1e300"))
@@ -139,6 +169,7 @@ def _job_upsert_sql(engine: Engine) -> str:
         "attempts": _greatest(engine, old.attempts, new.attempts),
         "created_at": _least(engine, old.created_at, new.created_at),
         "enqueued_at": _least(engine, old.enqueued_at, new.enqueued_at),
+        "due_at": lead("due_at"),
         "first_started_at": _least(engine, old.first_started_at, new.first_started_at),
         "last_started_at": _greatest(engine, old.last_started_at, new.last_started_at),
         "finished_at": follow("finished_at", wins),
@@ -155,7 +186,7 @@ def _job_upsert_sql(engine: Engine) -> str:
 
 @functools.lru_cache(maxsize=8)
 def _attempt_upsert_sql(engine: Engine) -> str:
-    stmt = _insert(engine, attempts)
+    stmt = _insert(engine, attempts, ATTEMPT_COLUMNS)
     update = {
         name: func.coalesce(stmt.excluded[name], attempts.c[name])
         for name in ATTEMPT_COLUMNS
@@ -170,7 +201,11 @@ def _compiled(engine: Engine, stmt) -> str:
     %(jid)s for psycopg, :jid for sqlite3 (`paramstyle="named"` in `open_engine`)."""
     compiled = stmt.compile(dialect=engine.dialect)
     assert set(compiled.params) <= set(JOB_COLUMNS) | set(ATTEMPT_COLUMNS), compiled.params
-    return str(compiled)
+    sql = str(compiled)
+    if engine.dialect.name == "postgresql":  # binary parameters: psycopg dumps arrays faster
+        for name in compiled.params:
+            sql = sql.replace(f"%({name})s", f"%({name})b")
+    return sql
 
 
 def delete_older_than(engine: Engine, cutoff: float, batch: int) -> int:
@@ -208,23 +243,28 @@ def decode_cursor(cursor: str) -> tuple[float, str]:
 
 def get_job(engine: Engine, jid: str) -> tuple[dict[str, Any], list[dict[str, Any]]] | None:
     """The job's row and its runs (oldest first), or None: one query, one round trip."""
-    runs = [c.label(f"run_{c.name}") for c in attempts.c]
-    query = (
-        select(jobs, *runs)
-        .select_from(jobs.outerjoin(attempts, attempts.c.jid == jobs.c.jid))
-        .where(jobs.c.jid == jid)
-        .order_by(attempts.c.started_at)
-    )
     with engine.connect() as conn:
-        rows = conn.execute(query).mappings().all()
+        rows = conn.exec_driver_sql(_job_query_sql(engine), {"jid": jid}).fetchall()
     if not rows:
         return None
-    job = {c.name: rows[0][c.name] for c in jobs.c}
-    return job, [
-        {c.name: row[f"run_{c.name}"] for c in attempts.c}
-        for row in rows
-        if row["run_jid"] is not None
-    ]
+    job_width = len(jobs.c)
+    job = dict(zip(jobs.c.keys(), rows[0][:job_width], strict=True))
+    run_names = attempts.c.keys()
+    runs = [dict(zip(run_names, row[job_width:], strict=True)) for row in rows]
+    return job, [run for run in runs if run["jid"] is not None]
+
+
+@functools.lru_cache(maxsize=8)
+def _job_query_sql(engine: Engine) -> str:
+    """`get_job`'s query, compiled once and run as the driver's statement: building and
+    compiling the select, and SQLAlchemy's result mapping, were most of a lookup's CPU."""
+    query = (
+        select(jobs, *attempts.c)
+        .select_from(jobs.outerjoin(attempts, attempts.c.jid == jobs.c.jid))
+        .where(jobs.c.jid == bindparam("jid", type_=jobs.c.jid.type))
+        .order_by(attempts.c.started_at)
+    )
+    return str(query.compile(dialect=engine.dialect))
 
 
 def list_jobs(
@@ -236,10 +276,28 @@ def list_jobs(
     limit: int,
     cursor: str | None,
 ) -> tuple[list[dict[str, Any]], str | None]:
-    """Newest first by (created_at, jid); at most `limit` rows and the next page's cursor.
+    """Newest first by (created_at, jid); at most `limit` rows and the next page's cursor."""
+    query = listing_query(filters=filters, since=since, until=until, limit=limit, cursor=cursor)
+    with engine.connect() as conn:
+        rows = [dict(r) for r in conn.execute(query).mappings()]
+    more = len(rows) > limit
+    rows = rows[:limit]
+    return rows, encode_cursor(rows[-1]["created_at"], rows[-1]["jid"]) if more else None
 
-    Each filter (job_class, queue, state) has an index led by it and followed by the sort key,
-    so the database walks one index from the cursor and stops after `limit` matches.
+
+def listing_query(
+    *,
+    filters: dict[str, str | None],
+    since: float | None,
+    until: float | None,
+    limit: int,
+    cursor: str | None,
+) -> Select:
+    """The page `list_jobs` reads (one row more than `limit`: is there a next page?).
+
+    Each filter (job_class, queue, state), and state with either of the others, has an index
+    led by it and followed by the sort key, so the database walks one index range from the
+    cursor and stops after `limit` matches (tests/test_history_plans.py checks the plans).
     """
     conditions = [jobs.c[name] == value for name, value in filters.items() if value is not None]
     if since is not None:
@@ -249,17 +307,12 @@ def list_jobs(
     if cursor is not None:
         at, jid = decode_cursor(cursor)
         conditions.append(tuple_(jobs.c.created_at, jobs.c.jid) < tuple_(at, jid))
-    query = (
+    return (
         select(jobs)
         .where(and_(True, *conditions))
         .order_by(jobs.c.created_at.desc(), jobs.c.jid.desc())
         .limit(limit + 1)
     )
-    with engine.connect() as conn:
-        rows = [dict(r) for r in conn.execute(query).mappings()]
-    more = len(rows) > limit
-    rows = rows[:limit]
-    return rows, encode_cursor(rows[-1]["created_at"], rows[-1]["jid"]) if more else None
 
 
 def stats(engine: Engine, since: float) -> list[tuple[str, str, int]]:
@@ -277,11 +330,34 @@ def stats(engine: Engine, since: float) -> list[tuple[str, str, int]]:
 def write_batch(
     engine: Engine, job_rows: Iterable[dict[str, Any]], attempt_rows: Iterable[dict[str, Any]]
 ) -> None:
-    """One transaction: a batch is written whole or not at all (and then retried whole)."""
+    """A batch is written whole or not at all (and then retried whole). PostgreSQL: one
+    statement (`_batch_upsert_sql`) in autocommit, one round trip; SQLite: a transaction."""
     job_rows, attempt_rows = list(job_rows), list(attempt_rows)
+    if engine.dialect.name == "postgresql":
+        parameters = _batch_parameters(engine, job_rows, jobs, JOB_COLUMNS)
+        runs = _batch_parameters(engine, attempt_rows, attempts, ATTEMPT_COLUMNS)
+        parameters.update((RUN_PREFIX + name, values) for name, values in runs.items())
+        with engine.connect() as conn:
+            conn = conn.execution_options(isolation_level="AUTOCOMMIT")
+            conn.exec_driver_sql(_batch_upsert_sql(engine), parameters)
+        return
     with engine.begin() as conn:
         upsert_jobs(engine, conn, job_rows)
         upsert_attempts(engine, conn, attempt_rows)
+
+
+RUN_PREFIX = "run_"  # the attempts' arrays in `_batch_upsert_sql` (their names clash: jid...)
+
+
+@functools.lru_cache(maxsize=8)
+def _batch_upsert_sql(engine: Engine) -> str:
+    """Both upserts as one PostgreSQL statement (a data-modifying WITH runs to completion
+    whether or not the rest reads it): atomic, and a batch costs one round trip instead of
+    BEGIN, two statements and COMMIT."""
+    runs = _attempt_upsert_sql(engine)
+    for name in ATTEMPT_COLUMNS:
+        runs = runs.replace(f"%({name})b", f"%({RUN_PREFIX}{name})b")
+    return f"WITH written_jobs AS ({_job_upsert_sql(engine)}) {runs}"
 
 
 def ping(engine: Engine) -> None:

@@ -4,6 +4,7 @@ history recorder."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -61,11 +62,11 @@ class Ingest:
     def record_history(self, jobs: Sequence[Prepared]) -> None:
         """The jobs' history starts at their submission: enqueued, or scheduled."""
         queued = [job.job for job in jobs if job.at is None]
-        scheduled = [job.job for job in jobs if job.at is not None]
+        scheduled = [(job.job, job.at) for job in jobs if job.at is not None]
         if queued:
             self.recorder.enqueued(queued)
         if scheduled:
-            self.recorder.scheduled(scheduled)
+            self.recorder.waiting("scheduled", scheduled, time.time())
 
     def close(self) -> None:
         self.auditor.close()

@@ -60,12 +60,18 @@ def read_job(engine, jid: str) -> dict:
 
 
 def lifecycle(jid: str, t0: float) -> list[dict]:
-    """A job's events in the order they happened: enqueued, run, retry, run, success."""
+    """A job's events in the order they happened: scheduled (perform_in), enqueued when due,
+    run, retry (seen waiting in `retry` too), run, success."""
     return [
+        job_event(jid, "scheduled", t0 - 60, 1, job_class="HardJob", queue="default",
+                  due_at=t0),
         job_event(jid, "enqueued", t0, 1, job_class="HardJob", queue="default", enqueued_at=t0),
         job_event(jid, "running", t0 + 1, 1, attempts=1, first_started_at=t0 + 1,
                   last_started_at=t0 + 1, worker="w1"),
         job_event(jid, "retrying", t0 + 2, 1, attempts=1, runtime=1.0, worker="w1",
+                  error_class="RuntimeError", error_message="boom", error_at=t0 + 2,
+                  due_at=t0 + 19),
+        job_event(jid, "retrying", t0 + 3, 1, attempts=1, due_at=t0 + 19.5, created_at=t0 - 60,
                   error_class="RuntimeError", error_message="boom", error_at=t0 + 2),
         job_event(jid, "running", t0 + 20, 2, attempts=2, first_started_at=t0 + 20,
                   last_started_at=t0 + 20, worker="w2"),
@@ -78,7 +84,7 @@ def test_migrations_create_the_tables_and_indexes_and_go_back(tmp_path):
     url = f"sqlite:///{tmp_path / 'm.sqlite3'}"
     assert migrations.current(url) is None
     migrations.upgrade(url)
-    assert migrations.current(url) == "0003"
+    assert migrations.current(url) == migrations.head()
     engine = store.open_engine(url)
     names = {ix["name"] for ix in inspect(engine).get_indexes("gokiq_jobs")}
     assert names == {ix.name for ix in jobs.indexes}
@@ -110,6 +116,7 @@ def test_a_lifecycle_written_in_order_ends_succeeded(engine):
     assert (row["first_started_at"], row["last_started_at"]) == (1001.0, 1020.0)
     assert (row["error_class"], row["error_message"]) == ("RuntimeError", "boom")
     assert (row["finished_at"], row["runtime"], row["enqueued_at"]) == (1021.0, 0.5, 1000.0)
+    assert (row["due_at"], row["created_at"]) == (1019.5, 940.0)  # the last due time seen
 
 
 def test_a_terminal_state_is_not_overwritten_by_an_older_event(engine):
@@ -131,7 +138,7 @@ def test_a_terminal_state_is_not_overwritten_by_an_older_event(engine):
 @settings(
     max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
-@given(order=st.permutations(range(5)), cuts=st.sets(st.integers(1, 4)), replay=st.booleans())
+@given(order=st.permutations(range(7)), cuts=st.sets(st.integers(1, 6)), replay=st.booleans())
 def test_any_order_batching_or_replay_converges_to_the_python_fold(engine, order, cuts, replay):
     jid = f"p{random.getrandbits(40)}"
     events = lifecycle(jid, 1000.0)
@@ -160,8 +167,11 @@ def test_the_recorder_records_a_failed_run_then_a_success(engine, db_url):
     first = job("r1")
     recorder.enqueued([first], "default")
     recorder.started(first, "default")
-    recorder.failed(first, "ArgumentError", "boom")
+    recorder.failed(first, "ArgumentError", "boom", retry_at=1800000000.25)
     recorder.finished(first, "retry")
+    assert recorder.flush()
+    row = read_job(engine, "r1")
+    assert (row["state"], row["due_at"], row["finished_at"]) == ("retrying", 1800000000.25, None)
     second = job("r1", retry_count=0, error_class="ArgumentError")
     recorder.started(second, "default")
     recorder.finished(second, "ok")
@@ -171,6 +181,7 @@ def test_the_recorder_records_a_failed_run_then_a_success(engine, db_url):
     assert row["created_at"] == 1700000000.5
     assert row["args"] is None  # off by default
     assert (row["error_class"], row["error_message"]) == ("ArgumentError", "boom")
+    assert row["due_at"] == 1800000000.25  # when the retry was due: kept
     assert [(r["attempt"], r["outcome"], r["error_class"]) for r in runs] == [
         (1, "retry", "ArgumentError"),
         (2, "ok", None),
@@ -200,7 +211,7 @@ def test_history_migrate_applies_the_migrations_before_the_first_write(tmp_path)
     recorder = recorder_for(url, history_migrate=True)
     recorder.enqueued([job("m1")])
     assert recorder.flush()
-    assert migrations.current(url) == "0003"
+    assert migrations.current(url) == migrations.head()
     recorder.close()
 
 
@@ -313,7 +324,7 @@ def test_gokiq_history_migrate_command(tmp_path):
     cli = Path(sys.executable).with_name("gokiq-history")
     done = subprocess.run([str(cli), "--url", url, "migrate"], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.strip().splitlines()[-1] == "0003"
+    assert done.stdout.strip().splitlines()[-1] == migrations.head()
     empty = subprocess.run(
         [str(cli), "current"], capture_output=True, text=True, env={"PATH": "/usr/bin"}
     )

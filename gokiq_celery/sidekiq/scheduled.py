@@ -52,6 +52,27 @@ class ScheduledSets:
     def scheduled_set(self) -> list[tuple[bytes, float]]:
         return self.redis.zrange(SCHEDULE, 0, -1, withscores=True)
 
+    # -- the job history's watcher (bridge/waiting.py): reading, never taking ----------------
+
+    def scan(self, set_name: str, cursor: int, count: int) -> tuple[int, list[tuple[bytes, float]]]:
+        """The next slice of `set_name` from `cursor` (0: from the start): the cursor to go on
+        from (0: the iteration is complete) and (member, score) pairs.
+
+        The sets are keyed by due time, not by when a member was added: a job due in a month
+        lands anywhere, so "added since the last look" has no range to ask for. A full ZSCAN
+        iteration returns every member that was in the set throughout it, whatever its score,
+        at a cost per call bounded by `count`; one added meanwhile comes in it or the next. A
+        small (listpack) set comes back whole in one call."""
+        if set_name not in SCHEDULED_SETS:
+            raise ValueError(f"not a scheduled set: {set_name!r}")
+        cursor, members = self.redis.zscan(set_name, cursor, count=count)
+        return int(cursor), members
+
+    def size(self, set_name: str) -> int:
+        if set_name not in SCHEDULED_SETS:
+            raise ValueError(f"not a scheduled set: {set_name!r}")
+        return int(self.redis.zcard(set_name))
+
     # -- the bridge's poller ----------------------------------------------------------------
 
     def take_due(self, set_name: str, bridge_id: str, now: float, limit: int) -> list[bytes]:

@@ -34,6 +34,13 @@ def downgrade(url: str, revision: str = "base") -> None:
     command.downgrade(_config(url), revision)
 
 
+def head() -> str:
+    """The newest revision shipped with this package (what `upgrade` brings a database to)."""
+    from alembic.script import ScriptDirectory
+
+    return ScriptDirectory.from_config(_config("")).get_current_head()
+
+
 def current(url: str) -> str | None:
     """The revision the database is at (None: never migrated)."""
     from alembic.runtime.migration import MigrationContext

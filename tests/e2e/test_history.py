@@ -6,6 +6,7 @@ database dies mid-load: every job still runs, and the history catches up once it
 from __future__ import annotations
 
 from collections.abc import Iterator
+from datetime import datetime
 from typing import Any
 
 import pytest
@@ -143,11 +144,38 @@ def test_each_kind_of_job_ends_in_its_state_with_its_runs_and_error(history: His
     for url in (stack.bridge_url, stack.worker_url):  # each process's recorder, on its /metrics
         assert metric_value(stack.metrics(url), "gokiq_history_written_total") > 0, url
 
-    # Sidekiq's first retry waits 15 s + jitter; the job is "retrying" until then.
+    # Sidekiq's first retry waits 15 s + jitter; the job is "retrying" until then, due then.
+    job = history.wait_state(flaky, "retrying", timeout=60)
+    assert epoch(job["due_at"]) > epoch(job["last_started_at"]) + 10
     job = history.wait_state(flaky, "succeeded", timeout=180)
     assert runs(job) == [(1, "retry", "RuntimeError"), (2, "ok", None)]
     assert (job["attempts"], job["error_message"]) == (2, "flaky 1")  # the last error stays
     assert job["last_started_at"] > job["first_started_at"]
+
+
+def epoch(value: str) -> float:
+    return datetime.fromisoformat(value).timestamp()
+
+
+def test_a_job_pushed_with_perform_in_shows_as_scheduled_with_its_due_time(
+    history: HistoryStack,
+):
+    """Pushed by the Rails app's own Sidekiq client into `schedule`: seen there by the bridge."""
+    stack = history.stack
+    now, later, soon = stack.api(
+        {"op": "now"},
+        {"op": "perform_in", "class": "NoopJob", "in": 3600, "args": []},
+        {"op": "perform_in", "class": "NoopJob", "in": 8, "args": []},
+    )
+    job = history.wait_state(later, "scheduled", timeout=30, enqueued=False)
+    assert abs(epoch(job["due_at"]) - (now + 3600)) < 1
+    assert (job["class"], job["queue"], job["enqueued_at"], job["runs"]) == (
+        "NoopJob", "default", None, [],
+    )  # fmt: skip
+    assert history.wait_state(soon, "scheduled", timeout=8, enqueued=False)["due_at"]
+    job = history.wait_state(soon, "succeeded", timeout=60)
+    assert abs(epoch(job["due_at"]) - (now + 8)) < 1  # when it was due stays
+    assert epoch(job["enqueued_at"]) >= epoch(job["due_at"]) and runs(job) == [(1, "ok", None)]
 
 
 def test_a_dead_database_stops_no_job_and_history_catches_up(history: HistoryStack):

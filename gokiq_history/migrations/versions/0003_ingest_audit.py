@@ -1,7 +1,7 @@
 """The ingestion API's audit: gokiq_ingest_audit.
 
 Revision ID: 0003
-Revises: 0001 (to become 0002, the history's next revision, when both are merged)
+Revises: 0002
 Create Date: 2026-12-02
 """
 
@@ -11,7 +11,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "0003"
-down_revision: str | None = "0001"
+down_revision: str | None = "0002"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
