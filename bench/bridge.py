@@ -79,7 +79,9 @@ def payload(n: int, now: float) -> str:
 def push_jobs(store: SidekiqStore, count: int) -> None:
     now = time.time()
     for start in range(0, count, 5000):
-        store.push("default", *(payload(n, now) for n in range(start, min(count, start + 5000))))
+        store.queues.push(
+            "default", *(payload(n, now) for n in range(start, min(count, start + 5000)))
+        )
 
 
 @dataclass

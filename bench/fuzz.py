@@ -32,7 +32,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from gokiq_celery.sidekiq.job import dumps  # noqa: E402
-from gokiq_celery.sidekiq.store import SidekiqStore, queue_key  # noqa: E402
+from gokiq_celery.sidekiq.keys import queue_key  # noqa: E402
+from gokiq_celery.sidekiq.store import SidekiqStore  # noqa: E402
 from tests.e2e.conftest import Stack  # noqa: E402
 
 UNKNOWN_CLASSES = [
@@ -133,7 +134,7 @@ def push(stack: Stack, payloads: list[tuple[str, bytes]]) -> None:
 
 def settled(stack: Stack, store: SidekiqStore) -> bool:
     held = store.redis.zcard("retry") + store.redis.zcard("schedule")
-    return stack.idle() and not store.delivery_tokens() and not held
+    return stack.idle() and not store.ledger.tokens() and not held
 
 
 def wait_settled(stack: Stack, store: SidekiqStore, timeout: float) -> None:
@@ -157,7 +158,7 @@ def account(stack: Stack, store: SidekiqStore, payloads: list[tuple[str, bytes]]
         line["jid"] for line in stack.sidecar_done() if line.get("outcome") in ("ok", "failed")
     )
     refused = {line["jid"] for line in stack.sidecar_done() if line["outcome"] == "invalid_class"}
-    dead = {key_of(member) for member, _ in store.dead_set()}
+    dead = {key_of(member) for member, _ in store.dead.entries()}
     counts: Counter = Counter()
     for expected, raw in payloads:
         key = key_of(raw)

@@ -95,7 +95,7 @@ def publish(app, task_name: str, n: int, store: SidekiqStore) -> None:
             options, kwargs = {}, {}
             if task_name == TASK_NAME:
                 token = new_delivery_token()
-                store.record_deliveries([(token, QUEUE, job.text)], time.time() + 600)
+                store.ledger.record([(token, QUEUE, job.text)], time.time() + 600)
                 options, kwargs = publish_options(job, QUEUE), {"delivery": token}
             app.send_task(
                 task_name,

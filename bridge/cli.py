@@ -14,11 +14,12 @@ from gokiq_celery.settings import ConfigError, Settings, load_settings
 DESCRIPTION = """\
 Move Sidekiq jobs from Redis onto Celery queues, reliably.
 
-Each job moves atomically from queue:<q> into this bridge's in-flight list, is published as
-the Celery task gokiq.perform (task id = jid, shown under the job's class), and leaves the
-in-flight list only once the broker accepted it. Due jobs in Sidekiq's retry and schedule sets
-are moved onto their queues. A bridge that dies is recovered by any other bridge once its
-heartbeat expires. SIGTERM/SIGINT stop cleanly: what is not published goes back to its queue.
+Each job moves atomically from queue:<q> into this bridge's in-flight list, then into the
+delivery ledger (before it is published), and is published as the Celery task gokiq.perform
+(task id = jid, shown under the job's class); the ledger publishes it again if no worker
+settles it in time. Due jobs in Sidekiq's retry and schedule sets are moved onto their queues.
+A bridge that dies is recovered by any other bridge once its heartbeat expires. SIGTERM/SIGINT
+stop cleanly: jobs still in the in-flight lists go back to their queues.
 
 Settings come from defaults < the YAML file (--config or GOKIQ_CONFIG) < the environment
 (REDIS_URL, CELERY_BROKER_URL, GOKIQ_QUEUES, GOKIQ_<SETTING>) < these flags. A bad setting

@@ -29,7 +29,7 @@ from celery import Celery
 from kombu import serialization
 from kombu.utils import json as kombu_json
 
-from gokiq_celery.messages import TASK_NAME, argsrepr, celery_retries, task_id
+from gokiq_celery.messages import TASK_NAME, argsrepr, celery_retries, publish_options, task_id
 from gokiq_celery.sidekiq.job import Job
 
 log = logging.getLogger(__name__)
@@ -92,17 +92,17 @@ class TaskMessages:
         self._templates = {}
 
     def task_message(self, job: Job, queue: str, token: str, *, jid: str | None = None):
-        """Celery's protocol 2 message: `gokiq.perform(payload_text, queue, delivery=token)`."""
+        """Celery's protocol 2 message: `gokiq.perform(payload_text, queue, delivery=token)`,
+        with the options every `gokiq.perform` message has (gokiq_celery/messages.py)."""
+        options = publish_options(job, queue)
+        default_id = options.pop("task_id")
         return self.app.amqp.as_task_v2(
-            jid or task_id(job),
+            jid or default_id,
             TASK_NAME,
             args=(job.text, queue),
             kwargs={"delivery": token},
-            shadow=job.display_class,
-            argsrepr=argsrepr(job, queue),
-            kwargsrepr="{}",
-            retries=celery_retries(job),
             origin=self.origin,
+            **options,
         )
 
     def redis_envelope(self, channel, job: Job, token: str, queue: str, celery_queue: str) -> str:

@@ -1,6 +1,8 @@
 """Reliable fetch: jobs move atomically from `queue:<q>` into this bridge's in-flight list, and
-leave it only once the broker has accepted them. A bridge that dies leaves its in-flight lists
-behind; any other bridge gives them back to their queues once the dead one's heartbeat expires.
+leave it for the delivery ledger in one step before they are published (`hand_over`; the
+ledger publishes again what no worker settles, gokiq_celery/sidekiq/ledger.py). A bridge that
+dies leaves its in-flight lists behind; any other bridge gives them back to their queues once
+the dead one's heartbeat expires.
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ from gokiq_celery.sidekiq.store import SidekiqStore
 
 
 class QueueOrder:
-    """The order in which queues are tried on each fetch, as Sidekiq does it (reference §6).
+    """The order in which queues are tried on each fetch, as Sidekiq does it
+    (docs/sidekiq-protocol.md §6).
 
     Strict (`--strict`, or no queue has a weight): always the declared order, so a busy first
     queue starves the others. Weighted: each queue appears max(weight, 1) times, the list is
@@ -42,12 +45,12 @@ class QueueOrder:
 
 @dataclass
 class Batch:
-    """Jobs fetched from one queue together; they sit in the in-flight list until acked."""
+    """Jobs fetched from one queue together; they sit in the in-flight list until handed over."""
 
     queue: str
     raws: list[bytes]
     jobs: list[Job] = field(default_factory=list)
-    job_raws: list[bytes] = field(default_factory=list)  # the exact bytes of each job, to ack
+    job_raws: list[bytes] = field(default_factory=list)  # the exact bytes of each job
     poison: list[tuple[bytes, str]] = field(default_factory=list)  # (raw, reason)
     # Delivery tokens, one per job, made once: a hand-over that is retried uses the same ones.
     tokens: list[str] = field(default_factory=list)
@@ -91,7 +94,7 @@ class ReliableFetcher:
         Never blocks: a Lua script cannot block, and BLMOVE only watches one list. When nothing
         came back the caller waits with `wait` (see `Bridge.IDLE_WAIT`).
         """
-        found = self.store.fetch_jobs(self.bridge_id, order, limit)
+        found = self.store.queues.fetch_jobs(self.bridge_id, order, limit)
         if found is None:
             return None
         queue, raws = found
@@ -101,7 +104,7 @@ class ReliableFetcher:
         """Block up to `timeout` seconds for a job on the first queue of `order`: an idle bridge
         picks a job up as soon as it is pushed, as Sidekiq's BRPOP does, instead of on its next
         poll. The other queues are read by the next `fetch`, `timeout` later at most."""
-        raw = self.store.wait_job(self.bridge_id, order[0], timeout)
+        raw = self.store.queues.wait_job(self.bridge_id, order[0], timeout)
         return None if raw is None else Batch(order[0], [raw])
 
     def hand_over(self, batch: Batch, deadline: float) -> list[Job]:
@@ -110,26 +113,26 @@ class ReliableFetcher:
         the jobs this bridge no longer held (recovered by another bridge while this one
         stalled), now dropped from the batch."""
         deliveries = list(zip(batch.tokens, batch.job_raws, strict=True))
-        missing = self.store.hand_over(self.bridge_id, batch.queue, deliveries, deadline)
+        missing = self.store.ledger.hand_over(self.bridge_id, batch.queue, deliveries, deadline)
         batch.handed_over = True
         return batch.drop(missing)
 
     def bury(self, queue: str, raw: bytes, reason: str) -> None:
         """Not a job: to the dead set (saying why) and out of the in-flight list, atomically."""
-        self.store.bury_inflight(self.bridge_id, queue, raw, entry=poison_entry(raw, reason))
+        self.store.queues.bury_inflight(self.bridge_id, queue, raw, entry=poison_entry(raw, reason))
 
     def inflight_count(self) -> int:
-        return self.store.inflight_count(self.bridge_id, self.queues)
+        return self.store.queues.inflight_count(self.bridge_id, self.queues)
 
     def register(self, ttl: float) -> None:
         """Announce this bridge (also its heartbeat: call it well within `ttl`)."""
-        self.store.register_bridge(self.bridge_id, self.queues, ttl)
+        self.store.bridges.register(self.bridge_id, self.queues, ttl)
 
     def release(self) -> int:
         """Clean shutdown: every job this bridge still holds goes back (in-flight ones to the
         tail of their queue, so they run next), and the bridge is forgotten."""
-        return self.store.release_bridge(self.bridge_id)
+        return self.store.bridges.release(self.bridge_id)
 
     def recover_dead_bridges(self) -> dict[str, int]:
         """Give back the jobs of every bridge whose heartbeat has expired: {bridge id: jobs}."""
-        return self.store.recover_dead_bridges()
+        return self.store.bridges.recover_dead()

@@ -52,7 +52,8 @@ def broker_connection(broker_url: str) -> Connection:
     if scheme in {"redis", "rediss"}:
         # A stalled broker must raise (and be retried), not hang the bridge forever.
         options = {"socket_timeout": 10, "socket_connect_timeout": 3}
-    # AMQP: only a confirmed publish lets the bridge drop a job from its in-flight list; the
+    # AMQP: only a confirmed publish lets the bridge give the batch's ledger entries their long
+    # deadline (`delivery_timeout`); until then a lost batch is published again soon. The
     # confirms are waited for per batch (bridge/confirms.py), not per message (`confirm_publish`).
     return Connection(broker_url, transport_options=options, connect_timeout=3)
 
@@ -159,11 +160,6 @@ class Publisher:
         except ChannelError:
             return 0  # Redis transport: the queue does not exist yet, so it is empty
 
-    def ping(self) -> None:
-        """Raise if the broker cannot be reached."""
-        self._ensure_producer()
-        self._connection.ensure_connection(max_retries=1)
-
 
 def _is_kombu_redis(channel) -> bool:
     # Only kombu's own Redis channel, with the methods the fast path relies on; anything else
@@ -230,9 +226,9 @@ class Backpressure:
 
     def _read_breaker(self) -> None:
         if self._breaker is None:
-            self._breaker = self.store.breaker_storage()
-        raw_open = self._breaker.state == "open"
-        self.breaker_is_open = raw_open and self.store.breaker_open(
+            self._breaker = self.store.breaker.storage()
+        raw_open = self.store.breaker.tripped(self._breaker)
+        self.breaker_is_open = raw_open and self.store.breaker.is_open(
             self._breaker, reset_timeout=self.settings.breaker_reset_timeout
         )
         self.metrics.breaker_open.set(1 if raw_open else 0)

@@ -1,4 +1,4 @@
-"""The bridge process: the fetch → publish → ack loop, the scheduler and housekeeping threads,
+"""The bridge process: the fetch → hand over → publish loop, the scheduler and housekeeping threads,
 the status server, and a clean shutdown.
 
 Threads: the main thread fetches and publishes (it alone uses the broker connection); the
@@ -23,7 +23,6 @@ from gokiq_celery.messages import new_delivery_token
 from gokiq_celery.settings import ConfigError, Settings
 from gokiq_celery.sidekiq.job import InvalidJob, Job, epoch_seconds, poison_entry
 from gokiq_celery.sidekiq.store import SidekiqStore
-from gokiq_celery.sidekiq.version import SidekiqVersionResolver
 from gokiq_history.recorder import open_recorder
 
 from .fetch import Batch, QueueOrder, ReliableFetcher
@@ -82,15 +81,13 @@ class Bridge:
             self.store,
             self.bridge_id,
             self.metrics,
-            sidekiq_version=SidekiqVersionResolver(
-                settings.sidekiq_version, self.store.published_sidekiq_version
-            ),
+            sidekiq_version=self.store.versions(settings.sidekiq_version),
             poll_interval=settings.scheduler_poll_interval,
         )
         self.history = open_recorder(settings, self.metrics.registry)  # the job history
         self.scheduler.history = self.history
         self.stopping = threading.Event()
-        self.batch: Batch | None = None  # fetched, not yet acked
+        self.batch: Batch | None = None  # fetched, not yet published
         self.broker_ok = False
         self.blocking_wait = True  # until Redis refuses BLMOVE
         self._next_overdue_check = 0.0
@@ -177,7 +174,7 @@ class Bridge:
         """Redis answers and the broker did on the last attempt."""
         return bool(self.store.redis.ping()) and self.broker_ok
 
-    # -- fetch, publish, ack ----------------------------------------------------------------
+    # -- fetch, hand over, publish ----------------------------------------------------------
 
     def _fetch_loop(self) -> None:
         backoff = Backoff()
@@ -248,7 +245,7 @@ class Bridge:
                 )
         if not batch.published:
             self._broker_call(self.publisher.publish, batch.queue, batch.jobs, batch.tokens)
-            self.store.extend_deliveries(batch.tokens, time.time() + self.settings.delivery_timeout)
+            self.store.ledger.extend(batch.tokens, time.time() + self.settings.delivery_timeout)
             batch.published = True
             self.backpressure.note_published(batch.queue, len(batch.jobs))
             self.metrics.jobs_moved.labels(batch.queue).inc(len(batch.jobs))
@@ -269,7 +266,7 @@ class Bridge:
             return 0
         self._next_overdue_check = now + self.OVERDUE_INTERVAL
         tokens = [new_delivery_token() for _ in range(self.settings.publish_batch_size)]
-        taken = self.store.take_overdue_deliveries(
+        taken = self.store.ledger.take_overdue(
             now, tokens, now + self.settings.bridge_heartbeat_ttl
         )
         by_queue: dict[str, list[tuple[str, Job]]] = {}
@@ -281,7 +278,7 @@ class Bridge:
         for queue, entries in by_queue.items():
             tokens, jobs = zip(*entries, strict=True)
             self._broker_call(self.publisher.publish, queue, jobs, tokens)
-            self.store.extend_deliveries(tokens, time.time() + self.settings.delivery_timeout)
+            self.store.ledger.extend(tokens, time.time() + self.settings.delivery_timeout)
             label = queue if queue in self.queues else "(other)"  # a retry_queue: any string
             self.metrics.republished.labels(label).inc(len(jobs))
             log.warning(
@@ -294,8 +291,8 @@ class Bridge:
     def _bury_delivery(self, token: str, payload: str, reason: str) -> None:
         """A ledger entry that is not a job: dead set (saying why), then out of the ledger.
         Published, it would fail every round and hold back the whole fetch loop."""
-        self.store.add_dead(poison_entry(payload, reason))
-        self.store.settle_deliveries([token])
+        self.store.dead.add(poison_entry(payload, reason))
+        self.store.ledger.settle([token])
         log.warning("not a job in the delivery ledger: moved to the dead set (%s)", reason)
 
     def _broker_call(self, func, *args):
@@ -339,7 +336,7 @@ class Bridge:
 
     def recover_dead_workers(self) -> int:
         """Deliveries of worker processes that died go back out now, not at their deadline."""
-        count, dead = self.store.recover_dead_workers(self.settings.delivery_timeout)
+        count, dead = self.store.ledger.recover_dead_workers(self.settings.delivery_timeout)
         if dead:
             log.warning(
                 "worker processes stopped giving signs of life: %d deliveries published again",
@@ -350,13 +347,13 @@ class Bridge:
 
     def refresh_gauges(self) -> None:
         now = time.time()
-        for queue, (size, oldest) in self.store.queue_sizes_and_oldest(self.queues).items():
+        for queue, (size, oldest) in self.store.queues.sizes_and_oldest(self.queues).items():
             self.metrics.queue_size.labels(queue).set(size)
             self.metrics.queue_latency.labels(queue).set(_latency(oldest, now))
-        for name, size in self.store.set_sizes().items():
+        for name, size in self.store.stats.set_sizes().items():
             self.metrics.set_size.labels(name).set(size)
         self.metrics.inflight.set(self.fetcher.inflight_count())
-        self.metrics.deliveries.set(self.store.deliveries_pending())
+        self.metrics.deliveries.set(self.store.ledger.pending())
 
 
 def _latency(oldest: bytes | None, now: float) -> float:

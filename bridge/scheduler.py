@@ -19,7 +19,9 @@ import threading
 import time
 
 from gokiq_celery.sidekiq.job import InvalidJob, Job, poison_entry, timestamp
-from gokiq_celery.sidekiq.store import RETRY, RETRY_GRACE, SCHEDULED_SETS, SidekiqStore
+from gokiq_celery.sidekiq.keys import RETRY, SCHEDULED_SETS
+from gokiq_celery.sidekiq.scheduled import RETRY_GRACE
+from gokiq_celery.sidekiq.store import SidekiqStore
 from gokiq_celery.sidekiq.version import SidekiqVersionResolver, SidekiqVersionUnknown
 from gokiq_history.recorder import NULL_RECORDER
 
@@ -87,7 +89,7 @@ class Scheduler:
         for set_name in SCHEDULED_SETS:
             while True:
                 due = now - self.retry_grace if set_name == RETRY else now
-                members = self.store.take_due(set_name, self.bridge_id, due, self.BATCH)
+                members = self.store.scheduled.take_due(set_name, self.bridge_id, due, self.BATCH)
                 moved += self._enqueue(set_name, members, major)
                 if len(members) < self.BATCH:
                     break
@@ -110,13 +112,13 @@ class Scheduler:
             moves.append((job.queue, enqueued.text, raw))
             moved_jobs.append(enqueued)
         if moves:
-            self.store.enqueue_moved(set_name, self.bridge_id, moves)
+            self.store.scheduled.enqueue_moved(set_name, self.bridge_id, moves)
             self.history.enqueued(moved_jobs)
             self.metrics.scheduler_moved.labels(set_name).inc(len(moves))
         return len(moves)
 
     def _bury(self, set_name: str, raw: bytes, reason: str) -> None:
-        self.store.bury_moved(set_name, self.bridge_id, raw, poison_entry(raw, reason))
+        self.store.scheduled.bury_moved(set_name, self.bridge_id, raw, poison_entry(raw, reason))
         self.history.invalid(raw, set_name)
         self.metrics.poison.labels(set_name, reason).inc()
         log.warning(

@@ -1,4 +1,8 @@
-"""The Celery app: configured from `celeryconfig.py`, with gokiq's tasks registered."""
+"""The Celery app `celery -A gokiq_celery` finds, with gokiq's tasks and Busy-page bootstep.
+
+Building it configures nothing: Celery reads its configuration (celeryconfig.py, from gokiq's
+settings) the first time something needs it, as a worker, Flower or beat starts.
+"""
 
 import logging
 
@@ -8,22 +12,15 @@ from celery.signals import import_modules, worker_ready
 from celery.signals import setup_logging as celery_setup_logging
 from click.core import ParameterSource
 
+from celeryconfig import process_celery_config
+
 from .heartbeat import SidekiqHeartbeat
 from .logs import setup_logging
+from .metrics import serve_worker_metrics
 from .settings import ConfigError, process_settings
 
-# Until someone configures logging, gokiq's format is the default: Flower (tornado) then adds
-# no handler of its own, so `celery -A gokiq_celery flower` logs JSON lines like the rest.
-if not logging.getLogger().handlers:
-    try:
-        _settings = process_settings()
-    except ConfigError:
-        pass  # celeryconfig reports it, in one line, and stops
-    else:
-        setup_logging(_settings.log_level, _settings.log_format)
-
 app = Celery("gokiq")
-app.config_from_object("celeryconfig")
+app.add_defaults(process_celery_config)  # read when the configuration is first needed
 app.conf.include = ["gokiq_celery.tasks", "gokiq_celery.enqueue"]
 app.steps["consumer"].add(SidekiqHeartbeat)
 
@@ -40,10 +37,26 @@ def _json_logging(loglevel=None, **_kwargs) -> None:
 
 
 @worker_ready.connect
-def _serve_metrics(**_kwargs) -> None:
-    from .metrics import serve_worker_metrics
+def _serve_metrics(sender=None, **_kwargs) -> None:
+    from .worker import current_worker  # built at worker_init (gokiq_celery.tasks)
 
-    serve_worker_metrics()
+    worker = current_worker()
+    serve_worker_metrics(worker.settings, worker.metrics.registry)
+
+
+@import_modules.connect
+def _gokiq_logging_by_default(sender: Celery | None = None, **_kwargs) -> None:
+    """gokiq's log format is the default when a Celery command loads the app's modules, so that
+    Flower logs JSON lines like every gokiq process. Flower loads them after tornado has given
+    the root logger a handler of its own (it adds one when there is none): in `celery flower`
+    gokiq's replaces it; elsewhere it is only added when nobody configured logging."""
+    if sender is not app or (logging.getLogger().handlers and not _in_command("flower")):
+        return
+    try:
+        settings = process_settings()
+    except ConfigError:
+        return  # the configuration, read next, reports it in one line and stops
+    setup_logging(settings.log_level, settings.log_format)
 
 
 @import_modules.connect
@@ -51,10 +64,15 @@ def _flower_turns_events_on_at_once(sender: Celery | None = None, **_kwargs) -> 
     """Workers send task events only once a monitor asks (celeryconfig.py). Flower asks every
     5 s, the first time 5 s after it starts: in `celery flower`, ask as it starts instead, so
     it sees every job from its first second."""
-    ctx = click.get_current_context(silent=True)
-    if sender is None or ctx is None or ctx.info_name != "flower":
+    if sender is None or not _in_command("flower"):
         return
     try:
         sender.control.enable_events()
     except Exception as exc:  # the broker is down: Flower's own timer asks again later
         logging.getLogger(__name__).warning("could not turn task events on: %s", exc)
+
+
+def _in_command(name: str) -> bool:
+    """Whether this process runs the Celery command `name` (`celery -A gokiq_celery <name>`)."""
+    ctx = click.get_current_context(silent=True)
+    return ctx is not None and ctx.info_name == name

@@ -48,7 +48,7 @@ class SidekiqClient:
         """With `sidekiq_version: auto`, the version a sidecar published; a push before one is
         known raises SidekiqVersionUnknown rather than guess the timestamp format."""
         store = SidekiqStore.from_settings(settings)
-        versions = SidekiqVersionResolver(settings.sidekiq_version, store.published_sidekiq_version)
+        versions = store.versions(settings.sidekiq_version)
         return cls(store, versions)
 
     @property
@@ -89,11 +89,11 @@ class SidekiqClient:
         if not jobs:
             return []
         if when is not None:
-            self.store.schedule_payloads([(dumps(job), when) for job in jobs])
+            self.store.scheduled.schedule_payloads([(dumps(job), when) for job in jobs])
         else:
             enqueued_at = timestamp(self.version)
             payloads = [dumps({**job, "enqueued_at": enqueued_at}) for job in jobs]
-            self.store.push(base["queue"], *payloads)
+            self.store.queues.push(base["queue"], *payloads)
         return [job["jid"] for job in jobs]
 
     def _normalize(self, job_class: str, options: Mapping[str, Any], now: float) -> dict:

@@ -1,10 +1,10 @@
 """Each Celery worker shows on Sidekiq's Busy page as a Sidekiq process, with the jobs it runs.
 
 The Web UI, `Sidekiq::ProcessSet` and `Sidekiq::WorkSet` read a registry that every Sidekiq
-process refreshes on a heartbeat (reference §2.5). A worker keeps its entry the same way,
-from its main process, where Celery tracks the requests running in any pool. Its signals
-work too: Quiet (TSTP) stops consuming, Stop (TERM) is Celery's warm shutdown, TTIN logs every
-thread's stack.
+process refreshes on a heartbeat (docs/sidekiq-protocol.md §2.5; the data: sidekiq/processes.py).
+A worker keeps its entry the same way, from its main process, where Celery tracks the requests
+running in any pool. Its signals work too: Quiet (TSTP) stops consuming, Stop (TERM) is Celery's
+warm shutdown, TTIN logs every thread's stack.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from .messages import TASK_NAME
 from .settings import Settings
 from .sidekiq.store import SidekiqStore
 from .sidekiq.version import SidekiqVersion, SidekiqVersionResolver, SidekiqVersionUnknown
+from .worker import current_worker
 
 log = logging.getLogger("gokiq.worker")
 
@@ -52,9 +53,7 @@ class SidekiqProcess:
         self.identity = f"{self.hostname}:{os.getpid()}:{secrets.token_hex(6)}"
         self.started_at = time.time()
         if self.versions is None:
-            self.versions = SidekiqVersionResolver(
-                self.settings.sidekiq_version, self.store.published_sidekiq_version
-            )
+            self.versions = self.store.versions(self.settings.sidekiq_version)
         self.version: SidekiqVersion | None = None  # what the last beat was written for
         self.waiting_logged = False
 
@@ -97,15 +96,15 @@ class SidekiqProcess:
             "beat": time.time(),
             "quiet": "true" if self.quiet else "false",
             "rss": _rss_kb(),
-            "rtt_us": self.store.round_trip_us(),
+            "rtt_us": self.store.processes.round_trip_us(),
         }
         if version.major >= 8:
             fields["concurrency"] = self.concurrency  # 8.1.2+ reads it here, no longer in info
-        return self.store.beat_process(self.identity, fields, work, version)
+        return self.store.processes.beat(self.identity, fields, work, version)
 
     def leave(self) -> None:
         if self.version is not None:  # else never on the page
-            self.store.unregister_process(self.identity, self.version)
+            self.store.processes.unregister(self.identity, self.version)
 
 
 class SidekiqHeartbeat(bootsteps.StartStopStep):
@@ -123,9 +122,7 @@ class SidekiqHeartbeat(bootsteps.StartStopStep):
     def start(self, c) -> None:
         if self.thread is not None:
             return  # a restart after a broker reconnection: the beat never stopped
-        from .tasks import perform  # the worker's own settings and Redis (tests give their own)
-
-        worker = perform.worker
+        worker = current_worker()  # this process's settings and Redis (tests install their own)
         if not worker.settings.sidekiq_heartbeat:
             return
         consumed = {queue.name for queue in c.task_consumer.queues}

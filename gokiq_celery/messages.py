@@ -1,10 +1,13 @@
 """The one Celery message gokiq sends: `gokiq.perform(payload_text, sidekiq_queue, delivery=token)`.
 
-`delivery` is the message's token in the delivery ledger (gokiq_celery.sidekiq.store): a
+`delivery` is the message's token in the delivery ledger (gokiq_celery/sidekiq/ledger.py): a
 worker runs a message only while its token is there.
 
-The bridge publishes it and the task re-publishes it on retry; both take their message
-options from here so that Flower shows a job the same way however it got there.
+The bridge publishes it (bridge/envelope.py) and the task re-publishes it on retry
+(gokiq_celery/tasks.py); both take the message's options from here (`publish_options`; the
+bridge's Redis fast path fills a template from the same functions, and
+tests/test_bridge_publish.py checks that its messages are kombu's own) so that Flower shows a
+job the same way however it got there.
 """
 
 from __future__ import annotations

@@ -7,31 +7,18 @@ pool; with a prefork pool each child counts apart, so use Flower's metrics there
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 from collections.abc import Iterable
 
-from prometheus_client import REGISTRY, Counter, Gauge, Histogram
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 
 from .http import StatusServer
-from .settings import Settings, process_settings
+from .settings import Settings
 from .sidekiq.job import Job
 
 log = logging.getLogger(__name__)
-
-JOBS = Counter(
-    "gokiq_worker_jobs", "Jobs the worker handled, by outcome", ["queue", "class", "outcome"]
-)
-DURATION = Histogram(
-    "gokiq_worker_job_duration_seconds",
-    "Time from taking a job to its outcome, sidecar call included",
-    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
-)
-BREAKER_STATE = Gauge(
-    "gokiq_worker_breaker_state", "Sidecar circuit breaker: 0 closed, 1 half-open, 2 open"
-)
-_BREAKER_VALUES = {"closed": 0, "half-open": 1, "open": 2}
-
 
 OTHER = "(other)"
 # Statuses the sidecar gives only after it resolved the job's class (README: HTTP contract).
@@ -60,7 +47,47 @@ class ClassLabels:
         return name if name in self._known else OTHER
 
 
-CLASS_LABELS = ClassLabels()
+# Seconds from taking a job to its outcome (the sidecar's Metrics::BUCKETS are the same).
+DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
+_BREAKER_VALUES = {"closed": 0, "half-open": 1, "open": 2}
+
+
+class WorkerMetrics:
+    """All of a worker process's metrics, in one registry: the process's default one (with
+    the process collectors) for the worker Celery runs, a registry of its own otherwise (tests,
+    tools), as the bridge's BridgeMetrics."""
+
+    def __init__(self, registry: CollectorRegistry | None = None, class_limit: int = 500) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.jobs = Counter(
+            "gokiq_worker_jobs",
+            "Jobs the worker handled, by outcome",
+            ["queue", "class", "outcome"],
+            registry=r,
+        )
+        self.duration = Histogram(
+            "gokiq_worker_job_duration_seconds",
+            "Time from taking a job to its outcome, sidecar call included",
+            buckets=DURATION_BUCKETS,
+            registry=r,
+        )
+        self.breaker_state = Gauge(
+            "gokiq_worker_breaker_state",
+            "Sidecar circuit breaker: 0 closed, 1 half-open, 2 open",
+            registry=r,
+        )
+        self.class_labels = ClassLabels(class_limit)
+
+    def observe_breaker(self, state: str) -> None:
+        self.breaker_state.set(_BREAKER_VALUES.get(state, 0))
+
+
+@functools.cache
+def process_metrics() -> WorkerMetrics:
+    """The worker process's metrics, on the default registry: made once, on the first call
+    (a prefork pool's children inherit the parent's, and count apart)."""
+    return WorkerMetrics(REGISTRY)
 
 
 def class_name(job: Job) -> str:
@@ -74,18 +101,14 @@ def queue_label(queue: str, configured: Iterable[str]) -> str:
     return queue if queue in configured else OTHER
 
 
-def observe_breaker(state: str) -> None:
-    BREAKER_STATE.set(_BREAKER_VALUES.get(state, 0))
-
-
-def serve_worker_metrics(settings: Settings | None = None) -> StatusServer | None:
-    """Start the worker's /metrics and /health, unless its port is 0 or taken."""
-    settings = settings or process_settings()
+def serve_worker_metrics(settings: Settings, registry: CollectorRegistry) -> StatusServer | None:
+    """Serve `registry` (the worker's metrics) on /metrics, and /health, unless the port is 0
+    or taken."""
     if not settings.worker_metrics_port:
         return None
     try:
         server = StatusServer(
-            settings.worker_metrics_bind, settings.worker_metrics_port, REGISTRY, name="worker-http"
+            settings.worker_metrics_bind, settings.worker_metrics_port, registry, name="worker-http"
         )
     except OSError as exc:  # a second worker on the same host: Flower still has the numbers
         log.warning("worker /metrics not served on port %s: %s", settings.worker_metrics_port, exc)

@@ -1,8 +1,8 @@
 """One typed settings object for every gokiq process.
 
 Values come from defaults, then `gokiq.yml` (path from `--config` or `GOKIQ_CONFIG`), then the
-environment. Each field's environment variable is `GOKIQ_<FIELD>` except the three that other
-tools already name (`REDIS_URL`, `CELERY_BROKER_URL`, and Sidekiq's `REDIS_URL` is shared).
+environment. Each field's environment variable is `GOKIQ_<FIELD>` except the two that other
+tools already name: `REDIS_URL` (Sidekiq's) and `CELERY_BROKER_URL` (Celery's).
 Everything is validated at start-up; a bad value raises `ConfigError` naming the key.
 """
 

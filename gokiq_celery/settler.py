@@ -25,7 +25,8 @@ import socket
 import threading
 import time
 
-from .sidekiq.store import WORKER_BEAT, SidekiqStore
+from .sidekiq.ledger import WORKER_BEAT
+from .sidekiq.store import SidekiqStore
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +69,7 @@ class DeliverySettler:
         if not (tokens or processed or failed):
             return
         try:
-            self.store.settle_deliveries(tokens, processed=processed, failed=failed)
+            self.store.ledger.settle(tokens, processed=processed, failed=failed)
         except Exception as exc:  # Redis down: nothing is dropped, the next flush tries again
             with self._lock:
                 self._tokens[:0] = tokens
@@ -96,7 +97,7 @@ class DeliverySettler:
             return
         self._next_beat = now + WORKER_BEAT
         try:
-            self.store.beat_worker(self.holder)
+            self.store.ledger.beat_worker(self.holder)
         except Exception as exc:  # Redis away: the next beat tries again
             log.warning("could not beat in the delivery ledger: %s", exc)
 
@@ -106,6 +107,6 @@ class DeliverySettler:
         if self._pid == os.getpid():
             self._pid = None  # the thread stops
             try:
-                self.store.leave_workers(self.holder)
+                self.store.ledger.leave_workers(self.holder)
             except Exception as exc:
                 log.warning("could not leave the delivery ledger: %s", exc)

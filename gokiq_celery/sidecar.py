@@ -16,19 +16,18 @@ import http.client
 import json
 import logging
 import threading
-import time
 from dataclasses import dataclass
 from typing import Any
 
 import pybreaker
 import redis
 
-from . import metrics
 from .connection import ConnectFailed, Reply, SidecarConnection, valid_header_value
+from .metrics import WorkerMetrics
 from .settings import Settings
+from .sidekiq.breaker import SharedBreakerStorage
 from .sidekiq.job import Job, dumps, finite_number
 from .sidekiq.retry import Failure
-from .sidekiq.store import BREAKER_NAMESPACE
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +60,14 @@ class Execution:
 
 
 class SidecarClient:
-    def __init__(self, settings: Settings, breaker_redis: redis.Redis) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        breaker_redis: redis.Redis,
+        metrics: WorkerMetrics | None = None,
+    ) -> None:
         self.settings = settings
+        self.metrics = metrics or WorkerMetrics()  # the breaker's state gauge
         self.base_url = settings.sidecar_url.rstrip("/")
         self._headers = {"Content-Type": "application/json"}
         if settings.sidecar_token:
@@ -114,10 +119,10 @@ class SidecarClient:
                 reset_timeout=self.settings.breaker_reset_timeout,
                 state_storage=SharedBreakerStorage(self._breaker_redis),
                 exclude=[SidecarTimeout],
-                listeners=[_BreakerMetrics()],
+                listeners=[_BreakerMetrics(self.metrics)],
                 name="sidecar",
             )
-            metrics.observe_breaker(self._local.breaker.current_state)
+            self.metrics.observe_breaker(self._local.breaker.current_state)
         return self._local.breaker
 
     @property
@@ -150,74 +155,12 @@ class SidecarClient:
         return reply
 
 
-class SharedBreakerStorage(pybreaker.CircuitRedisStorage):
-    """pybreaker's Redis storage (state shared by every worker and the bridge), read at most
-    every `refresh` seconds.
-
-    The stock storage makes two round trips on every call, GET state before and SET the
-    failure counter to 0 after a success. Here state and counter are read together, at most
-    every `refresh` seconds, and a success writes the counter only when it is not 0 already.
-    Writes that matter (a failure, a state change) go to Redis at once; another worker's trip is
-    seen within `refresh`.
-    """
-
-    REFRESH = 0.25
-
-    def __init__(self, client: redis.Redis, refresh: float = REFRESH, clock=time.monotonic):
-        super().__init__(pybreaker.STATE_CLOSED, client, namespace=BREAKER_NAMESPACE)
-        self._refresh = refresh
-        self._clock = clock
-        self._read_at = float("-inf")
-        self._state = pybreaker.STATE_CLOSED
-        self._counter = 0
-
-    def _read(self) -> None:
-        if self._clock() - self._read_at < self._refresh:
-            return
-        keys = self._namespace("state"), self._namespace("fail_counter")
-        try:
-            state, counter = self._redis.mget(keys)
-        except redis.RedisError:
-            self.logger.exception("RedisError: falling back to default circuit state")
-            self._state, self._counter = self._fallback_circuit_state, 0
-            return
-        if state is None:  # keys gone (flushed): start again as pybreaker does
-            self._initialize_redis_state(self._fallback_circuit_state)
-        self._state = state.decode() if state else self._fallback_circuit_state
-        self._counter = int(counter or 0)
-        self._read_at = self._clock()
-
-    @property
-    def state(self) -> str:
-        self._read()
-        return self._state
-
-    @state.setter
-    def state(self, state: str) -> None:
-        pybreaker.CircuitRedisStorage.state.fset(self, state)
-        self._state = str(state)
-
-    @property
-    def counter(self) -> int:
-        self._read()
-        return self._counter
-
-    def increment_counter(self) -> None:
-        try:
-            self._counter = int(self._redis.incr(self._namespace("fail_counter")))
-        except redis.RedisError:
-            self.logger.exception("RedisError")
-
-    def reset_counter(self) -> None:
-        self._read()
-        if self._counter:
-            super().reset_counter()
-            self._counter = 0
-
-
 class _BreakerMetrics(pybreaker.CircuitBreakerListener):
+    def __init__(self, metrics: WorkerMetrics) -> None:
+        self.metrics = metrics
+
     def state_change(self, cb, old_state, new_state) -> None:
-        metrics.observe_breaker(new_state.name)
+        self.metrics.observe_breaker(new_state.name)
         log.warning(
             "sidecar circuit breaker %s -> %s", old_state and old_state.name, new_state.name
         )

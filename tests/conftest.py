@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import os
 
-# The settings the in-process Celery app is configured from, once per process, by whichever test
-# module pytest imports first: set here, before any of them imports gokiq_celery.
+# The settings the in-process Celery app is configured from, once per process, when a test first
+# reads its configuration: set here, before any test runs.
 os.environ.setdefault("GOKIQ_QUEUES", "default critical low")  # test_tasks uses all three
 os.environ.setdefault("GOKIQ_WORKER_METRICS_PORT", "0")  # no /metrics server in tests
 

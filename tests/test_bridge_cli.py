@@ -7,8 +7,8 @@ import sys
 
 import pytest
 
+from .bridge_support import _clean_environ
 from .conftest import REPO
-from .test_bridge_support import _clean_environ
 
 
 def run_cli(*args: str, **environ: str) -> subprocess.CompletedProcess:

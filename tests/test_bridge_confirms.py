@@ -15,8 +15,8 @@ from bridge.confirms import BatchConfirms
 from bridge.publish import Publisher
 from gokiq_celery.sidekiq.job import Job
 
+from .bridge_support import bridge_env, bridge_redis, make_job
 from .e2e.conftest import rabbitmq_missing, rabbitmqctl
-from .test_bridge_support import bridge_env, bridge_redis, make_job
 
 __all__ = ["bridge_env", "bridge_redis"]  # fixtures used below
 

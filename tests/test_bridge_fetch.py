@@ -13,10 +13,9 @@ from bridge.fetch import QueueOrder, ReliableFetcher
 from bridge.runner import Bridge
 from gokiq_celery.settings import QueueSpec, parse_queues
 from gokiq_celery.sidekiq.job import poison_entry
-from gokiq_celery.sidekiq.store import DEAD, QUEUES, RETRY, SCHEDULE, inflight_key, queue_key
+from gokiq_celery.sidekiq.keys import DEAD, QUEUES, RETRY, SCHEDULE, inflight_key, queue_key
 
-from .conftest import free_port, start_redis
-from .test_bridge_support import (
+from .bridge_support import (
     BridgeProcess,
     Env,
     bridge_env,
@@ -24,6 +23,7 @@ from .test_bridge_support import (
     make_job,
     wait_for,
 )
+from .conftest import free_port, start_redis
 
 __all__ = ["bridge_env", "bridge_redis"]  # fixtures used below
 
@@ -73,15 +73,15 @@ def test_fetch_moves_exact_bytes_into_the_inflight_list_in_run_order(bridge_env)
     fetcher = ReliableFetcher(store, "b1", ["default"])
     batch = fetcher.fetch(["default"], 10)
     assert batch.raws == [p.encode() for p in payloads]
-    assert store.queue_size("default") == 0
-    assert sorted(store.inflight_jobs("b1", "default")) == sorted(batch.raws)
+    assert store.queues.size("default") == 0
+    assert sorted(store.queues.inflight_jobs("b1", "default")) == sorted(batch.raws)
     assert [raw for raw, _ in batch.poison] == [b"{not json"]
     fetcher.hand_over(batch, deadline=1e10)  # the jobs, not the poison, which the bridge buries
-    assert store.inflight_jobs("b1", "default") == [b"{not json"]
-    assert len(batch.tokens) == 3 and store.delivery_tokens() == sorted(batch.tokens)
+    assert store.queues.inflight_jobs("b1", "default") == [b"{not json"]
+    assert len(batch.tokens) == 3 and store.ledger.tokens() == sorted(batch.tokens)
     fetcher.bury("default", b"{not json", "not JSON")
-    assert store.inflight_jobs("b1", "default") == []
-    assert [m for m, _ in store.dead_set()] == [b"{not json"]
+    assert store.queues.inflight_jobs("b1", "default") == []
+    assert [m for m, _ in store.dead.entries()] == [b"{not json"]
 
 
 def test_hand_over_of_a_whole_batch_empties_the_inflight_list_and_is_safe_to_repeat(bridge_env):
@@ -90,43 +90,43 @@ def test_hand_over_of_a_whole_batch_empties_the_inflight_list_and_is_safe_to_rep
     fetcher = ReliableFetcher(store, "b1", ["default"])
     batch = fetcher.fetch(["default"], 50)
     assert fetcher.hand_over(batch, deadline=1e10) == []
-    assert store.inflight_jobs("b1", "default") == []
-    assert store.delivery_tokens() == sorted(batch.tokens)
+    assert store.queues.inflight_jobs("b1", "default") == []
+    assert store.ledger.tokens() == sorted(batch.tokens)
     # The script ran but its reply was lost: the same call again enters nothing new, drops none.
     batch.handed_over = False
     assert fetcher.hand_over(batch, deadline=1e10) == []
-    assert len(batch.jobs) == 50 and store.deliveries_pending() == 50
+    assert len(batch.jobs) == 50 and store.ledger.pending() == 50
 
 
 def test_hand_over_skips_jobs_another_bridge_gave_back_while_this_one_stalled(bridge_env):
     store = bridge_env.store()
     bridge_env.push("default", [make_job(i) for i in range(6)])
-    store.register_bridge("stalled", ["default"], ttl=0.1)
+    store.bridges.register("stalled", ["default"], ttl=0.1)
     fetcher = ReliableFetcher(store, "stalled", ["default"])
     batch = fetcher.fetch(["default"], 4)
     time.sleep(0.2)
-    assert store.recover_dead_bridges() == {"stalled": 4}  # back on the queue, run by others
+    assert store.bridges.recover_dead() == {"stalled": 4}  # back on the queue, run by others
     fetched = list(batch.jobs)
     assert fetcher.hand_over(batch, deadline=1e10) == fetched
-    assert batch.jobs == [] and batch.tokens == [] and store.deliveries_pending() == 0
-    assert store.queue_size("default") == 6
+    assert batch.jobs == [] and batch.tokens == [] and store.ledger.pending() == 0
+    assert store.queues.size("default") == 6
 
 
 def test_release_puts_jobs_back_at_the_tail_in_their_original_order(bridge_env):
     store = bridge_env.store()
     bridge_env.push("default", [make_job(i) for i in range(10)])
-    store.register_bridge("gone", ["default"], ttl=0.2)
-    fetched = store.fetch_jobs("gone", ["default"], 4)[1]
+    store.bridges.register("gone", ["default"], ttl=0.2)
+    fetched = store.queues.fetch_jobs("gone", ["default"], 4)[1]
     store.redis.zadd(SCHEDULE, {make_job(99): time.time() + 3600})
-    moving = store.take_due(SCHEDULE, "gone", time.time() + 7200, 10)
+    moving = store.scheduled.take_due(SCHEDULE, "gone", time.time() + 7200, 10)
     assert len(moving) == 1
-    assert store.recover_dead_bridges() == {}  # heartbeat still there
+    assert store.bridges.recover_dead() == {}  # heartbeat still there
     time.sleep(0.3)
-    assert store.recover_dead_bridges() == {"gone": 5}
+    assert store.bridges.recover_dead() == {"gone": 5}
     # The four fetched jobs run next again, in the same order as before.
-    assert store.queue_jobs("default")[-4:] == list(reversed(fetched))
-    assert [m for m, _ in store.scheduled_set()] == moving
-    assert store.bridge_ids() == []
+    assert store.queues.jobs("default")[-4:] == list(reversed(fetched))
+    assert [m for m, _ in store.scheduled.scheduled_set()] == moving
+    assert store.bridges.ids() == []
     assert bridge_env.held_by_bridges() == 0
 
 
@@ -135,10 +135,10 @@ def test_recovery_never_touches_live_bridges_or_pro_private_queues(bridge_env):
     pro = queue_key("sq|host:1:abc|default")
     store.redis.rpush(pro, make_job(1))
     bridge_env.push("default", [make_job(i) for i in range(3)])
-    store.register_bridge("alive", ["default"], ttl=30)
-    store.fetch_jobs("alive", ["default"], 2)
-    assert store.recover_dead_bridges() == {}
-    assert len(store.inflight_jobs("alive", "default")) == 2
+    store.bridges.register("alive", ["default"], ttl=30)
+    store.queues.fetch_jobs("alive", ["default"], 2)
+    assert store.bridges.recover_dead() == {}
+    assert len(store.queues.inflight_jobs("alive", "default")) == 2
     assert store.redis.llen(pro) == 1
 
 
@@ -169,10 +169,10 @@ def test_poison_payloads_go_to_the_dead_set_and_the_bridge_carries_on(bridge_env
         wait_for(lambda: bridge_env.broker_count("default") == 2, timeout=20)
         wait_for(lambda: bridge_env.redis.zcard(DEAD) == len(poison), timeout=10)
         assert bridge.alive()
-        assert sorted(m for m, _ in bridge_env.store().dead_set()) == sorted(
+        assert sorted(m for m, _ in bridge_env.store().dead.entries()) == sorted(
             poison_entry(raw, reason) for raw, reason in poison.items()
         )
-        assert not any(bridge_env.store().held_by_bridges().values())  # nothing stranded
+        assert not any(bridge_env.store().queues.held_by_bridges().values())  # nothing stranded
         assert f"{1:024x}" in bridge_env.published_jids("default")
         metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read().decode()
         counted = sum(
@@ -235,7 +235,7 @@ def test_an_idle_bridge_blocks_and_takes_a_job_pushed_meanwhile_into_its_infligh
     assert batch is not None and batch.queue == "default"
     assert [job.jid for job in batch.jobs] == [json.loads(make_job(1))["jid"]]
     # Held exactly like a fetched job: in this bridge's in-flight list, out of the queue.
-    assert bridge_env.store().held_by_bridges() == {inflight_key("idle", "default"): 1}
+    assert bridge_env.store().queues.held_by_bridges() == {inflight_key("idle", "default"): 1}
     assert bridge_env.redis.llen(queue_key("default")) == 0
 
 

@@ -13,7 +13,7 @@ from bridge.metrics import BridgeMetrics
 from bridge.publish import Backpressure, Publisher
 from gokiq_celery.sidekiq.job import Job
 
-from .test_bridge_support import bridge_env, bridge_redis, make_job
+from .bridge_support import bridge_env, bridge_redis, make_job
 
 __all__ = ["bridge_env", "bridge_redis"]  # fixtures used below
 

@@ -12,10 +12,10 @@ from datetime import UTC, datetime
 
 import pybreaker
 
-from gokiq_celery.sidekiq.store import BREAKER_NAMESPACE
+from gokiq_celery.sidekiq.keys import BREAKER_NAMESPACE
 
+from .bridge_support import BridgeProcess, bridge_env, bridge_redis, make_job, wait_for
 from .conftest import free_port, start_redis
-from .test_bridge_support import BridgeProcess, bridge_env, bridge_redis, make_job, wait_for
 
 __all__ = ["bridge_env", "bridge_redis"]  # fixtures used below
 
@@ -32,7 +32,7 @@ def test_kill_9_repeatedly_while_draining_loses_nothing(bridge_env):
     args = (*FAST_RECOVERY, "--batch-size", str(batch))
     rng = random.Random(5)
     kills = 0
-    while kills < 5 and bridge_env.store().queue_size("default") > 0:
+    while kills < 5 and bridge_env.store().queues.size("default") > 0:
         bridge = BridgeProcess(bridge_env, *args, name=f"killed-{kills}")
         before = bridge_env.broker_count("default")
         # Kill it while it publishes: wait for its first publish, then a little more.
@@ -50,7 +50,7 @@ def test_kill_9_repeatedly_while_draining_loses_nothing(bridge_env):
         # The survivor recovers the dead bridges' in-flight lists once their heartbeats expire.
         wait_for(
             lambda: (
-                bridge_env.store().queue_size("default") == 0
+                bridge_env.store().queues.size("default") == 0
                 and bridge_env.held_by_bridges() == 0
                 and set(bridge_env.published_jids("default")) == set(jids(total))
             ),
@@ -63,7 +63,7 @@ def test_kill_9_repeatedly_while_draining_loses_nothing(bridge_env):
     duplicates = len(published) - total
     assert set(published) == set(jids(total))
     assert duplicates <= kills * batch
-    assert bridge_env.store().bridge_ids() == []
+    assert bridge_env.store().bridges.ids() == []
 
 
 def test_three_bridges_at_once_publish_each_job_exactly_once(bridge_env):
@@ -98,13 +98,13 @@ def test_sigterm_stops_cleanly_and_gives_back_what_was_not_published(bridge_env)
         wait_for(lambda: bridge_env.broker_count("default") > 0, timeout=30, interval=0.005)
         assert bridge.terminate() == 0
     published = bridge_env.published_jids("default")
-    left = bridge_env.store().queue_size("default")
+    left = bridge_env.store().queues.size("default")
     assert bridge_env.held_by_bridges() == 0
     assert len(published) == len(set(published))
     assert len(published) + left == total
-    assert bridge_env.store().bridge_ids() == []
+    assert bridge_env.store().bridges.ids() == []
     if left:  # what was not published is back, the next job to run first
-        assert bridge_env.store().oldest_in_queue("default") == make_job(len(published)).encode()
+        assert bridge_env.store().queues.oldest("default") == make_job(len(published)).encode()
 
 
 def test_a_dead_bridges_inflight_jobs_are_recovered_and_published(bridge_env):
@@ -113,8 +113,8 @@ def test_a_dead_bridges_inflight_jobs_are_recovered_and_published(bridge_env):
     # A bridge that took jobs into its in-flight list with the real fetch script, then died
     # before publishing them: its heartbeat (1 s) lapses and nobody acks its jobs.
     store = bridge_env.store()
-    store.register_bridge("dead-bridge", ["default"], ttl=1)
-    _, taken = store.fetch_jobs("dead-bridge", ["default"], 500)
+    store.bridges.register("dead-bridge", ["default"], ttl=1)
+    _, taken = store.queues.fetch_jobs("dead-bridge", ["default"], 500)
     held = bridge_env.held_by_bridges()
     assert held == len(taken) == 500
     # Started before the dead bridge's 1 s heartbeat expires: its periodic recovery finds it.
@@ -128,7 +128,7 @@ def test_a_dead_bridges_inflight_jobs_are_recovered_and_published(bridge_env):
         assert sum(line["returned"] for line in recovered) >= held
         assert healthy.terminate() == 0
     assert bridge_env.held_by_bridges() == 0
-    assert bridge_env.store().bridge_ids() == []
+    assert bridge_env.store().bridges.ids() == []
 
 
 def test_broker_down_then_back_publishes_everything(bridge_env, tmp_path):
@@ -148,8 +148,8 @@ def test_broker_down_then_back_publishes_everything(bridge_env, tmp_path):
             # Nothing is lost: what the bridge took is in the delivery ledger, even the first
             # 100, which the dead broker had accepted (the ledger publishes them again later).
             store = bridge_env.store()
-            taken = store.deliveries_pending() + bridge_env.held_by_bridges()
-            assert store.queue_size("default") + taken == 300
+            taken = store.ledger.pending() + bridge_env.held_by_bridges()
+            assert store.queues.size("default") + taken == 300
             # A new, empty broker on the same port: the first 100 were lost with the old one.
             brokers.append(start_redis(tmp_path / "broker", port))
             wait_for(lambda: brokers[1].client(0).llen("default") == 200, timeout=30)
@@ -167,7 +167,7 @@ def test_backpressure_pauses_at_max_pending_and_resumes(bridge_env):
         wait_for(lambda: bridge_env.broker_count("default") == 50, timeout=30)
         time.sleep(0.5)
         assert bridge_env.broker_count("default") == 50
-        assert bridge_env.store().queue_size("default") == 450
+        assert bridge_env.store().queues.size("default") == 450
         seen = collections.Counter()
         # A "worker" drains the Celery queue; the bridge refills it up to the limit.
         deadline = time.monotonic() + 30
@@ -190,7 +190,7 @@ def test_an_open_sidecar_breaker_pauses_the_bridge(bridge_env):
     with BridgeProcess(bridge_env, "--max-pending", "1000") as bridge:
         time.sleep(2.5)  # started and looked at the breaker
         assert bridge_env.broker_count("default") == 0
-        assert bridge_env.store().queue_size("default") == 20
+        assert bridge_env.store().queues.size("default") == 20
         storage.state = pybreaker.STATE_CLOSED
         wait_for(lambda: bridge_env.broker_count("default") == 20, timeout=10)
         assert bridge.terminate() == 0
@@ -200,14 +200,14 @@ def test_overdue_deliveries_are_published_again_under_a_new_token(bridge_env):
     """A message the broker lost (e.g. with a SIGKILLed worker) is still in the ledger."""
     store = bridge_env.store()
     job = make_job(7)
-    store.record_deliveries([("lost-token", "default", job)], deadline=time.time() - 1)
+    store.ledger.record([("lost-token", "default", job)], deadline=time.time() - 1)
     with BridgeProcess(bridge_env, *FAST_RECOVERY, name="reaper") as bridge:
         wait_for(lambda: bridge_env.broker_count("default") == 1, timeout=15)
         assert bridge.terminate() == 0
     [message] = bridge_env.messages("default")
     token = message["kwargs"]["delivery"]
     assert message["args"] == [job, "default"] and token != "lost-token"
-    assert store.delivery_tokens() == [token]
+    assert store.ledger.tokens() == [token]
     assert any("published 1 jobs again" in line.get("msg", "") for line in bridge.log_lines())
 
 
@@ -217,9 +217,9 @@ def test_a_poison_ledger_entry_is_buried_and_republishing_goes_on(bridge_env):
     store = bridge_env.store()
     poison = make_job(1, retry_count="abc")
     past = time.time() - 1
-    store.record_deliveries([("poison", "default", poison)], deadline=past)
-    store.record_deliveries([("lost", "default", make_job(2))], deadline=past)
-    store.record_deliveries([("odd", "spam-queue", make_job(3, "spam-queue"))], deadline=past)
+    store.ledger.record([("poison", "default", poison)], deadline=past)
+    store.ledger.record([("lost", "default", make_job(2))], deadline=past)
+    store.ledger.record([("odd", "spam-queue", make_job(3, "spam-queue"))], deadline=past)
     port = free_port()
     with BridgeProcess(bridge_env, *FAST_RECOVERY, "--metrics-port", str(port)) as bridge:
         wait_for(lambda: bridge_env.broker_count("default") == 1, timeout=15)
@@ -228,8 +228,8 @@ def test_a_poison_ledger_entry_is_buried_and_republishing_goes_on(bridge_env):
         wait_for(lambda: bridge_env.broker_count("spam-queue") == 1, timeout=15)
         page = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read().decode()
         assert bridge.alive()
-    [(dead, _)] = store.dead_set()
+    [(dead, _)] = store.dead.entries()
     assert json.loads(dead)["error_class"] == "Gokiq::InvalidJob"
-    assert "poison" not in store.delivery_tokens() and len(store.delivery_tokens()) == 3
+    assert "poison" not in store.ledger.tokens() and len(store.ledger.tokens()) == 3
     assert 'gokiq_bridge_republished_total{queue="(other)"} 1.0' in page
     assert "spam-queue" not in page

@@ -10,10 +10,11 @@ import time
 from bridge.metrics import BridgeMetrics
 from bridge.scheduler import Scheduler
 from gokiq_celery.sidekiq.job import poison_entry
-from gokiq_celery.sidekiq.store import DEAD, QUEUES, RETRY, RETRY_GRACE, SCHEDULE
+from gokiq_celery.sidekiq.keys import DEAD, QUEUES, RETRY, SCHEDULE
+from gokiq_celery.sidekiq.scheduled import RETRY_GRACE
 from gokiq_celery.sidekiq.version import SidekiqVersionResolver
 
-from .test_bridge_support import BridgeProcess, bridge_env, bridge_redis, wait_for
+from .bridge_support import BridgeProcess, bridge_env, bridge_redis, wait_for
 
 __all__ = ["bridge_env", "bridge_redis"]  # fixtures used below
 
@@ -21,7 +22,8 @@ CREATED_AT = "1795415903.1272464"  # 17 significant digits: Lua's cjson would ke
 
 
 def scheduled_job(n: int, queue: str = "default", **extra) -> str:
-    """A `perform_in` member as Sidekiq 6.4.1 stores it: no `enqueued_at` (reference §8)."""
+    """A `perform_in` member as Sidekiq 6.4.1 stores it: no `enqueued_at`
+    (docs/sidekiq-protocol.md §8)."""
     fields = {"retry": True, "queue": queue, "class": "HardJob", "args": [n], **extra}
     head = json.dumps(fields, separators=(",", ":"))
     return head[:-1] + f',"jid":"{n:024x}","created_at":{CREATED_AT}}}'
@@ -35,16 +37,16 @@ def test_moves_due_jobs_with_enqueued_at_and_created_at_bytes_unchanged(bridge_e
     metrics = BridgeMetrics()
     moved = Scheduler(store, "b1", metrics, sidekiq_version=7).move_due()
     assert moved == 2
-    [low] = store.queue_jobs("low")
-    [retried] = store.queue_jobs("default")
+    [low] = store.queues.jobs("low")
+    [retried] = store.queues.jobs("default")
     for raw in (low, retried):
         assert f'"created_at":{CREATED_AT}'.encode() in raw
         assert abs(json.loads(raw)["enqueued_at"] - time.time()) < 5
         assert isinstance(json.loads(raw)["enqueued_at"], float)
     assert json.loads(retried)["retry_count"] == 2
     assert {q.decode() for q in store.redis.smembers(QUEUES)} == {"low", "default"}
-    assert [m for m, _ in store.scheduled_set()] == [scheduled_job(2).encode()]
-    assert store.retry_set() == []
+    assert [m for m, _ in store.scheduled.scheduled_set()] == [scheduled_job(2).encode()]
+    assert store.scheduled.retry_set() == []
     assert bridge_env.held_by_bridges() == 0
     assert metrics.scheduler_moved.labels("schedule")._value.get() == 1
     assert metrics.scheduler_moved.labels("retry")._value.get() == 1
@@ -54,7 +56,7 @@ def test_sidekiq_8_gets_integer_milliseconds(bridge_env):
     store = bridge_env.store()
     store.redis.zadd(SCHEDULE, {scheduled_job(1): time.time() - 1})
     Scheduler(store, "b1", BridgeMetrics(), sidekiq_version=8).move_due()
-    enqueued_at = json.loads(store.queue_jobs("default")[0])["enqueued_at"]
+    enqueued_at = json.loads(store.queues.jobs("default")[0])["enqueued_at"]
     assert isinstance(enqueued_at, int) and abs(enqueued_at / 1000 - time.time()) < 5
 
 
@@ -73,8 +75,8 @@ def test_due_jobs_wait_until_the_sidekiq_version_is_known(bridge_env, caplog):
         time.sleep(0.3)  # many more polls
         stop.set()
         thread.join(10)
-    assert store.queue_jobs("default") == []
-    assert [m for m, _ in store.scheduled_set()] == [scheduled_job(1).encode()]
+    assert store.queues.jobs("default") == []
+    assert [m for m, _ in store.scheduled.scheduled_set()] == [scheduled_job(1).encode()]
     assert bridge_env.held_by_bridges() == 0
     waits = [r.getMessage() for r in caplog.records if "version is known" in r.getMessage()]
     assert len(waits) == 1 and "GOKIQ_SIDEKIQ_VERSION" in waits[0]
@@ -86,7 +88,7 @@ def test_retry_set_is_served_before_schedule(bridge_env):
     store.redis.zadd(RETRY, {scheduled_job(2): time.time() - RETRY_GRACE - 1})
     Scheduler(store, "b1", BridgeMetrics()).move_due()
     # LPUSH: the first pushed is the tail, which runs first.
-    assert [json.loads(j)["args"] for j in reversed(store.queue_jobs("default"))] == [[2], [1]]
+    assert [json.loads(j)["args"] for j in reversed(store.queues.jobs("default"))] == [[2], [1]]
 
 
 def test_a_member_that_is_not_a_job_goes_to_the_dead_set_raw(bridge_env):
@@ -109,8 +111,8 @@ def test_poison_in_a_due_batch_is_buried_and_the_batch_goes_on(bridge_env):
     due = time.time() - RETRY_GRACE - 1
     store.redis.zadd(RETRY, {deep: due, bad_count: due, **dict.fromkeys(good, due)})
     assert Scheduler(store, "b1", BridgeMetrics()).move_due() == 150
-    assert store.queue_size("default") == 150
-    assert {raw for raw, _ in store.dead_set()} == {
+    assert store.queues.size("default") == 150
+    assert {raw for raw, _ in store.dead.entries()} == {
         deep.encode(),  # too deep to add fields to: kept as it was
         poison_entry(bad_count, "retry_count is not an integer of -1 or more"),
     }
@@ -133,7 +135,7 @@ def test_many_schedulers_move_each_job_exactly_once(bridge_env):
             t.join()
     finally:
         Scheduler.BATCH = 100
-    args = sorted(json.loads(raw)["args"][0] for raw in store.queue_jobs("default"))
+    args = sorted(json.loads(raw)["args"][0] for raw in store.queues.jobs("default"))
     assert args == list(range(1500))
     assert bridge_env.held_by_bridges() == 0
 
@@ -159,7 +161,7 @@ def test_three_bridges_move_1000_due_jobs_each_exactly_once(bridge_env):
 
 def test_a_job_due_in_one_second_is_published_within_a_second_of_due(bridge_env):
     with BridgeProcess(bridge_env, "--max-pending", "1000") as bridge:
-        wait_for(lambda: bridge_env.store().bridge_ids(), timeout=20)  # it is up
+        wait_for(lambda: bridge_env.store().bridges.ids(), timeout=20)  # it is up
         lateness = []
         for n in range(3):
             due = time.time() + 1
@@ -179,6 +181,6 @@ def test_a_retry_is_left_to_its_countdown_for_the_grace_then_taken(bridge_env):
     store.redis.zadd(RETRY, {scheduled_job(1): now - 1})
     scheduler = Scheduler(store, "b1", BridgeMetrics())
     assert scheduler.move_due(now) == 0
-    assert len(store.retry_set()) == 1
+    assert len(store.scheduled.retry_set()) == 1
     assert scheduler.move_due(now + RETRY_GRACE) == 1
-    assert store.retry_set() == [] and store.queue_size("default") == 1
+    assert store.scheduled.retry_set() == [] and store.queues.size("default") == 1

@@ -18,7 +18,8 @@ import redis
 
 from gokiq_celery.client import SidekiqClient, push
 from gokiq_celery.settings import load_settings
-from gokiq_celery.sidekiq.store import SIDEKIQ_VERSION_KEY, SidekiqStore
+from gokiq_celery.sidekiq.keys import SIDEKIQ_VERSION_KEY
+from gokiq_celery.sidekiq.store import SidekiqStore
 from gokiq_celery.sidekiq.version import SidekiqVersionUnknown
 
 from .e2e.conftest import sidekiq_api

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from types import SimpleNamespace
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -23,6 +24,7 @@ from gokiq_celery.messages import argsrepr, celery_retries
 from gokiq_celery.settings import _ENV_NAMES, ConfigError, Settings, load_settings
 from gokiq_celery.sidecar import parse_execution
 from gokiq_celery.sidekiq.job import InvalidJob, Job, poison_entry
+from gokiq_celery.sidekiq.keys import queue_key
 from gokiq_celery.sidekiq.retry import RetryPolicy
 
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
@@ -162,15 +164,15 @@ def test_the_bridges_batch_and_messages_take_any_payloads(raws):
         json.dumps(message.body)  # the JSON serializer Celery uses takes it
 
 
-class _RecordingStore:
-    """Just enough of SidekiqStore for Scheduler._enqueue; the real one: test_bridge_scheduler."""
+class _RecordingSets:
+    """Just enough of ScheduledSets for Scheduler._enqueue; the real one: test_bridge_scheduler."""
 
     def __init__(self) -> None:
         self.moved, self.buried = [], []
 
     def enqueue_moved(self, set_name, bridge_id, moves) -> None:
         for queue, payload, _ in moves:
-            f"queue:{queue}".encode()  # a Redis key
+            queue_key(queue).encode()  # a Redis key
             payload.encode()
         self.moved.extend(moves)
 
@@ -181,9 +183,9 @@ class _RecordingStore:
 @FUZZ
 @given(st.lists(payloads, max_size=5))
 def test_the_scheduler_moves_or_buries_every_member(raws):
-    store = _RecordingStore()
-    Scheduler(store, "fuzz", BridgeMetrics())._enqueue("retry", raws, 7)
-    assert len(store.moved) + len(store.buried) == len(raws)
+    sets = _RecordingSets()
+    Scheduler(SimpleNamespace(scheduled=sets), "fuzz", BridgeMetrics())._enqueue("retry", raws, 7)
+    assert len(sets.moved) + len(sets.buried) == len(raws)
 
 
 # -- settings ----------------------------------------------------------------------------------

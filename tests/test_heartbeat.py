@@ -18,8 +18,8 @@ from gokiq_celery.messages import TASK_NAME, publish_options
 from gokiq_celery.settings import load_settings
 from gokiq_celery.sidecar import SidecarClient
 from gokiq_celery.sidekiq import Job, RetryPolicy, SidekiqStore
-from gokiq_celery.sidekiq.store import PROCESSES
-from gokiq_celery.tasks import Worker, perform
+from gokiq_celery.sidekiq.keys import PROCESSES
+from gokiq_celery.worker import Worker, install_worker
 
 from .conftest import sidekiq_processes, wait_for
 from .stand_in_sidecar import TOKEN, StandInSidecar
@@ -126,7 +126,6 @@ def embedded_worker(redis_server, redis_db):
     sidekiq_url, broker_db = redis_server.url(redis_db), 62
     redis_server.client(broker_db).flushdb()
     app.conf.broker_url = redis_server.url(broker_db)
-    before = perform.__dict__.get("worker")
     # Quiet deselects queues in the app's own queue table: put it back for the next worker.
     queues = app.amqp.queues
     selected, default = queues._consume_from, dict(queues._default_consume_from)
@@ -141,7 +140,9 @@ def embedded_worker(redis_server, redis_db):
         )
         store = SidekiqStore.from_settings(settings)
         policy = RetryPolicy(settings.max_retries, settings.sidekiq_version)
-        perform.worker = Worker(settings, store, SidecarClient(settings, store.redis), policy)
+        before = install_worker(
+            Worker(settings, store, SidecarClient(settings, store.redis), policy)
+        )
         try:
             with start_worker(
                 app, pool="threads", concurrency=3, perform_ping_check=False, shutdown_timeout=10
@@ -149,9 +150,7 @@ def embedded_worker(redis_server, redis_db):
                 yield sidekiq_url, store, sidecar
         finally:
             queues._consume_from, queues._default_consume_from = selected, default
-            perform.__dict__.pop("worker", None)
-            if before is not None:
-                perform.worker = before
+            install_worker(before)
             redis_server.client(broker_db).flushdb()
 
 

@@ -20,15 +20,15 @@ from bridge.metrics import BridgeMetrics
 from bridge.scheduler import Scheduler
 from gokiq_celery.settings import Settings, load_settings
 from gokiq_celery.sidekiq.job import Job
-from gokiq_celery.sidekiq.store import SCHEDULE
+from gokiq_celery.sidekiq.keys import SCHEDULE
 from gokiq_history import migrations, store
 from gokiq_history.recorder import NULL_RECORDER, HistoryRecorder, invalid_jid, open_recorder
 from gokiq_history.rows import fold, job_event, merge_job
 from gokiq_history.schema import attempts, jobs
 
+from .bridge_support import bridge_env, bridge_redis
 from .conftest import REPO
 from .history_support import pg_admin_url, pg_url
-from .test_bridge_support import bridge_env, bridge_redis
 
 __all__ = ["bridge_env", "bridge_redis", "pg_admin_url", "pg_url"]  # fixtures used below
 

@@ -17,7 +17,7 @@ from gokiq_celery.sidekiq.job import (
     timestamp,
 )
 
-# Real Sidekiq 6.4.1 output (reference §1.3 and §8).
+# Real Sidekiq 6.4.1 output (docs/sidekiq-protocol.md §1.3 and §8).
 SIDEKIQ_PAYLOAD = (
     '{"retry":true,"queue":"default","args":[1,"two",{"three":3}],"class":"HardJob",'
     '"jid":"f480c497440052e0f83cbf1a","created_at":1795415903.1272464,'

@@ -47,14 +47,14 @@ class Fixed(random.Random):
         ("5", Outcome.RETRY, 25),
         (5.0, Outcome.RETRY, 25),
         (0, Outcome.DEAD, 0),
-        (False, Outcome.DROP, 0),
-        (None, Outcome.DROP, 0),
+        (False, Outcome.DROPPED, 0),
+        (None, Outcome.DROPPED, 0),
     ],
 )
 def test_retry_values_resolve_as_sidekiq(retry, outcome, limit):
     decision = RetryPolicy().decide(job(retry=retry), BOOM, "default", NOW)
     assert decision.outcome is outcome
-    if outcome is not Outcome.DROP:
+    if outcome is not Outcome.DROPPED:
         assert decision.limit == limit
 
 
@@ -63,7 +63,7 @@ def test_missing_retry_takes_the_class_option_from_the_sidecar():
     failure = Failure("E", "m", class_retry=2)
     assert RetryPolicy().decide(no_retry, failure, "default", NOW).limit == 2
     unknown_class = Failure("NameError", "m")
-    assert RetryPolicy().decide(no_retry, unknown_class, "q", NOW).outcome is Outcome.DROP
+    assert RetryPolicy().decide(no_retry, unknown_class, "q", NOW).outcome is Outcome.DROPPED
 
 
 def test_retry_n_runs_n_plus_one_times_then_dies_with_count_n():
@@ -128,7 +128,7 @@ def test_retry_in_kill_and_discard():
     kill = RetryPolicy().decide(job(), Failure("E", "m", retry_in="kill"), "default", NOW)
     assert kill.outcome is Outcome.DEAD and kill.goes_to_dead_set
     discard = RetryPolicy().decide(job(), Failure("E", "m", retry_in="discard"), "q", NOW)
-    assert discard.outcome is Outcome.DISCARD and not discard.goes_to_dead_set
+    assert discard.outcome is Outcome.DISCARDED and not discard.goes_to_dead_set
     v8 = RetryPolicy(sidekiq_version=8).decide(
         job(), Failure("E", "m", retry_in="discard"), "q", NOW
     )

@@ -8,19 +8,21 @@ import time
 import redis
 from celery.signals import worker_process_shutdown, worker_shutdown
 
+import gokiq_celery.tasks  # noqa: F401  (connects the shutdown signals)
 from gokiq_celery.messages import new_delivery_token
 from gokiq_celery.settings import load_settings
 from gokiq_celery.settler import DeliverySettler
 from gokiq_celery.sidekiq import RetryPolicy, SidekiqStore
-from gokiq_celery.sidekiq.store import WORKER_BEAT, WORKERS
-from gokiq_celery.tasks import Worker, perform
+from gokiq_celery.sidekiq.keys import WORKERS
+from gokiq_celery.sidekiq.ledger import WORKER_BEAT
+from gokiq_celery.worker import Worker, install_worker
 
 from .conftest import free_port, wait_for
 
 
 def entered(store: SidekiqStore, n: int) -> list[str]:
     tokens = [new_delivery_token() for _ in range(n)]
-    store.record_deliveries([(t, "default", '{"class":"A","args":[]}') for t in tokens], 1e10)
+    store.ledger.record([(t, "default", '{"class":"A","args":[]}') for t in tokens], 1e10)
     return tokens
 
 
@@ -31,8 +33,8 @@ def test_settlements_of_many_jobs_go_in_a_few_transactions(redis_client):
     redis_client.config_resetstat()
     for i, token in enumerate(tokens):
         settler.settle(token, processed=1, failed=int(i % 4 == 0))
-    wait_for(lambda: store.deliveries_pending() == 0, message="never settled")
-    wait_for(lambda: store.stats() == {"processed": 200, "failed": 50})
+    wait_for(lambda: store.ledger.pending() == 0, message="never settled")
+    wait_for(lambda: store.stats.counts() == {"processed": 200, "failed": 50})
     assert redis_client.info("commandstats")["cmdstat_exec"]["calls"] <= 5
 
 
@@ -46,7 +48,7 @@ def test_a_flush_while_redis_is_away_keeps_everything_for_the_next(redis_client)
     settler.flush()  # fails: nothing listens there
     settler.store = store
     settler.flush()
-    assert store.deliveries_pending() == 0 and store.stats()["processed"] == 3
+    assert store.ledger.pending() == 0 and store.stats.counts()["processed"] == 3
 
 
 def test_a_worker_shutting_down_writes_what_is_pending(redis_url, redis_client):
@@ -54,21 +56,18 @@ def test_a_worker_shutting_down_writes_what_is_pending(redis_url, redis_client):
     store = SidekiqStore(redis_client)
     worker = Worker(settings, store, sidecar=None, policy=RetryPolicy())
     worker.settler.interval = 3600  # the flusher thread would not write for an hour
-    saved = perform.__dict__.pop("worker", None)
-    perform.worker = worker
+    saved = install_worker(worker)
     try:
         for signal in (worker_shutdown, worker_process_shutdown):  # threads pool, prefork child
             tokens = entered(store, 2)
             for token in tokens:
                 worker.settler.settle(token, processed=1)
-            assert store.deliveries_pending() == 2
+            assert store.ledger.pending() == 2
             signal.send(sender=None)
-            assert store.deliveries_pending() == 0
-        assert store.stats()["processed"] == 4
+            assert store.ledger.pending() == 0
+        assert store.stats.counts()["processed"] == 4
     finally:
-        del perform.__dict__["worker"]
-        if saved is not None:
-            perform.worker = saved
+        install_worker(saved)
 
 
 def test_the_settling_thread_keeps_the_process_alive_in_the_ledger_until_it_leaves(redis_client):

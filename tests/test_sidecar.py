@@ -13,9 +13,10 @@ import redis
 
 from gokiq_celery.connection import SidecarConnection
 from gokiq_celery.settings import load_settings
-from gokiq_celery.sidecar import SharedBreakerStorage, SidecarClient, SidecarUnavailable
+from gokiq_celery.sidecar import SidecarClient, SidecarUnavailable
 from gokiq_celery.sidekiq import Job
-from gokiq_celery.sidekiq.store import BREAKER_NAMESPACE
+from gokiq_celery.sidekiq.breaker import SharedBreakerStorage
+from gokiq_celery.sidekiq.keys import BREAKER_NAMESPACE
 
 from .conftest import free_port
 from .stand_in_sidecar import TOKEN, StandInSidecar

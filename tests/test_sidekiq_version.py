@@ -12,13 +12,13 @@ import redis
 
 from gokiq_celery.settings import ConfigError, load_settings
 from gokiq_celery.sidekiq import Job, SidekiqStore
-from gokiq_celery.sidekiq.store import SIDEKIQ_VERSION_KEY, process_work_keys
+from gokiq_celery.sidekiq.keys import SIDEKIQ_VERSION_KEY, process_work_keys
 from gokiq_celery.sidekiq.version import (
     SidekiqVersion,
     SidekiqVersionResolver,
     SidekiqVersionUnknown,
 )
-from gokiq_celery.tasks import Worker
+from gokiq_celery.worker import Worker
 
 from .conftest import free_port
 from .stand_in_sidecar import TOKEN, StandInSidecar
@@ -140,6 +140,6 @@ def test_a_failure_before_the_version_is_known_puts_the_job_back_unchanged(redis
         assert worker.perform(job.text, "default") == "unavailable"
         assert len(sidecar.executed(job.jid)) == 1
     store = worker.store
-    assert store.queue_jobs("default") == [job.raw]  # byte for byte: no retry_count, no failed_at
-    assert store.retry_set() == [] and store.dead_set() == []
-    assert store.stats() == {"processed": 0, "failed": 0}
+    assert store.queues.jobs("default") == [job.raw]  # byte for byte: no retry_count, no failed_at
+    assert store.scheduled.retry_set() == [] and store.dead.entries() == []
+    assert store.stats.counts() == {"processed": 0, "failed": 0}

@@ -22,9 +22,9 @@ from gokiq_celery.messages import TASK_NAME, new_delivery_token, publish_options
 from gokiq_celery.settings import load_settings
 from gokiq_celery.sidecar import SidecarClient
 from gokiq_celery.sidekiq import Job, RetryPolicy, SidekiqStore
+from gokiq_celery.sidekiq.keys import DELIVERY_DEADLINES, RETRY
 from gokiq_celery.sidekiq.retry import decode_backtrace
-from gokiq_celery.sidekiq.store import DELIVERY_DEADLINES, RETRY
-from gokiq_celery.tasks import SIDECAR_DEATHS_MAX, Worker, perform
+from gokiq_celery.worker import SIDECAR_DEATHS_MAX, Worker, current_worker, install_worker
 
 from .conftest import free_port, wait_for
 from .stand_in_sidecar import TOKEN, StandInSidecar
@@ -53,16 +53,21 @@ def stack(redis_server):
             queues="default critical low",
         )
         store = SidekiqStore.from_settings(settings)
-        perform.worker = Worker(
-            settings,
-            store,
-            SidecarClient(settings, store.redis),
-            RetryPolicy(settings.max_retries, settings.sidekiq_version, rng=NoJitter()),
+        previous = install_worker(
+            Worker(
+                settings,
+                store,
+                SidecarClient(settings, store.redis),
+                RetryPolicy(settings.max_retries, settings.sidekiq_version, rng=NoJitter()),
+            )
         )
-        with start_worker(
-            app, pool="threads", concurrency=8, perform_ping_check=False, shutdown_timeout=10
-        ):
-            yield sidecar, store, redis_server.client(broker_db)
+        try:
+            with start_worker(
+                app, pool="threads", concurrency=8, perform_ping_check=False, shutdown_timeout=10
+            ):
+                yield sidecar, store, redis_server.client(broker_db)
+        finally:
+            install_worker(previous)
 
 
 @pytest.fixture
@@ -106,33 +111,33 @@ def settle(broker) -> None:
 def worker_with(store: SidekiqStore, **settings_overrides):
     """The module's worker runs with other settings (another sidecar, say) for a while."""
     settings = load_settings(
-        redis_url=perform.worker.settings.redis_url,
+        redis_url=current_worker().settings.redis_url,
         sidecar_token=TOKEN,
         queues="default critical low",
         **settings_overrides,
     )
-    healthy = perform.worker
-    perform.worker = Worker(settings, store, SidecarClient(settings, store.redis), healthy.policy)
+    healthy = current_worker()
+    install_worker(Worker(settings, store, SidecarClient(settings, store.redis), healthy.policy))
     try:
         yield
     finally:
-        perform.worker = healthy
+        install_worker(healthy)
 
 
 def dead_jobs(store: SidekiqStore) -> list[Job]:
-    return [Job.parse(raw) for raw, _ in store.dead_set()]
+    return [Job.parse(raw) for raw, _ in store.dead.entries()]
 
 
 def test_success_counts_processed_and_leaves_no_trace(env):
     sidecar, store = env
     job = make_job("OkJob", [1, "two", {"three": 3}], extra_field={"kept": True})
     send(job, "critical")
-    wait_for(lambda: store.stats()["processed"] == 1, message="job did not run")
+    wait_for(lambda: store.stats.counts()["processed"] == 1, message="job did not run")
     [seen] = sidecar.executed(job.jid)
     assert seen == job.fields
     assert sidecar.calls["execute"][-1]["queue"] == "critical"
-    assert store.stats() == {"processed": 1, "failed": 0}
-    assert store.dead_set() == [] and store.retry_set() == []
+    assert store.stats.counts() == {"processed": 1, "failed": 0}
+    assert store.dead.entries() == [] and store.scheduled.retry_set() == []
 
 
 def test_raise_then_succeed_carries_sidekiq_error_fields(env):
@@ -140,15 +145,15 @@ def test_raise_then_succeed_carries_sidekiq_error_fields(env):
     job = make_job("FlakyJob", [2, 1], backtrace=2)
     send(job)
     wait_for(lambda: len(sidecar.executed(job.jid)) == 3, timeout=20, message="not retried")
-    wait_for(lambda: store.stats()["processed"] == 3)
+    wait_for(lambda: store.stats.counts()["processed"] == 3)
     first, second, third = sidecar.executed(job.jid)
     assert "retry_count" not in first
     assert second["retry_count"] == 0 and second["error_message"] == "flaky 1"
     assert second["error_class"] == "RuntimeError" and isinstance(second["failed_at"], float)
     assert third["retry_count"] == 1 and "retried_at" in third
     assert decode_backtrace(third["error_backtrace"]) == ["app/jobs/x.rb:1:in `perform'"] * 2
-    assert store.stats() == {"processed": 3, "failed": 2}
-    assert store.dead_set() == []
+    assert store.stats.counts() == {"processed": 3, "failed": 2}
+    assert store.dead.entries() == []
 
 
 def test_exhausted_job_lands_in_dead_set_with_sidekiq_fields(env):
@@ -197,15 +202,15 @@ def test_no_retry_variants(env, stack, fields, dead, hook):
     calls = [(c["run_hook"], c["death_handlers"]) for c in sidecar.exhausted_calls(job.jid)]
     assert calls == ([(True, False), (False, True)] if hook else [(False, True)])
     assert [d.jid for d in dead_jobs(store)] == ([job.jid] if dead else [])
-    assert store.retry_set() == []
+    assert store.scheduled.retry_set() == []
 
 
 def test_long_delay_is_parked_in_the_retry_set(env, stack):
     sidecar, store = env
     job = make_job("FailJob", [1000])
     send(job)
-    wait_for(lambda: store.retry_set(), message="retry not parked")
-    [(raw, score)] = store.retry_set()
+    wait_for(lambda: store.scheduled.retry_set(), message="retry not parked")
+    [(raw, score)] = store.scheduled.retry_set()
     parked = Job.parse(raw)
     assert parked.get("retry_count") == 0 and parked.get("error_class") == "ArgumentError"
     assert time.time() + 990 < score < time.time() + 1001
@@ -224,8 +229,8 @@ def test_unknown_class_follows_its_retry_field(env):
 def test_invalid_payload_goes_to_dead_set_verbatim(env):
     _, store = env
     app.send_task(TASK_NAME, args=("{not json", "default"), queue="default")
-    wait_for(lambda: store.dead_set(), message="invalid payload not buried")
-    assert store.dead_set()[0][0] == b"{not json"
+    wait_for(lambda: store.dead.entries(), message="invalid payload not buried")
+    assert store.dead.entries()[0][0] == b"{not json"
 
 
 def test_sidecar_down_spends_no_retry(env, stack):
@@ -233,11 +238,11 @@ def test_sidecar_down_spends_no_retry(env, stack):
     with worker_with(store, sidecar_url=f"http://127.0.0.1:{free_port()}", breaker_fail_max=50):
         job = make_job("OkJob", [7])
         send(job, "critical")
-        wait_for(lambda: store.queue_size("critical") == 1, message="job not put back")
-    [raw] = store.queue_jobs("critical")
+        wait_for(lambda: store.queues.size("critical") == 1, message="job not put back")
+    [raw] = store.queues.jobs("critical")
     assert raw == job.raw  # the same bytes, no retry_count, no error fields
-    assert store.stats() == {"processed": 0, "failed": 0}
-    assert store.retry_set() == [] and store.dead_set() == []
+    assert store.stats.counts() == {"processed": 0, "failed": 0}
+    assert store.scheduled.retry_set() == [] and store.dead.entries() == []
 
 
 def test_each_message_keeps_its_own_retry_limit(env):
@@ -263,8 +268,8 @@ def test_a_retry_that_cannot_be_republished_is_parked_not_lost(env, monkeypatch)
     monkeypatch.setattr(Signature, "apply_async", broker_down)  # used only by Task.retry here
     job = make_job("FailJob", [1])
     send(job)
-    wait_for(lambda: store.retry_set(), message="failed retry publish lost the job")
-    [(raw, score)] = store.retry_set()
+    wait_for(lambda: store.scheduled.retry_set(), message="failed retry publish lost the job")
+    [(raw, score)] = store.scheduled.retry_set()
     assert Job.parse(raw).get("retry_count") == 0 and Job.parse(raw).jid == job.jid
     assert time.time() < score <= time.time() + 2  # due after the job's own short delay
     assert len(sidecar.executed(job.jid)) == 1
@@ -274,9 +279,9 @@ def send_tracked(store: SidekiqStore, job: Job, queue: str = "default", *, stale
     """Publish as the bridge does: the ledger entry first, then the message with its token.
     `stale`: the entry is gone before the message is sent (settled, or published again)."""
     token = new_delivery_token()
-    store.record_deliveries([(token, queue, job.text)], deadline=time.time() + 60)
+    store.ledger.record([(token, queue, job.text)], deadline=time.time() + 60)
     if stale:
-        store.settle_deliveries([token])
+        store.ledger.settle([token])
     app.send_task(
         TASK_NAME,
         args=(job.text, queue),
@@ -291,9 +296,9 @@ def test_a_tracked_delivery_is_settled_once_the_job_ran(env, stack):
     _sidecar, store = env
     job = make_job("OkJob", [1])
     send_tracked(store, job)
-    wait_for(lambda: store.stats()["processed"] == 1, message="job did not run")
+    wait_for(lambda: store.stats.counts()["processed"] == 1, message="job did not run")
     settle(stack[2])
-    wait_for(lambda: store.delivery_tokens() == [], message="delivery never settled")
+    wait_for(lambda: store.ledger.tokens() == [], message="delivery never settled")
 
 
 def test_a_stale_delivery_is_skipped(env, stack):
@@ -302,7 +307,7 @@ def test_a_stale_delivery_is_skipped(env, stack):
     job = make_job("OkJob", [2])
     send_tracked(store, job, stale=True)  # as if the bridge had re-published it (new token)
     settle(stack[2])
-    assert sidecar.executed(job.jid) == [] and store.stats()["processed"] == 0
+    assert sidecar.executed(job.jid) == [] and store.stats.counts()["processed"] == 0
 
 
 def test_a_retry_carries_a_new_token_and_settles_at_the_end(env, stack):
@@ -310,10 +315,10 @@ def test_a_retry_carries_a_new_token_and_settles_at_the_end(env, stack):
     job = make_job("FlakyJob", [1, 1])
     first = send_tracked(store, job)
     wait_for(lambda: len(sidecar.executed(job.jid)) == 2, timeout=20, message="not retried")
-    assert first not in store.delivery_tokens()  # replaced when the retry was published
+    assert first not in store.ledger.tokens()  # replaced when the retry was published
     settle(stack[2])
-    wait_for(lambda: store.delivery_tokens() == [], message="deliveries never settled")
-    assert store.stats() == {"processed": 2, "failed": 1}
+    wait_for(lambda: store.ledger.tokens() == [], message="deliveries never settled")
+    assert store.stats.counts() == {"processed": 2, "failed": 1}
 
 
 def with_member(job: Job, member: str) -> Job:
@@ -331,10 +336,10 @@ def test_a_payload_that_would_break_after_its_run_is_dead_before_it(env, stack, 
     sidecar, store = env
     job = with_member(make_job("FailJob", []), member)
     send_tracked(store, job)
-    wait_for(lambda: store.dead_set(), message="poison payload not buried")
+    wait_for(lambda: store.dead.entries(), message="poison payload not buried")
     settle(stack[2])
-    wait_for(lambda: store.delivery_tokens() == [], message="delivery never settled")
-    [(raw, _)] = store.dead_set()
+    wait_for(lambda: store.ledger.tokens() == [], message="delivery never settled")
+    [(raw, _)] = store.dead.entries()
     assert json.loads(raw)["error_class"] == "Gokiq::InvalidJob"
     assert json.loads(raw)["jid"] == job.jid and sidecar.executed(job.jid) == []
 
@@ -349,7 +354,7 @@ def test_an_infinite_retry_in_from_the_sidecar_is_ignored(env, stack):
     assert dead_jobs(store)[0].get("error_class") == "ArgumentError"
     assert len(sidecar.executed(job.jid)) == 2  # the default delay, then exhausted
     settle(stack[2])
-    wait_for(lambda: store.delivery_tokens() == [], message="delivery never settled")
+    wait_for(lambda: store.ledger.tokens() == [], message="delivery never settled")
 
 
 def test_whatever_still_breaks_after_a_run_sends_the_job_to_the_dead_set(env, stack, monkeypatch):
@@ -358,16 +363,19 @@ def test_whatever_still_breaks_after_a_run_sends_the_job_to_the_dead_set(env, st
     def broken(*args, **kwargs):
         raise OverflowError("a value no one foresaw")
 
-    monkeypatch.setattr(perform.worker.policy, "decide", broken)
+    monkeypatch.setattr(current_worker().policy, "decide", broken)
     job = make_job("FailJob", [])
     send_tracked(store, job)
-    wait_for(lambda: store.dead_set(), message="job not buried")
+    wait_for(lambda: store.dead.entries(), message="job not buried")
     settle(stack[2])
-    wait_for(lambda: store.delivery_tokens() == [], message="delivery never settled")
-    [(raw, _)] = store.dead_set()
+    wait_for(lambda: store.ledger.tokens() == [], message="delivery never settled")
+    [(raw, _)] = store.dead.entries()
     dead = json.loads(raw)
     assert dead["error_class"] == "Gokiq::InvalidJob" and "OverflowError" in dead["error_message"]
-    assert len(sidecar.executed(job.jid)) == 1 and store.stats() == {"processed": 1, "failed": 1}
+    assert len(sidecar.executed(job.jid)) == 1 and store.stats.counts() == {
+        "processed": 1,
+        "failed": 1,
+    }
 
 
 def test_metric_labels_are_resolved_classes_and_configured_queues(env, stack):
@@ -378,11 +386,11 @@ def test_metric_labels_are_resolved_classes_and_configured_queues(env, stack):
         send(make_job("OkJob", [], display_class=f"spam-display-{n}"))
         send(make_job(f"SpamUnknown{n}", [], retry=False))
     send(make_job("FailJob", [], retry=0, retry_queue="spam-queue"))
-    wait_for(lambda: store.stats()["processed"] == 7, message="jobs did not run")
+    wait_for(lambda: store.stats.counts()["processed"] == 7, message="jobs did not run")
     settle(stack[2])
     labels = {
         (sample.labels["queue"], sample.labels["class"])
-        for metric in metrics.JOBS.collect()
+        for metric in current_worker().metrics.jobs.collect()
         for sample in metric.samples
     }
     assert not [label for label in labels if "spam" in "".join(label)], labels
@@ -406,11 +414,11 @@ def test_a_409_leaves_the_job_in_the_ledger_until_the_other_run_is_over(env, sta
     token = send_tracked(store, job)
     wait_for(lambda: sidecar.executed(job.jid), message="job never reached the sidecar")
     settle(stack[2])
-    perform.worker.settler.flush()
-    assert store.delivery_tokens() == [token]
+    current_worker().settler.flush()
+    assert store.ledger.tokens() == [token]
     deadline = store.redis.zscore(DELIVERY_DEADLINES, token)
-    assert deadline > time.time() + perform.worker.settings.job_timeout
-    assert store.stats() == {"processed": 0, "failed": 0}
+    assert deadline > time.time() + current_worker().settings.job_timeout
+    assert store.stats.counts() == {"processed": 0, "failed": 0}
 
 
 def test_a_job_that_keeps_killing_the_sidecar_fails_after_a_few_deaths(env, stack):
@@ -422,7 +430,7 @@ def test_a_job_that_keeps_killing_the_sidecar_fails_after_a_few_deaths(env, stac
     with worker_with(store, sidecar_url=sidecar.url, breaker_fail_max=50):
         send(job)
         for death in range(1, SIDECAR_DEATHS_MAX):
-            wait_for(lambda: store.queue_size("default") == 1, message=f"not put back ({death})")
+            wait_for(lambda: store.queues.size("default") == 1, message=f"not put back ({death})")
             again = Job.parse(store.redis.rpop("queue:default"))
             assert "retry_count" not in again  # no retry spent on a death below the limit
             send(again)
@@ -430,7 +438,7 @@ def test_a_job_that_keeps_killing_the_sidecar_fails_after_a_few_deaths(env, stac
     [dead] = dead_jobs(store)
     assert dead.jid == job.jid and dead.get("error_class") == "Gokiq::SidecarDied"
     assert len(sidecar.executed(job.jid)) == SIDECAR_DEATHS_MAX
-    assert store.queue_size("default") == 0
+    assert store.queues.size("default") == 0
 
 
 def test_a_retry_queue_no_worker_consumes_is_parked_in_the_retry_set(env, stack):
@@ -438,9 +446,9 @@ def test_a_retry_queue_no_worker_consumes_is_parked_in_the_retry_set(env, stack)
     sidecar, store = env
     job = make_job("FailJob", [1], retry_queue="nobody-consumes")
     send(job)
-    wait_for(lambda: store.retry_set(), message="retry not parked")
+    wait_for(lambda: store.scheduled.retry_set(), message="retry not parked")
     settle(stack[2])
-    [(raw, score)] = store.retry_set()
+    [(raw, score)] = store.scheduled.retry_set()
     parked = Job.parse(raw)
     assert parked.queue == "nobody-consumes" and parked.get("retry_count") == 0
     assert score <= time.time() + 2  # due after the job's own short delay
@@ -502,7 +510,9 @@ def test_a_job_put_back_for_the_sidecar_is_neither_failed_nor_retried(env, stack
 
 def pending_retry(store: SidekiqStore, job: Job) -> tuple[bytes, float] | None:
     """The job's entry in Sidekiq's retry set, if it has one."""
-    entries = [(raw, score) for raw, score in store.retry_set() if Job.parse(raw).jid == job.jid]
+    entries = [
+        (raw, score) for raw, score in store.scheduled.retry_set() if Job.parse(raw).jid == job.jid
+    ]
     return entries[0] if entries else None
 
 
@@ -516,11 +526,11 @@ def test_a_short_retry_waits_in_the_retry_set_and_its_countdown_runs_it_once(env
     waiting = Job.parse(raw)
     assert waiting.get("retry_count") == 0 and waiting.get("error_class") == "ArgumentError"
     assert failed_at + 3 <= score <= time.time() + 3
-    assert store.stats() == {"processed": 1, "failed": 1}  # counted with the retry's write
+    assert store.stats.counts() == {"processed": 1, "failed": 1}  # counted with the retry's write
     wait_for(lambda: dead_jobs(store), timeout=30, message="the countdown never ran the retry")
     settle(stack[2])
-    assert len(sidecar.executed(job.jid)) == 2 and store.retry_set() == []
-    wait_for(lambda: store.delivery_tokens() == [], message="the retry's delivery never settled")
+    assert len(sidecar.executed(job.jid)) == 2 and store.scheduled.retry_set() == []
+    wait_for(lambda: store.ledger.tokens() == [], message="the retry's delivery never settled")
 
 
 def test_a_retry_removed_from_the_retry_set_makes_its_countdown_stale(env, stack, task_states):
@@ -535,7 +545,7 @@ def test_a_retry_removed_from_the_retry_set_makes_its_countdown_stale(env, stack
     settle(stack[2])
     assert task_states[f"{job.jid}.1"] == ("SUCCESS", "stale")
     assert len(sidecar.executed(job.jid)) == 1 and dead_jobs(store) == []
-    assert store.delivery_tokens() == [] and store.stats() == {"processed": 1, "failed": 1}
+    assert store.ledger.tokens() == [] and store.stats.counts() == {"processed": 1, "failed": 1}
 
 
 def test_the_poller_and_a_countdown_racing_for_a_retry_run_it_once(env, stack):
@@ -558,5 +568,5 @@ def test_the_poller_and_a_countdown_racing_for_a_retry_run_it_once(env, stack):
         stop.set()
         thread.join()
     ran_by_countdown = len(sidecar.executed(job.jid)) - 1
-    taken_by_poller = store.queue_size("default")
+    taken_by_poller = store.queues.size("default")
     assert ran_by_countdown + taken_by_poller == 1

@@ -19,7 +19,8 @@ def _get(url: str) -> tuple[int, str]:
 def test_worker_serves_health_and_metrics_and_nothing_else():
     port = free_port()
     settings = load_settings(environ={}, worker_metrics_port=port)
-    server = metrics.serve_worker_metrics(settings)
+    registry = metrics.process_metrics().registry  # what a worker process serves
+    server = metrics.serve_worker_metrics(settings, registry)
     assert server is not None
     try:
         url = f"http://127.0.0.1:{port}"
@@ -30,10 +31,11 @@ def test_worker_serves_health_and_metrics_and_nothing_else():
         assert _get(url + "/")[0] == 404
         assert _get(url + "/metricsx")[0] == 404
         # A second worker on the host: no server, a warning, the worker still runs.
-        assert metrics.serve_worker_metrics(settings) is None
+        assert metrics.serve_worker_metrics(settings, registry) is None
     finally:
         server.stop()
 
 
 def test_port_zero_serves_nothing():
-    assert metrics.serve_worker_metrics(load_settings(environ={}, worker_metrics_port=0)) is None
+    settings = load_settings(environ={}, worker_metrics_port=0)
+    assert metrics.serve_worker_metrics(settings, metrics.WorkerMetrics().registry) is None

@@ -113,7 +113,9 @@ class Job:
 
     @property
     def display_class(self) -> str:
-        """The name Sidekiq's logs and Web UI show: `display_class`, `wrapped`, then `class`."""
+        """The name Sidekiq's logs and Web UI show: the first non-empty string of
+        `display_class` and `wrapped`, else `class` (as the sidecar's Runner#display_class:
+        tests/test_shared_values.py)."""
         for key in ("display_class", "wrapped"):
             value = self.fields.get(key)
             if isinstance(value, str) and value:

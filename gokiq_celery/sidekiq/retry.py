@@ -1,4 +1,4 @@
-"""Sidekiq's retry semantics (reference §3), decided in one place.
+"""Sidekiq's retry semantics (docs/sidekiq-protocol.md §3), decided in one place.
 
 Given a failed job, `RetryPolicy.decide` writes the error fields Sidekiq would write and says
 what happens next: retry after a delay, go to the dead set, or be dropped. Who carries the
@@ -13,13 +13,13 @@ import random
 import time
 import zlib
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 from typing import Any
 
 from .job import Job, epoch_seconds, finite_number, timestamp
 from .version import SidekiqVersionResolver
 
-MAX_ERROR_MESSAGE = 10_000
+MAX_ERROR_MESSAGE = 10_000  # as the sidecar cuts it (Runner::MAX_MESSAGE)
 # A delay past this (a retry_count or `sidekiq_retry_in` in the millions) is this: later than any
 # deploy will live, and still a finite float for Redis scores and Celery countdowns.
 MAX_DELAY = 100 * 365 * 86400.0
@@ -36,11 +36,22 @@ class Failure:
     class_retry: Any = None  # the class's `retry` option, used when the payload has none
 
 
-class Outcome(Enum):
-    RETRY = "retry"  # run again after `delay`
+class Outcome(StrEnum):
+    """What one run of a job came to: the one vocabulary of the policy's decisions, the
+    worker's results, the `outcome` of its log lines and metrics, and the job history's runs."""
+
+    # Sidekiq's decision on a failure (`RetryPolicy.decide`)
+    RETRY = "retry"  # run again after `delay` (a Celery countdown)
     DEAD = "dead"  # exhausted: hook, dead set (unless `dead: false`), death handlers
-    DROP = "drop"  # `retry: false`: not retried, not dead; death handlers only
-    DISCARD = "discard"  # `sidekiq_retry_in` said :discard: gone, no hook, no dead set
+    DROPPED = "dropped"  # `retry: false`: not retried, not dead; death handlers only
+    DISCARDED = "discarded"  # `sidekiq_retry_in` said :discard: gone, no hook, no dead set
+    # What else a delivery can come to (gokiq_celery/worker.py)
+    OK = "ok"
+    PARKED = "parked"  # a retry left in the `retry` set for the bridge's poller
+    UNAVAILABLE = "unavailable"  # the sidecar could not run it: back on its queue
+    DUPLICATE = "duplicate"  # another run of the jid holds it in the sidecar (409)
+    INVALID = "invalid"  # not a job: dead set
+    STALE = "stale"  # its delivery was settled or published again: not run
 
 
 @dataclass(frozen=True)
@@ -79,13 +90,13 @@ class RetryPolicy:
         now = time.time() if now is None else now
         retry = job.retry if "retry" in job else failure.class_retry
         if retry is False or retry is None:
-            return Decision(Outcome.DROP, job)
+            return Decision(Outcome.DROPPED, job)
         major = self.versions.require().major
         failed = job.replace(self._error_fields(job, failure, queue, now, major))
         limit = self.limit(retry)
         count = failed.get("retry_count")
         if failure.retry_in == "discard":
-            return Decision(Outcome.DISCARD, self._discarded(failed, now, major), limit=limit)
+            return Decision(Outcome.DISCARDED, self._discarded(failed, now, major), limit=limit)
         if failure.retry_in == "kill" or self._exhausted(failed, count, limit, now, major):
             return Decision(Outcome.DEAD, failed, limit=limit)
         return Decision(Outcome.RETRY, failed, self._delay(count, failure.retry_in, major), limit)

@@ -4,8 +4,9 @@ Timestamps (`enqueued_at`, `failed_at`, ...) are float seconds for 6/7 and integ
 retries differ in details; the Busy page's hash of running jobs is `<identity>:workers` up to
 6.4.1 and `:work` from 6.4.2. The `sidekiq_version` setting names the version, or is `auto`:
 then it is what the sidecar publishes in Sidekiq's Redis when it boots (`Sidekiq::VERSION`,
-read by `SidekiqStore.published_sidekiq_version`). Until a version is known, whoever would
-write such data waits (`SidekiqVersionUnknown`) rather than guess.
+read by `SidekiqStore.published_sidekiq_version`; `SidekiqStore.versions` builds a process's
+resolver). Until a version is known, whoever would write such data waits
+(`SidekiqVersionUnknown`) rather than guess.
 """
 
 from __future__ import annotations

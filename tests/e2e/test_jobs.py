@@ -105,7 +105,7 @@ def test_info_logs_say_what_happened_to_each_job_without_its_arguments(stack: St
     by_msg = {(line["jid"], line["msg"].split(":")[0]): line for line in job_lines()}
     assert by_msg[(ok, "start")]["class"] == "HardJob" and by_msg[(ok, "start")]["queue"]
     assert by_msg[(ok, "done")]["elapsed"] >= 0
-    assert by_msg[(failing, "fail")]["outcome"] == "drop"
+    assert by_msg[(failing, "fail")]["outcome"] == "dropped"
     for service in stack.services:  # every process, every line
         assert not [line for line in service.lines() if secret in line], service.name
 

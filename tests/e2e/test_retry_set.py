@@ -7,7 +7,7 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
-from gokiq_celery.sidekiq.store import RETRY_GRACE
+from gokiq_celery.sidekiq.scheduled import RETRY_GRACE
 
 from ..conftest import wait_for
 from .conftest import Stack

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from gokiq_celery.sidekiq.store import SIDEKIQ_VERSION_KEY
+from gokiq_celery.sidekiq.keys import SIDEKIQ_VERSION_KEY
 
 from ..conftest import wait_for
 from .conftest import Stack, running

@@ -15,7 +15,7 @@ end
 if redis.call('ZREM', KEYS[1], ARGV[1]) == 0 then
   return 0
 end
--- The ledger's entry form: "<byte length of queue>:<queue><job>" (store._delivery_entry).
+-- The ledger's entry form: "<byte length of queue>:<queue><job>" (ledger._entry).
 redis.call('HSET', KEYS[2], ARGV[2], string.len(ARGV[3]) .. ':' .. ARGV[3] .. ARGV[1])
 redis.call('ZADD', KEYS[3], ARGV[4], ARGV[2])
 redis.call('HSET', KEYS[4], ARGV[2], ARGV[5])

@@ -6,7 +6,7 @@
 --
 -- KEYS[1]: the ledger hash, KEYS[2]: the deadlines zset, KEYS[3]: the in-flight list
 -- ARGV[1]: the deadline, ARGV[2]: the Sidekiq queue, ARGV[3..]: pairs of (token, job bytes) in
--- the order fetched. An entry is "<byte length of queue>:<queue><job>" (store._delivery_entry).
+-- the order fetched. An entry is "<byte length of queue>:<queue><job>" (ledger._entry).
 -- Returns the positions (1-based) of the pairs that were not entered.
 local n = (#ARGV - 2) / 2
 local function job(i) return ARGV[2 * i + 2] end

@@ -2,6 +2,7 @@ module GokiqSidecar
   # Prometheus text exposition written by hand (no client gem on the target
   # machines). Per process: under `--workers N` each Puma worker has its own.
   class Metrics
+    # job_duration_seconds; gokiq's worker histogram has the same (DURATION_BUCKETS).
     BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300].freeze
     # Class labels are resolved class names (App), so they are bounded by the app's classes;
     # this caps them anyway, so no app, however large, grows a scrape without bound.

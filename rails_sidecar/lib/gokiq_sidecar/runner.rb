@@ -1,5 +1,5 @@
 module GokiqSidecar
-  # Runs one job the way Sidekiq 6.4's processor does (reference §5.1):
+  # Runs one job the way Sidekiq 6.4's processor does (docs/sidekiq-protocol.md §5.1):
   # log context and per-job log level, then Sidekiq's configured reloader
   # (Rails executor: connection checkout/return, query cache, CurrentAttributes
   # reset), then a fresh instance with its jid, the server middleware chain
@@ -8,6 +8,7 @@ module GokiqSidecar
     Result = Struct.new(:outcome, :duration, :error, :backtrace, :retry_in, :class_retry, keyword_init: true)
     ExhaustedResult = Struct.new(:hook_ran, :discard, :death_handlers, keyword_init: true)
 
+    # error_message is cut to this many characters (gokiq's MAX_ERROR_MESSAGE).
     MAX_MESSAGE = 10_000
 
     def initialize(resolver: Resolver.new, logger: JsonLogger.new, sidekiq: SidekiqConfig.current)
@@ -21,9 +22,11 @@ module GokiqSidecar
       @resolver.runnable_class(job)
     end
 
+    # The name logs show: the first non-empty string of display_class and
+    # wrapped, else class (gokiq's Job.display_class; tests/test_shared_values.py).
     def display_class(job)
-      name = job["display_class"] || job["wrapped"] || job["class"]
-      name.is_a?(String) ? name : job["class"].to_s
+      name = job.values_at("display_class", "wrapped").find { |v| v.is_a?(String) && !v.empty? }
+      name || job["class"].to_s
     end
 
     def execute(klass, job, queue)

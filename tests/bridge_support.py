@@ -1,4 +1,4 @@
-"""Shared helpers for the bridge tests (no tests here): a redis-server of their own, real
+"""Shared helpers for the bridge tests: a redis-server of their own, real
 `gokiq-bridge` subprocesses, and readers for the Celery messages the bridge published.
 
 The bridge tests use their own server (with 64 dbs) rather than the session one so that they
@@ -22,7 +22,8 @@ import pytest
 import redis
 
 from gokiq_celery.settings import load_settings
-from gokiq_celery.sidekiq.store import QUEUES, SidekiqStore, queue_key
+from gokiq_celery.sidekiq.keys import QUEUES, queue_key
+from gokiq_celery.sidekiq.store import SidekiqStore
 
 from .conftest import REPO, start_redis, wait_for
 
@@ -94,7 +95,7 @@ class Env:
 
     def held_by_bridges(self) -> int:
         """Jobs sitting in any bridge's in-flight or moving lists."""
-        return sum(self.store().held_by_bridges().values())
+        return sum(self.store().queues.held_by_bridges().values())
 
 
 @pytest.fixture
@@ -108,7 +109,7 @@ def bridge_env(bridge_redis, tmp_path) -> Env:
 
 
 def make_job(n: int, queue: str = "default", **extra) -> str:
-    """A realistic Sidekiq 7 payload (as Sidekiq 6.4.1 wrote it, reference §1.3)."""
+    """A realistic Sidekiq 7 payload (as Sidekiq 6.4.1 wrote it, docs/sidekiq-protocol.md §1.3)."""
     fields = {
         "retry": True,
         "queue": queue,
