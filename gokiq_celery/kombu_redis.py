@@ -82,8 +82,6 @@ class AckBatchingQoS(kombu_redis.QoS):
 
     def flush_acks(self) -> None:
         """Write the pending acks now."""
-        if not self._acks:  # nothing to write: not even a client to take (a closed channel)
-            return
         with self.pipe_or_acquire() as pipe:
             acks = self._queue_acks(pipe)
             if acks:
