@@ -16,106 +16,17 @@ whose parameters kombu reads from that unhooked connection: an AttributeError th
 unrecoverable, and the worker process exits. Here the parameters read while connected are
 reused, so the messages go back to their queue (or, with the broker still down, the failure is
 a connection error that Celery ignores and the consumer reconnects).
-
-Acks (`AckBatchingQoS`) ride with the next message's unacked record instead of taking a round
-trip each: see that class.
 """
 
 from __future__ import annotations
 
-import contextlib
-import threading
-import time
-from collections import deque
 from typing import Any
 
 import redis
 from kombu.transport import redis as kombu_redis
-from kombu.transport import virtual
-from kombu.utils.json import dumps
-
-
-class AckBatchingQoS(kombu_redis.QoS):
-    """kombu's Redis QoS, whose acks on the event loop's thread share a round trip.
-
-    The worker's event loop (one thread) reads each message, writes its unacked record (a
-    blocking round trip) and, with the threads pool, also runs each finished task's ack (a
-    blocking round trip of its own). Every blocking round trip hands the GIL to the job
-    threads and waits to get it back: the loop, not the jobs, bounded a busy worker. Here an
-    ack frees its prefetch slot at once (in memory, as before) and its Redis part (removing
-    the unacked record) is written in the same transaction as the next message's unacked
-    record, or on its own after ACK_DELAY when no message comes first.
-
-    What waits is only the removal of records of messages that are done: should the process die
-    before it is written, those messages are restored like any unacked one, and the delivery
-    ledger skips them as stale (their jobs were settled) or runs them again (at-least-once, as
-    for a job that was still running). Closing the channel writes the pending acks.
-    An ack from any other thread is written at once, as kombu does.
-    """
-
-    ACK_DELAY = 0.01  # seconds a lone ack may wait for a message to ride with
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._acks: deque[str] = deque()
-        self._ack_timer = None
-
-    def ack(self, delivery_tag: str) -> None:
-        loop = getattr(self.channel.connection, "event_loop", None)
-        if loop is None or threading.get_ident() != loop._loop_thread:
-            super().ack(delivery_tag)
-            return
-        self._acks.append(delivery_tag)
-        virtual.QoS.ack(self, delivery_tag)  # the prefetch slot is free now
-        if self._ack_timer is None:
-            self._ack_timer = loop.call_later(self.ACK_DELAY, self._acks_due)
-
-    def append(self, message: Any, delivery_tag: str) -> None:
-        delivery = message.delivery_info
-        record = dumps([message._raw, delivery["exchange"], delivery["routing_key"]])
-        with self.pipe_or_acquire() as pipe:
-            acks = self._queue_acks(pipe)
-            pipe.zadd(self.unacked_index_key, {delivery_tag: time.time()})
-            pipe.hset(self.unacked_key, delivery_tag, record)
-            self._execute(pipe, acks)
-        virtual.QoS.append(self, message, delivery_tag)
-
-    def flush_acks(self) -> None:
-        """Write the pending acks now."""
-        with self.pipe_or_acquire() as pipe:
-            acks = self._queue_acks(pipe)
-            if acks:
-                self._execute(pipe, acks)
-
-    def restore_unacked_once(self, stderr: Any = None) -> Any:
-        # On close: acked messages must not stay recorded as unacked (to be restored later).
-        self._acks_due()
-        return super().restore_unacked_once(stderr)
-
-    def _acks_due(self) -> None:
-        self._ack_timer = None
-        with contextlib.suppress(redis.RedisError):  # broker away: the next message tries again
-            self.flush_acks()
-
-    def _queue_acks(self, pipe: Any) -> list[str]:
-        acks = []
-        while self._acks:
-            acks.append(self._acks.popleft())
-        if acks:
-            pipe.zrem(self.unacked_index_key, *acks)
-            pipe.hdel(self.unacked_key, *acks)
-        return acks
-
-    def _execute(self, pipe: Any, acks: list[str]) -> None:
-        try:
-            pipe.execute()
-        except BaseException:
-            self._acks.extendleft(reversed(acks))  # not written: they stay pending
-            raise
 
 
 class Channel(kombu_redis.Channel):
-    QoS = AckBatchingQoS
     _command_client: tuple[Any, Any] | None = None  # (the pool it wraps, the client)
     _last_connparams: dict[bool, dict[str, Any]] | None = None  # by `asynchronous`
 
@@ -141,8 +52,3 @@ class Channel(kombu_redis.Channel):
 
 class Transport(kombu_redis.Transport):
     Channel = Channel
-    event_loop: Any = None  # the worker's kombu Hub, once the consumer runs on one
-
-    def register_with_event_loop(self, connection: Any, loop: Any) -> None:
-        self.event_loop = loop
-        super().register_with_event_loop(connection, loop)

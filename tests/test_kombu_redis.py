@@ -1,18 +1,14 @@
 """gokiq's kombu Redis transport against a real redis-server: one command client per pool,
-acks batched with the next message, and messages still published, consumed and acked as kombu's
-own transport does."""
+and messages still published, consumed and acked as kombu's own transport does."""
 
 from __future__ import annotations
 
 import contextlib
-import threading
-import time
 
 import kombu
-from kombu.asynchronous import Hub
 
 from gokiq_celery import app
-from gokiq_celery.kombu_redis import AckBatchingQoS, Transport
+from gokiq_celery.kombu_redis import Transport
 
 from .conftest import start_redis
 
@@ -90,60 +86,3 @@ def test_a_broker_restart_is_a_connection_error_not_an_unrecoverable_one(tmp_pat
     finally:
         if server.process.poll() is None:
             server.process.terminate()
-
-
-def _unacked(broker) -> int:
-    assert broker.zcard("unacked_index") == broker.hlen("unacked")
-    return broker.hlen("unacked")
-
-
-def test_acks_on_the_event_loop_ride_with_the_next_message(broker_url, redis_server, redis_db):
-    """An ack on the worker's event-loop thread frees its prefetch slot at once, and its unacked
-    record goes in the next message's round trip, or after ACK_DELAY, or when the channel
-    closes; never is an acked message restored."""
-    broker = redis_server.client(redis_db + 1)
-    name = "gokiq-kombu-acks"
-    queue = kombu.Queue(name, routing_key=name)
-    hub = Hub()
-    hub._loop_thread = threading.get_ident()  # as Hub.create_loop sets it: this is the loop
-    got: list = []
-    with kombu.Connection(broker_url, transport=Transport) as conn:
-        conn.transport.register_with_event_loop(conn.connection, hub)  # as Celery's consumer
-        for n in range(3):
-            conn.Producer().publish({"n": n}, routing_key=name, declare=[queue])
-        with conn.Consumer(queue, callbacks=[lambda body, msg: got.append(msg)]):
-            conn.drain_events(timeout=10)
-            conn.drain_events(timeout=10)
-            assert _unacked(broker) == 2
-            got[0].ack()
-            assert _unacked(broker) == 2  # not written yet...
-            qos = conn.default_channel.qos
-            assert len(qos._delivered) - len(qos._dirty) == 1  # ...but its slot is free
-            conn.drain_events(timeout=10)
-            assert _unacked(broker) == 2  # the third message's record, the first's ack
-            got[1].ack()
-            time.sleep(AckBatchingQoS.ACK_DELAY * 2)
-            hub.fire_timers()
-            assert _unacked(broker) == 1  # a lone ack, written after ACK_DELAY
-            got[2].ack()
-        conn.close()  # the pending ack is written, so nothing is restored
-    assert _unacked(broker) == 0 and broker.llen(name) == 0
-    assert [m.payload["n"] for m in got] == [0, 1, 2]
-
-
-def test_an_ack_from_another_thread_is_written_at_once(broker_url, redis_server, redis_db):
-    broker = redis_server.client(redis_db + 1)
-    name = "gokiq-kombu-thread-ack"
-    queue = kombu.Queue(name, routing_key=name)
-    hub = Hub()
-    hub._loop_thread = threading.get_ident()
-    got: list = []
-    with kombu.Connection(broker_url, transport=Transport) as conn:
-        conn.transport.register_with_event_loop(conn.connection, hub)
-        conn.Producer().publish({"n": 1}, routing_key=name, declare=[queue])
-        with conn.Consumer(queue, callbacks=[lambda body, msg: got.append(msg)]):
-            conn.drain_events(timeout=10)
-            acker = threading.Thread(target=got[0].ack)
-            acker.start()
-            acker.join()
-            assert _unacked(broker) == 0
