@@ -7,8 +7,9 @@ own small Celery app so it never imports the workers' `celeryconfig.py`.
 Why not `app.send_task`: it routes every message through an exchange lookup (one Redis round
 trip per message on the Redis transport) and tops out near 6,000 messages/s. The messages
 (bridge/envelope.py) go to the default exchange ("", routing key = queue name, which both Redis
-and AMQP deliver straight to the queue of that name): on AMQP through kombu's Producer, on
-Redis as one LPUSH per batch (see bench/bridge.py).
+and AMQP deliver straight to the queue of that name): on AMQP through kombu's Producer, with
+one wait for the broker's confirms per batch (bridge/confirms.py), on Redis as one LPUSH per
+batch (see bench/bridge.py).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import time
 from collections.abc import Callable, Sequence
 from urllib.parse import urlsplit
 
+import amqp
 import redis
 from celery import Celery
 from kombu import Connection, Producer, Queue
@@ -30,10 +32,14 @@ from gokiq_celery.sidekiq.job import Job
 from gokiq_celery.sidekiq.redis_client import CONNECT_TIMEOUT, SOCKET_TIMEOUT
 from gokiq_celery.sidekiq.store import SidekiqStore
 
+from .confirms import BatchConfirms
 from .envelope import PERSISTENT, TaskMessages
 from .metrics import BridgeMetrics
 
 log = logging.getLogger(__name__)
+
+# Seconds an AMQP broker has to confirm a published batch before it counts as not published.
+CONFIRM_TIMEOUT = 10.0
 
 
 def broker_connection(broker_url: str) -> Connection:
@@ -48,10 +54,9 @@ def broker_connection(broker_url: str) -> Connection:
         # A stalled broker must raise (and be retried), not hang the bridge forever: the same
         # timeouts as every client of Sidekiq's Redis.
         options = {"socket_timeout": SOCKET_TIMEOUT, "socket_connect_timeout": CONNECT_TIMEOUT}
-    elif scheme in {"amqp", "amqps", "pyamqp"}:
-        # Only a confirmed publish lets the bridge give the batch's ledger entries their long
-        # deadline (`delivery_timeout`); until then a lost batch is published again soon.
-        options = {"confirm_publish": True}
+    # AMQP: only a confirmed publish lets the bridge give the batch's ledger entries their long
+    # deadline (`delivery_timeout`); until then a lost batch is published again soon. The
+    # confirms are waited for per batch (bridge/confirms.py), not per message (`confirm_publish`).
     return Connection(broker_url, transport_options=options, connect_timeout=CONNECT_TIMEOUT)
 
 
@@ -65,6 +70,7 @@ class Publisher:
         self._producer: Producer | None = None
         self._declared: set[str] = set()
         self._broker_redis: redis.Redis | None = None  # the fast path's client, per connection
+        self._confirms: BatchConfirms | None = None  # AMQP: the channel's publisher confirms
         self.fast_path = True  # one LPUSH per batch on a Redis broker (see _publish_redis)
 
     # -- connection -------------------------------------------------------------------------
@@ -75,12 +81,14 @@ class Publisher:
             self._connection.ensure_connection(max_retries=1)
             self._producer = Producer(self._connection.default_channel)
             self._declared.clear()
+            if isinstance(self._producer.channel, amqp.Channel):
+                self._confirms = BatchConfirms(self._producer.channel, CONFIRM_TIMEOUT)
         return self._producer
 
     def reset(self) -> None:
         """Drop the connection after an error; the next call opens a fresh one."""
         connection, self._connection, self._producer = self._connection, None, None
-        self._broker_redis = None
+        self._broker_redis, self._confirms = None, None
         if connection is not None:
             with contextlib.suppress(Exception):
                 connection.close()
@@ -123,6 +131,10 @@ class Publisher:
                     declare=None,
                     **message.properties,
                 )
+                if self._confirms is not None:
+                    self._confirms.published()
+        if self._confirms is not None:
+            self._confirms.wait()
 
     def _publish_redis(
         self, channel, jobs: Sequence[Job], tokens: Sequence[str], queue: str, celery_queue: str

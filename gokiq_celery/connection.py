@@ -5,7 +5,9 @@ releases the GIL is a hand-off between twenty threads, and the sidecar call is m
 own work. urllib3 makes nine syscalls a call (a liveness poll, two blocking-mode switches,
 headers and body in two writes, a poll before each read and write); this makes four (one write,
 one read, and the poll before each that a socket timeout costs), and checks liveness only on a
-connection idle for a while. The response is parsed by the standard library's http.client.
+connection idle for a while. The response is parsed by httptools (llhttp, the C parser uvicorn
+uses): http.client's parser builds a file object per response and reads its headers with the
+email package, which cost more of the worker's one GIL than the rest of the call.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from urllib.parse import urlsplit
+
+import httptools
 
 
 class ConnectFailed(OSError):
@@ -57,16 +61,14 @@ class SidecarConnection:
         sock = self._connected()
         try:
             sock.sendall(self._request(path, body, headers))
-            response = http.client.HTTPResponse(sock, method="POST")
-            response.begin()
-            data = response.read()
+            reply, keep_alive = _read_reply(sock)
         except BaseException:
             self.close()  # in an unknown state: the next call starts afresh
             raise
-        if response.will_close:
+        if not keep_alive:
             self.close()
         self._used_at = time.monotonic()
-        return Reply(response.status, response.reason, data)
+        return reply
 
     def close(self) -> None:
         sock, self._sock = self._sock, None
@@ -97,6 +99,72 @@ class SidecarConnection:
             sock.settimeout(self.read_timeout)
             self._sock = sock
         return self._sock
+
+
+class _Response:
+    """httptools' callbacks for one response; a 1xx answer before it is read and dropped."""
+
+    __slots__ = (
+        "chunks",
+        "complete",
+        "delimited",
+        "headers_done",
+        "keep_alive",
+        "parser",
+        "reason",
+    )
+
+    def __init__(self) -> None:
+        self.parser = httptools.HttpResponseParser(self)
+        self.on_message_begin()
+
+    def on_message_begin(self) -> None:
+        self.reason, self.chunks = b"", []
+        self.complete = self.delimited = self.headers_done = self.keep_alive = False
+
+    def on_status(self, status: bytes) -> None:
+        self.reason += status
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if name.lower() in (b"content-length", b"transfer-encoding"):
+            self.delimited = True
+
+    def on_headers_complete(self) -> None:
+        self.headers_done = True
+
+    def on_body(self, body: bytes) -> None:
+        self.chunks.append(body)
+
+    def on_message_complete(self) -> None:
+        self.complete = True
+        # Only known here: the parser forgets it once the callback returns.
+        self.keep_alive = self.parser.should_keep_alive()
+
+
+READ_SIZE = 65536
+
+
+def _read_reply(sock: socket.socket) -> tuple[Reply, bool]:
+    """Read one response: (the reply, whether the connection may be used again)."""
+    response = _Response()
+    parser = response.parser
+    try:
+        while not (response.complete and parser.get_status_code() >= 200):
+            data = sock.recv(READ_SIZE)
+            if not data:
+                if response.headers_done and not response.delimited:
+                    break  # a body that ends with the connection (no length, not chunked)
+                raise http.client.RemoteDisconnected("the sidecar closed the connection")
+            try:
+                parser.feed_data(data)
+            except httptools.HttpParserError as exc:
+                raise http.client.HTTPException(f"bad HTTP response: {exc}") from None
+    finally:
+        response.parser = None  # no reference cycle left for the garbage collector
+    reply = Reply(
+        parser.get_status_code(), response.reason.decode("latin-1"), b"".join(response.chunks)
+    )
+    return reply, response.keep_alive
 
 
 def valid_header_value(value: str) -> bool:
