@@ -1,13 +1,13 @@
-"""What the bridge and the workers record with: a bounded buffer and a background writer.
+"""What the bridge and the workers record with: history events in a `BufferedWriter`.
 
-A call on a job's path only appends a small dict to a list under a lock; a thread of the
-process (started on the first event, again after a fork) writes the buffer every `INTERVAL`
-as one transaction of merged upserts. When the database is slow or down, the batch is kept
-and written again, and events beyond `history_buffer` are dropped (counted in
-`gokiq_history_dropped_total`, logged at most once a minute): the jobs never wait.
+A call on a job's path only builds its rows and appends them to a list under a lock; a thread
+of the process (gokiq_history/writer.py) writes the buffer every `INTERVAL` as one transaction
+of merged upserts. When the database is slow or down, the batch is kept and written again,
+and events beyond `history_buffer` are dropped (counted in `gokiq_history_dropped_total`,
+logged at most once a minute): the jobs never wait.
 
-The same thread deletes, every `RETENTION_INTERVAL`, the jobs not updated for
-`history_retention`, a few small batches at a time.
+The same thread deletes the jobs not updated for `history_retention`, a few small batches at
+a time.
 
 With `history_url` empty, `open_recorder` returns `NULL_RECORDER`, whose calls do nothing,
 and neither SQLAlchemy nor a thread is started.
@@ -26,7 +26,6 @@ from typing import TYPE_CHECKING, Any
 
 from gokiq_celery.sidekiq.job import epoch_seconds
 
-from .drops import DropLog
 from .rows import (
     ERROR_MESSAGE_LIMIT,
     STATE_AFTER,
@@ -36,6 +35,7 @@ from .rows import (
     merge_attempt,
     merge_job,
 )
+from .writer import BufferedWriter
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
@@ -46,6 +46,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("gokiq.history")
 
 INVALID_CLASS = "(invalid)"  # the class shown for a payload that is not a job
+
+# A buffered event: a row of gokiq_jobs (JOB) or of gokiq_job_attempts (RUN).
+JOB, RUN = "job", "run"
+Event = tuple[str, dict[str, Any]]
 
 
 class NullRecorder:
@@ -122,10 +126,6 @@ class _Run:
 class HistoryRecorder:
     enabled = True
     INTERVAL = 0.05
-    RETRY_DELAY = 1.0  # after a failed write: the database is not hammered while it is down
-    RETENTION_INTERVAL = 60.0
-    RETENTION_BATCH = 1000
-    RETENTION_BATCHES = 10  # per round: the deletes never hold the writer long
 
     def __init__(
         self,
@@ -136,44 +136,50 @@ class HistoryRecorder:
     ) -> None:
         from .metrics import history_metrics
 
-        self.background = background
         self.url = settings.history_url
         self.record_args = settings.history_record_args
-        self.limit = settings.history_buffer
         self.retention = settings.history_retention
         self.migrate = settings.history_migrate
         self.worker_name = f"{socket.gethostname()}:{os.getpid()}"
         self.metrics = history_metrics(registry)
-        self._lock = threading.Lock()
-        self._jobs: list[dict[str, Any]] = []
-        self._attempts: list[dict[str, Any]] = []
         # Runs in progress: a flush writes "running" for those still going. A job shorter than
         # the flush interval gets one job event and one run event, both when it ends.
+        self._runs_lock = threading.Lock()
         self._running: dict[int, _Run] = {}
-        self._pid: int | None = None
         self._engine = None
         self._local = threading.local()  # the run in progress on each worker thread
-        self.drops = DropLog(log, "history", self.limit, self.metrics.dropped.inc)
-        self._next_retention = 0.0
-        self._stop = threading.Event()
+        self.writer: BufferedWriter[Event] = BufferedWriter(
+            "history",
+            log,
+            settings.history_buffer,
+            write=self._write,
+            delete_expired=self._delete_expired,
+            interval=self.INTERVAL,
+            count_drops=self.metrics.dropped.inc,
+            extra=self._running_events,
+            on_start=self._forget_runs,
+            background=background,
+        )
+        self.drops = self.writer.drops
 
     # -- the calls on the jobs' path ------------------------------------------------------
 
     def enqueued(self, jobs: Any, queue: str | None = None) -> None:
         """Jobs put on (or fetched from) a queue."""
         now = time.time()
-        self._add([self._enqueued_event(job, queue, now) for job in jobs], [])
+        self.writer.add([(JOB, self._enqueued_event(job, queue, now)) for job in jobs])
 
     def waiting(self, state: str, jobs: list[tuple[Job, float]], seen_at: float) -> None:
         """Jobs seen waiting in `schedule` ("scheduled") or `retry` ("retrying"), each with its
         due time, by a read that started at `seen_at` (bridge/waiting.py)."""
-        self._add([self._waiting_event(job, state, due_at, seen_at) for job, due_at in jobs], [])
+        events = [(JOB, self._waiting_event(job, state, due, seen_at)) for job, due in jobs]
+        self.writer.add(events)
 
     def started(self, job: Job, queue: str) -> None:
         run = _Run(job, queue)
         self._local.run = run
-        with self._lock:
-            self._ensure_thread()
+        self.writer.start()
+        with self._runs_lock:
             self._running[id(run)] = run
 
     def failed(
@@ -192,17 +198,19 @@ class HistoryRecorder:
         self._local.run = None
         if run is None or run.job is not job:
             return
-        with self._lock:
+        with self._runs_lock:
             self._running.pop(id(run), None)
         now, runtime = time.time(), time.monotonic() - run.monotonic
         ended = {"finished_at": now, "outcome": outcome, "runtime": runtime}
         error = {"error_class": run.error_class, "error_message": run.error_message}
-        job_rows = []
+        events: list[Event] = []
         if state := STATE_AFTER.get(outcome):
             after = {"due_at": run.retry_at} if state == "retrying" else {"finished_at": now}
             failure = dict(error, error_at=now) if run.error_class else {}
-            job_rows.append(self._run_event(run, state, now, runtime=runtime, **after, **failure))
-        self._add(job_rows, [self._attempt(run, **ended, **error)])
+            row = self._run_event(run, state, now, runtime=runtime, **after, **failure)
+            events.append((JOB, row))
+        events.append((RUN, self._attempt(run, **ended, **error)))
+        self.writer.add(events)
 
     def invalid(self, raw: bytes | str, queue: str) -> None:
         """A payload that is not a job, sent to the dead set."""
@@ -218,7 +226,7 @@ class HistoryRecorder:
             error_message="not a Sidekiq job payload",
             error_at=now,
         )
-        self._add([event], [])
+        self.writer.add([(JOB, event)])
 
     # -- building events --------------------------------------------------------------------
 
@@ -276,75 +284,44 @@ class HistoryRecorder:
             run.job.jid, run.started_at, attempt=run.attempt, worker=self.worker_name, **values
         )
 
-    def _running_events(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    def _running_events(self) -> list[Event]:
         """Events for the runs that started since the last flush and are still going."""
-        with self._lock:
+        with self._runs_lock:
             runs = [run for run in self._running.values() if not run.reported]
             for run in runs:
                 run.reported = True
-        job_rows = [self._run_event(run, "running", run.started_at) for run in runs]
-        return job_rows, [self._attempt(run) for run in runs]
+        events: list[Event] = [
+            (JOB, self._run_event(run, "running", run.started_at)) for run in runs
+        ]
+        return events + [(RUN, self._attempt(run)) for run in runs]
 
-    # -- the buffer -------------------------------------------------------------------------
+    def _forget_runs(self) -> None:
+        """A new process (a fork): the parent's runs are not this one's to report."""
+        self._running = {}
 
-    def _add(self, job_rows: list[dict[str, Any]], attempt_rows: list[dict[str, Any]]) -> None:
-        with self._lock:
-            self._ensure_thread()
-            room = self.limit - len(self._jobs) - len(self._attempts)
-            kept_jobs = job_rows[: max(room, 0)]
-            kept_attempts = attempt_rows[: max(room - len(kept_jobs), 0)]
-            self._jobs.extend(kept_jobs)
-            self._attempts.extend(kept_attempts)
-            dropped = len(job_rows) + len(attempt_rows) - len(kept_jobs) - len(kept_attempts)
-        self.drops.add(dropped)
+    # -- writing (on the writer's thread) ----------------------------------------------------
 
     def pending(self) -> int:
-        with self._lock:
-            return len(self._jobs) + len(self._attempts)
-
-    def _ensure_thread(self) -> None:
-        """Under the lock: start the writer in this process (again after a fork, where the
-        parent's thread and buffer do not carry over)."""
-        if self._pid == os.getpid():
-            return
-        self._pid = os.getpid()
-        self._jobs, self._attempts, self._running, self._engine = [], [], {}, None
-        self._stop = threading.Event()
-        if self.background:
-            threading.Thread(target=self._run, name="gokiq-history", daemon=True).start()
-
-    def _run(self) -> None:
-        pid = os.getpid()
-        while self._pid == pid and not self._stop.is_set():
-            delay = self.INTERVAL if self.flush() else self.RETRY_DELAY
-            self._delete_expired()
-            self._stop.wait(delay)
-
-    # -- writing ----------------------------------------------------------------------------
+        return self.writer.pending()
 
     def flush(self) -> bool:
-        """Write what is buffered now; on an error put it back (within the bound). Returns
-        whether the database took it."""
-        with self._lock:
-            job_rows, attempt_rows = self._jobs, self._attempts
-            self._jobs, self._attempts = [], []
-        running_jobs, running_attempts = self._running_events()
-        job_rows, attempt_rows = running_jobs + job_rows, running_attempts + attempt_rows
-        if not (job_rows or attempt_rows):
-            return True
-        job_rows = fold(job_rows, ("jid",), merge_job)
+        """Write what is buffered now (see `BufferedWriter.flush`)."""
+        return self.writer.flush()
+
+    def _write(self, events: list[Event]) -> None:
+        from . import store
+
+        job_rows = fold([row for kind, row in events if kind is JOB], ("jid",), merge_job)
+        attempt_rows = [row for kind, row in events if kind is RUN]
         attempt_rows = fold(attempt_rows, ("jid", "started_at"), merge_attempt)
         try:
-            self._write(job_rows, attempt_rows)
-        except Exception as exc:
+            store.write_batch(self._ready_engine(), job_rows, attempt_rows)
+        except Exception:
             self.metrics.write_errors.inc()
-            log.warning("history: cannot write %d events yet: %s", len(job_rows), _short(exc))
-            self._put_back(job_rows, attempt_rows)
-            return False
+            raise
         self.metrics.written.inc(len(job_rows) + len(attempt_rows))
-        return True
 
-    def _write(self, job_rows: list[dict[str, Any]], attempt_rows: list[dict[str, Any]]) -> None:
+    def _ready_engine(self):
         from . import store
 
         if self._engine is None:
@@ -355,45 +332,23 @@ class HistoryRecorder:
             # No pre-ping (a round trip per batch): a batch that fails on a connection the
             # database dropped is put back and written again on a new one.
             self._engine = store.open_engine(self.url, pre_ping=False)
-        store.write_batch(self._engine, job_rows, attempt_rows)
+        return self._engine
 
-    def _put_back(self, job_rows: list[dict[str, Any]], attempt_rows: list[dict[str, Any]]):
-        with self._lock:
-            job_rows.extend(self._jobs)
-            attempt_rows.extend(self._attempts)
-            room = self.limit
-            self._jobs = job_rows[:room]
-            self._attempts = attempt_rows[: max(room - len(self._jobs), 0)]
-            dropped = len(job_rows) + len(attempt_rows) - len(self._jobs) - len(self._attempts)
-        self.drops.add(dropped)
-
-    def _delete_expired(self) -> None:
-        now = time.monotonic()
-        if self._engine is None or now < self._next_retention:
-            return
-        self._next_retention = now + self.RETENTION_INTERVAL
-        try:
-            self.delete_expired()
-        except Exception as exc:
-            log.warning("history: retention delete failed: %s", _short(exc))
-
-    def delete_expired(self) -> int:
-        """Delete jobs not updated for `history_retention`, in small batches; how many."""
+    def _delete_expired(self, limit: int) -> int:
         from . import store
 
-        cutoff, deleted = time.time() - self.retention, 0
-        for _ in range(self.RETENTION_BATCHES):
-            count = store.delete_older_than(self._engine, cutoff, self.RETENTION_BATCH)
-            deleted += count
-            if count < self.RETENTION_BATCH:
-                break
+        cutoff = time.time() - self.retention
+        deleted = store.delete_older_than(self._ready_engine(), cutoff, limit)
         self.metrics.deleted.inc(deleted)
         return deleted
 
+    def delete_expired(self) -> int:
+        """Delete jobs not updated for `history_retention`, in small batches; how many."""
+        return self.writer.delete_expired()
+
     def close(self) -> None:
         """Write what is left (a clean shutdown) and stop the thread."""
-        self._stop.set()
-        self.flush()
+        self.writer.close()
         if self._engine is not None:
             self._engine.dispose()
 
@@ -406,11 +361,6 @@ def _payload_error(job: Job) -> dict[str, Any]:
         return {}
     message = message[:ERROR_MESSAGE_LIMIT] if isinstance(message, str) else None
     return {"error_class": error_class, "error_message": message, "error_at": failed_at}
-
-
-def _short(exc: Exception) -> str:
-    """The first line of a driver error (they carry the SQL and parameters after it)."""
-    return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
 
 
 Recorder = NullRecorder | HistoryRecorder

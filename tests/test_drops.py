@@ -40,8 +40,7 @@ def test_drops_are_counted_at_once_and_logged_once_a_minute(caplog, monkeypatch)
 def test_the_audit_counts_and_logs_what_a_full_buffer_drops(tmp_path, caplog):
     # A real SQLite database without the audit table: every write fails, as while it is down.
     engine = create_engine(f"sqlite:///{tmp_path / 'no-table.sqlite3'}")
-    auditor = audit.Auditor(engine, retention=3600, limit=3)
-    auditor._thread = object()  # no writer thread: this test flushes by hand
+    auditor = audit.Auditor(engine, retention=3600, limit=3, background=False)  # flushed by hand
     events = [audit.event(403, client="etl", source_ip="::1", reason=str(n)) for n in range(5)]
     with caplog.at_level(logging.WARNING, "gokiq.ingest.audit"):
         auditor.record(events)

@@ -256,12 +256,28 @@ def test_retention_deletes_old_jobs_and_their_runs_in_batches(engine, db_url):
         "finished_at": None, "outcome": None, "error_class": None, "error_message": None,
         "worker": None, "runtime": None}])  # fmt: skip
     recorder._engine = engine
-    recorder.RETENTION_BATCH = 10
+    recorder.writer.RETENTION_BATCH = 10
     assert recorder.delete_expired() == 25
     assert store.get_job(engine, "old1") is None
     assert store.get_job(engine, "new") is not None
     with engine.connect() as conn:
         assert conn.execute(attempts.select()).first() is None
+
+
+def test_a_retention_backlog_is_deleted_a_round_per_write_not_a_round_a_minute(engine, db_url):
+    recorder = recorder_for(db_url, history_retention=3600.0)
+    old = [job_event(f"backlog{n}", "succeeded", time.time() - 7200) for n in range(25)]
+    store.write_batch(engine, old, [])
+    recorder._engine = engine
+    writer = recorder.writer
+    writer.RETENTION_BATCH, writer.RETENTION_BATCHES = 5, 2  # a round: 2 deletes of 5 jobs
+
+    def left() -> int:
+        page = store.list_jobs(engine, filters={}, since=None, until=None, limit=100, cursor=None)
+        return sum(1 for row in page[0] if row["jid"].startswith("backlog"))
+
+    assert [(writer.retain(), left())[1] for _ in range(4)] == [15, 5, 0, 0]
+    recorder.close()
 
 
 def test_keyset_pages_walk_every_job_once_newest_first(engine):
