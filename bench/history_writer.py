@@ -105,7 +105,7 @@ def flushes(url: str, n: int, batch: int) -> None:
 
 def audits(url: str, n: int, batch: int) -> None:
     engine = store.open_engine(url, pre_ping=False)
-    auditor = audit.Auditor(engine, retention=86400, limit=10**9)
+    auditor = audit.Auditor(engine, retention=86400, limit=10**9, background=False)
     auditor.record([audit.event(202, client="c", source_ip="127.0.0.1", jid="x")])
     auditor.flush()
     backends = _backends(url)
@@ -127,7 +127,7 @@ def audits(url: str, n: int, batch: int) -> None:
         f"database {db / n * 1e6:5.1f}; back to back {n / wall:8.0f} rows/s",
         flush=True,
     )
-    auditor._stop.set()
+    auditor.close()
     engine.dispose()
 
 
