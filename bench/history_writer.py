@@ -12,6 +12,9 @@ Without the rest of the stack (bench/history.py measures that), what each part c
    second one writer reaches when it writes back to back (the ceiling before events are
    dropped at bulk rates).
 3. The ingestion API's audit writer: the same, per batch of audit events.
+4. At the ingestion API's bulk rates: each writer with its thread, fed 1,000 events at a time
+   at a set rate for `--seconds` from another thread of the process (as gokiq-api's requests
+   feed them): what reached the database and what was dropped.
 
 Each job is an enqueued event (the bridge's recorder) then a run (the worker's), as in the
 stack. PostgreSQL: as bench/history.py (the local server or a throwaway cluster).
@@ -131,10 +134,43 @@ def audits(url: str, n: int, batch: int) -> None:
     engine.dispose()
 
 
+def _feed(writer_add, events: list, rate: float, seconds: float) -> float:
+    """Hand `events` to `writer_add` 1,000 at a time at `rate` a second; the time it took."""
+    started = time.monotonic()
+    for i in range(0, len(events), 1000):
+        time.sleep(max(started + i / rate - time.monotonic(), 0.0))
+        writer_add(events[i : i + 1000])
+    return time.monotonic() - started
+
+
+def sustained(url: str, rates: list[int], seconds: float) -> None:
+    for rate in rates:
+        n = int(rate * seconds)
+        recorder = HistoryRecorder(Settings(history_url=url))  # its own thread, as in gokiq-api
+        jobs = _jobs(n)
+        took = _feed(recorder.enqueued, jobs, rate, seconds)
+        recorder.close()  # writes what is left
+        engine = store.open_engine(url, pre_ping=False)
+        auditor = audit.Auditor(engine, retention=86400, limit=Settings().history_buffer)
+        events = [
+            audit.event(202, client="bench", source_ip="127.0.0.1", job_class="NoopJob",
+                        queue="default", jid=job.jid)
+            for job in jobs
+        ]  # fmt: skip
+        audit_took = _feed(auditor.record, events, rate, seconds)
+        auditor.close()
+        engine.dispose()
+        print(f"   {rate:>6} events/s, {seconds:.0f} s (fed in {took:.1f} / {audit_took:.1f} s): "
+              f"history dropped {recorder.drops.total:>6} of {n}, "
+              f"audit dropped {auditor.drops.total:>6} of {n}", flush=True)  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--jobs", type=int, default=20000, help="jobs per measure")
     parser.add_argument("--batches", default="20,200,2000", help="jobs per flush, comma-separated")
+    parser.add_argument("--rates", default="10000,20000,40000", help="part 4's events a second")
+    parser.add_argument("--seconds", type=float, default=5.0, help="part 4's duration")
     opts = parser.parse_args()
     batches = [int(b) for b in opts.batches.split(",")]
     with pg_admin() as admin_url, pg_database(admin_url) as url:
@@ -146,6 +182,8 @@ def main() -> None:
         print("3. audit flushes", flush=True)
         for batch in batches:
             audits(url, opts.jobs, batch)
+        print("4. sustained rates (history_buffer events each)", flush=True)
+        sustained(url, [int(r) for r in opts.rates.split(",")], opts.seconds)
 
 
 if __name__ == "__main__":

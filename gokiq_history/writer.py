@@ -2,7 +2,8 @@
 history recorder's and the ingestion API's audit's, each giving only its write and its delete.
 
 A caller only appends to a list under a lock. The thread (started on the first `add`, again
-after a fork) writes the buffer every `interval` as one batch; a batch the database refuses
+after a fork) writes the buffer every `interval` as one batch (back to back while a batch takes
+longer than that to write); a batch the database refuses
 is put back and written again `RETRY_DELAY` later, and what is beyond `limit` is dropped,
 counted and logged through `DropLog`: the callers never wait on the database.
 
@@ -91,9 +92,12 @@ class BufferedWriter(Generic[Item]):
     def _run(self) -> None:
         pid = os.getpid()
         while self._pid == pid and not self._stop.is_set():
+            started = time.monotonic()
             delay = self.interval if self.flush() else self.RETRY_DELAY
             self.retain()
-            self._stop.wait(delay)
+            # A write every `interval`, not `interval` after each: at bulk rates, when a batch
+            # takes as long to write as the interval, the next one starts at once.
+            self._stop.wait(max(delay - (time.monotonic() - started), 0.0))
 
     def flush(self) -> bool:
         """Write what is buffered now; on an error put it back (within the bound). Returns

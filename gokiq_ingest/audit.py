@@ -29,10 +29,10 @@ from sqlalchemy import (
     Table,
     Text,
     delete,
-    insert,
     select,
 )
 
+from gokiq_history import store
 from gokiq_history.schema import metadata
 from gokiq_history.writer import BufferedWriter
 
@@ -109,8 +109,7 @@ class Auditor:
         return self.writer.flush()
 
     def _write(self, events: list[dict[str, Any]]) -> None:
-        with self.engine.begin() as conn:
-            conn.execute(insert(audit), events)
+        store.insert_rows(self.engine, audit, COLUMNS, events)
 
     def _delete_expired(self, limit: int) -> int:
         cutoff = time.time() - self.retention

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from sqlalchemy import delete, inspect
+from sqlalchemy import delete, inspect, select
 
 from bridge.metrics import BridgeMetrics
 from bridge.scheduler import Scheduler
@@ -25,6 +25,7 @@ from gokiq_history import migrations, store
 from gokiq_history.recorder import NULL_RECORDER, HistoryRecorder, invalid_jid, open_recorder
 from gokiq_history.rows import fold, job_event, merge_job
 from gokiq_history.schema import attempts, jobs
+from gokiq_ingest import audit
 
 from .bridge_support import bridge_env, bridge_redis
 from .conftest import REPO
@@ -365,3 +366,27 @@ def test_the_bridges_scheduler_records_what_it_moves_and_what_it_buries(bridge_e
     assert row["enqueued_at"] >= now  # the scheduler's new enqueued_at
     assert read_job(engine, invalid_jid(b"{garbage"))["state"] == "dead"
     engine.dispose()
+
+
+def test_the_audit_writes_its_rows_as_given_and_deletes_the_expired_on_both_databases(engine):
+    # The audit's table lives in the history database (migration 0003).
+    auditor = audit.Auditor(engine, retention=3600, limit=100, background=False)
+    events = [
+        audit.event(202, client="etl", source_ip="10.0.0.1", job_class="HardJob",
+                    queue="default", jid=f"a{n}")
+        for n in range(3)
+    ] + [audit.event(403, client=None, source_ip="::1", reason="queue not allowed: é")]  # fmt: skip
+    events[0]["at"] = 1700000000  # an int time: written as the float it is
+    events[1]["at"] = time.time() - 7200  # expired
+    auditor.record(events)
+    assert auditor.flush()
+    columns = list(audit.COLUMNS)
+    with engine.connect() as conn:
+        rows = [dict(r._mapping) for r in conn.execute(select(audit.audit).order_by("id"))]
+    assert [{k: row[k] for k in columns} for row in rows] == events
+    assert auditor.writer.delete_expired() == 2  # the int time is 2023's: expired too
+    with engine.connect() as conn:
+        left = [r.jid for r in conn.execute(select(audit.audit).order_by("id"))]
+        conn.execute(audit.audit.delete())
+        conn.commit()
+    assert left == ["a2", None]
