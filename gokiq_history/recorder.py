@@ -275,6 +275,8 @@ class HistoryRecorder:
             at,
             attempt=run.attempt,
             attempts=run.attempt,
+            # As the bridge's `enqueued` has it: written after this, that one changes nothing.
+            enqueued_at=epoch_seconds(run.job.get("enqueued_at")),
             first_started_at=run.started_at,
             last_started_at=run.started_at,
             worker=self.worker_name,
