@@ -315,8 +315,8 @@ class HistoryRecorder:
     def _write(self, events: list[Event]) -> None:
         from . import store
 
-        job_rows = fold([row for kind, row in events if kind is JOB], ("jid",), merge_job)
-        attempt_rows = [row for kind, row in events if kind is RUN]
+        job_rows = fold([row for kind, row in events if kind == JOB], ("jid",), merge_job)
+        attempt_rows = [row for kind, row in events if kind == RUN]
         attempt_rows = fold(attempt_rows, ("jid", "started_at"), merge_attempt)
         try:
             store.write_batch(self._ready_engine(), job_rows, attempt_rows)
