@@ -79,17 +79,26 @@ class QoS(kombu_redis.QoS):
         try:
             super().append(message, delivery_tag)
         except self.channel.connection_errors:
-            delivery = message.delivery_info
-            what = (message._raw, delivery["exchange"], delivery["routing_key"])
-            self._remember([delivery_tag], Unsettled(time.time(), message=what))
+            self._remember_unrecorded(message, delivery_tag)
             raise
 
     def ack(self, delivery_tag: str) -> None:
         try:
             super().ack(delivery_tag)
         except self.channel.connection_errors:
-            self._remember([delivery_tag], Unsettled(time.time(), acked=True))
+            self._remember_acked([delivery_tag])
             raise
+
+    def _remember_unrecorded(self, message: Any, delivery_tag: str) -> None:
+        """The write recording `message` in `unacked` failed (or only its reply)."""
+        delivery = message.delivery_info
+        what = (message._raw, delivery["exchange"], delivery["routing_key"])
+        self._remember([delivery_tag], Unsettled(time.time(), message=what))
+
+    def _remember_acked(self, tags: list[str]) -> None:
+        """These messages' jobs acked them, but removing them from `unacked` failed."""
+        if tags:
+            self._remember(tags, Unsettled(time.time(), acked=True))
 
     def restore_unacked(self, client: Any = None) -> None:
         tags = list(self._delivered)

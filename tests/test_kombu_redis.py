@@ -1,9 +1,11 @@
 """gokiq's kombu Redis transport against a real redis-server: one command client per pool,
-and messages still published, consumed and acked as kombu's own transport does."""
+acks batched with the next message, and messages still published, consumed and acked as kombu's
+own transport does."""
 
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 from types import SimpleNamespace
 
@@ -11,9 +13,10 @@ import kombu
 import pytest
 import redis
 from celery.worker import state as worker_state
+from kombu.asynchronous import Hub
 
 from gokiq_celery import app
-from gokiq_celery.kombu_redis import Transport
+from gokiq_celery.kombu_redis import AckBatchingQoS, Transport
 
 from .conftest import start_redis
 
@@ -216,4 +219,104 @@ def test_the_message_of_a_job_the_worker_still_runs_is_not_restored(tmp_path):
         assert _left_after_reconnect(server, name) == (1, 0)
     finally:
         worker_state.active_requests.discard(running)
+        server.process.terminate()
+
+
+def _unacked(broker) -> int:
+    assert broker.zcard("unacked_index") == broker.hlen("unacked")
+    return broker.hlen("unacked")
+
+
+def _on_this_threads_loop(conn: kombu.Connection) -> Hub:
+    """A kombu Hub whose loop is this thread, with `conn`'s transport registered on it, as
+    Celery's consumer does: acks on this thread are then the event loop's."""
+    hub = Hub()
+    hub._loop_thread = threading.get_ident()  # as Hub.create_loop sets it
+    conn.transport.register_with_event_loop(conn.connection, hub)
+    return hub
+
+
+def test_acks_on_the_event_loop_ride_with_the_next_message(broker_url, redis_server, redis_db):
+    """An ack on the worker's event-loop thread frees its prefetch slot at once, and its unacked
+    record goes in the next message's round trip, or after ACK_DELAY, or when the channel
+    closes; never is an acked message restored."""
+    broker = redis_server.client(redis_db + 1)
+    name = "gokiq-kombu-acks"
+    queue = kombu.Queue(name, routing_key=name)
+    got: list = []
+    with kombu.Connection(broker_url, transport=Transport) as conn:
+        hub = _on_this_threads_loop(conn)
+        for n in range(3):
+            conn.Producer().publish({"n": n}, routing_key=name, declare=[queue])
+        with conn.Consumer(queue, callbacks=[lambda body, msg: got.append(msg)]):
+            conn.drain_events(timeout=10)
+            conn.drain_events(timeout=10)
+            assert _unacked(broker) == 2
+            got[0].ack()
+            assert _unacked(broker) == 2  # not written yet...
+            qos = conn.default_channel.qos
+            assert len(qos._delivered) - len(qos._dirty) == 1  # ...but its slot is free
+            conn.drain_events(timeout=10)
+            assert _unacked(broker) == 2  # the third message's record, the first's ack
+            got[1].ack()
+            time.sleep(AckBatchingQoS.ACK_DELAY * 2)
+            hub.fire_timers()
+            assert _unacked(broker) == 1  # a lone ack, written after ACK_DELAY
+            got[2].ack()
+        conn.close()  # the pending ack is written, so nothing is restored
+    assert _unacked(broker) == 0 and broker.llen(name) == 0
+    assert [m.payload["n"] for m in got] == [0, 1, 2]
+
+
+def test_an_ack_from_another_thread_is_written_at_once(broker_url, redis_server, redis_db):
+    broker = redis_server.client(redis_db + 1)
+    name = "gokiq-kombu-thread-ack"
+    queue = kombu.Queue(name, routing_key=name)
+    got: list = []
+    with kombu.Connection(broker_url, transport=Transport) as conn:
+        _on_this_threads_loop(conn)
+        conn.Producer().publish({"n": 1}, routing_key=name, declare=[queue])
+        with conn.Consumer(queue, callbacks=[lambda body, msg: got.append(msg)]):
+            conn.drain_events(timeout=10)
+            acker = threading.Thread(target=got[0].ack)
+            acker.start()
+            acker.join()
+            assert _unacked(broker) == 0
+
+
+@pytest.mark.parametrize("cut", ["close", "next message"])
+def test_pending_acks_a_broker_restart_cut_are_completed_on_reconnect(tmp_path, cut):
+    """Acks still pending when Redis stops (written at close, or riding with the next message's
+    record) fail with it: the next channel completes them and never restores their messages,
+    and restores the message no job acked."""
+    name = "gokiq-kombu-pending-acks"
+    server = start_redis(tmp_path / "redis", None, "--appendonly", "yes")
+    queue = kombu.Queue(name, routing_key=name)
+    conn = kombu.Connection(server.url(1), transport=Transport)
+    got: list = []
+    _on_this_threads_loop(conn)
+    for n in range(3):
+        conn.Producer().publish({"n": n}, routing_key=name, declare=[queue])
+    conn.Consumer(queue, callbacks=[lambda body, msg: got.append(msg)]).consume()
+    conn.drain_events(timeout=10)
+    conn.drain_events(timeout=10)
+    got[0].ack()  # pending
+    got[1].ack()
+    assert _unacked(server.client(1)) == 2
+    if cut == "next message":
+        conn.default_channel._brpop_start()  # the third message is BRPOPed with Redis going
+    server.process.terminate()
+    server.process.wait(10)
+    if cut == "next message":
+        with pytest.raises(conn.connection_errors):
+            conn.drain_events(timeout=10)
+    with contextlib.suppress(Exception):  # as Celery's consumer does
+        conn.collect()
+    with contextlib.suppress(*conn.connection_errors):
+        conn.close()
+    server = start_redis(server.dir, server.port, "--appendonly", "yes")
+    try:
+        assert _unacked(server.client(1)) == 2  # nothing could be written
+        assert _left_after_reconnect(server, name) == (0, 1)  # the third is back, no other
+    finally:
         server.process.terminate()

@@ -11,6 +11,20 @@ class UnitsTest < Minitest::Test
     assert GokiqSidecar::Auth.insecure.allowed?({})
   end
 
+  # PumaGuard checks the token once per request and says so in env; App then trusts env.
+  def test_auth_check_is_remembered_for_the_request_only_when_allowed
+    auth = GokiqSidecar::Auth.new("s3cret")
+    good = {"HTTP_AUTHORIZATION" => "Bearer s3cret"}
+    bad = {"HTTP_AUTHORIZATION" => "Bearer wrong"}
+    assert auth.check(good)
+    assert good[GokiqSidecar::Auth::CHECKED]
+    refute auth.check(bad)
+    refute bad.key?(GokiqSidecar::Auth::CHECKED)
+    refute auth.allowed?(bad)
+    # What Rack makes of a client's header of that name: not the mark.
+    refute auth.allowed?("HTTP_GOKIQ.TOKEN_CHECKED" => "true")
+  end
+
   def test_resolver_never_evaluates
     r = GokiqSidecar::Resolver.new
     assert_equal HardJob, r.job_class("HardJob")
@@ -48,6 +62,20 @@ class UnitsTest < Minitest::Test
     lines = io.string.lines
     assert_equal 1, lines.size
     assert_equal "job done", JSON.parse(lines[0])["msg"]
+  end
+
+  # The timestamp, formatted once a second, reads as Time#iso8601(6) would, every second.
+  def test_json_logger_timestamp_is_iso8601_utc_with_microseconds
+    log = GokiqSidecar::JsonLogger.new(StringIO.new)
+    3.times do
+      before = Time.now.utc
+      stamp = log.timestamp
+      after = Time.now.utc
+      assert_match(/\A\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z\z/, stamp)
+      assert_operator Time.iso8601(stamp), :>=, before.floor(6)
+      assert_operator Time.iso8601(stamp), :<=, after
+      sleep 0.6 # the next one is likely in another second
+    end
   end
 
   def test_cli_parse

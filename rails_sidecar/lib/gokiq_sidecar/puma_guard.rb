@@ -36,7 +36,7 @@ module GokiqSidecar
       def setup_body
         length = @env["CONTENT_LENGTH"].to_s
         has_body = @env.key?("HTTP_TRANSFER_ENCODING") || length.to_i > 0
-        refuse(401, status: "unauthorized") if has_body && !PumaGuard.auth.allowed?(@env)
+        refuse(401, status: "unauthorized") if has_body && !PumaGuard.auth.check(@env)
         refuse(413, status: "too_large") if length.to_i > PumaGuard.max_body
         super
       end
