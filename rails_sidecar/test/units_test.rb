@@ -40,6 +40,15 @@ class UnitsTest < Minitest::Test
     assert_includes text, %(gokiq_sidecar_job_duration_seconds_bucket{le="0.25"} 1)
   end
 
+  # Sidekiq's server logs at INFO unless started with --verbose; so does the sidecar.
+  def test_sidekiqs_logger_is_at_info_as_under_sidekiq
+    previous = Sidekiq.logger
+    GokiqSidecar::Boot.frameworks
+    assert_equal Logger::INFO, Sidekiq.logger.level
+  ensure
+    GokiqSidecar::SidekiqConfig.current.logger = previous
+  end
+
   def test_json_logger_one_line_per_event
     io = StringIO.new
     log = GokiqSidecar::JsonLogger.new(io, level: "info")
