@@ -317,14 +317,20 @@ class Worker:
                 job.jid,
                 extra=job.log_context(),
             )
-        self._exhausted_hooks(job, failure, run_hook=False, death_handlers=True)
+        self._exhausted_hooks(job, failure, run_hook=False, death_handlers=True, discarded=discard)
 
     def _exhausted_hooks(
-        self, job: Job, failure: Failure, *, run_hook: bool, death_handlers: bool
+        self,
+        job: Job,
+        failure: Failure,
+        *,
+        run_hook: bool,
+        death_handlers: bool,
+        discarded: bool = False,
     ) -> bool:
         try:
             return self.sidecar.exhausted(
-                job, failure, run_hook=run_hook, death_handlers=death_handlers
+                job, failure, run_hook=run_hook, death_handlers=death_handlers, discarded=discarded
             )
         except SidecarUnavailable as exc:
             # The job is still kept (dead set or as its retry field says); only the hook is lost.

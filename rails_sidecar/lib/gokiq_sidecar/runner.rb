@@ -59,8 +59,11 @@ module GokiqSidecar
     # sidekiq_retries_exhausted hook (when asked), then every death handler
     # (unless told not to: gokiq asks for them in a second call, after it
     # has added the job to the dead set, which is Sidekiq's order).
+    # `discarded`: the hook call before this one answered discard; the
+    # handlers then run only if this Sidekiq version runs them after one.
     # Hook and handler errors are logged, never raised.
-    def exhausted(job, error_class, error_message, run_hook:, death_handlers: true)
+    def exhausted(job, error_class, error_message, run_hook:, death_handlers: true, discarded: false)
+      death_handlers &&= !discarded || @sidekiq.death_handlers_after_discard?
       exception = build_exception(error_class, error_message)
       klass = begin
         @resolver.runnable_class(job)
@@ -168,7 +171,8 @@ module GokiqSidecar
       block = hook_owner(klass, job, :sidekiq_retries_exhausted_block)&.sidekiq_retries_exhausted_block
       return unless block
       result.hook_ran = true
-      result.discard = block.call(job, exception) == :discard
+      returned = block.call(job, exception)
+      result.discard = returned == :discard && @sidekiq.exhausted_hook_can_discard?
     rescue => e
       log_hook_error("sidekiq_retries_exhausted", job, e)
     end

@@ -44,6 +44,18 @@ module GokiqSidecar
         blocks.clear if oneshot
       end
 
+      # What a `sidekiq_retries_exhausted` hook's `:discard` does (JobRetry#retries_exhausted):
+      # before 7.2.0 nothing (the return value is ignored: dead set, death handlers); from 7.2.0
+      # the job skips the dead set.
+      def exhausted_hook_can_discard?
+        at_least?("7.2.0")
+      end
+
+      # 7.2.0 to 8.0.6 return at once after a hook's :discard; 8.0.7+ still run the handlers.
+      def death_handlers_after_discard?
+        at_least?("8.0.7")
+      end
+
       # The arguments Sidekiq passes to a `sidekiq_retry_in` block.
       def retry_in_arguments(count, exception, job)
         three_argument_retry_in? ? [count, exception, job] : [count, exception]
