@@ -291,8 +291,8 @@ class Worker:
         if outcome is Outcome.DEAD:
             self._bury(decision, failure)
             raise JobEnded(Outcome.DEAD, _error(failure))
-        if outcome is Outcome.DROPPED or self.versions.require().major >= 8:
-            # `retry: false` (and 8.x's :discard) still runs the app's death handlers.
+        if decision.death_handlers:
+            # `retry: false` (and 8.0.7+'s :discard) still runs the app's death handlers.
             self._exhausted_hooks(decision.job, failure, run_hook=False, death_handlers=True)
         raise JobEnded(outcome, _error(failure))
 
