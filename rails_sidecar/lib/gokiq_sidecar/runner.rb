@@ -101,17 +101,9 @@ module GokiqSidecar
     # Same context keys as Sidekiq::JobLogger#prepare, so Rails.logger lines
     # written by the job carry jid/class just as under `sidekiq`.
     def with_context(job, &block)
-      ctx = {class: display_class(job), jid: job["jid"]}
-      ctx[:bid] = job["bid"] if job.key?("bid")
-      ctx[:tags] = job["tags"] if job.key?("tags")
       previous = Thread.current[:sidekiq_context]
-      Thread.current[:sidekiq_context] = ctx
-      level = job["log_level"]
-      if level && ::Sidekiq.logger.respond_to?(:log_at)
-        ::Sidekiq.logger.log_at(level, &block)
-      else
-        yield
-      end
+      Thread.current[:sidekiq_context] = @sidekiq.job_log_context(job, display_class(job))
+      @sidekiq.with_job_log_level(::Sidekiq.logger, job["log_level"], &block)
     ensure
       Thread.current[:sidekiq_context] = previous
     end

@@ -56,6 +56,24 @@ module GokiqSidecar
         at_least?("8.0.7")
       end
 
+      # The log context Sidekiq's JobLogger#prepare gives a job's lines: jid
+      # first from 8.0 (class first before), then the logged job attributes.
+      def job_log_context(job, class_name)
+        jid = job["jid"]
+        context = at_least?("8.0") ? {jid: jid, class: class_name} : {class: class_name, jid: jid}
+        logged_job_attributes.each { |name| context[name.to_sym] = job[name] if job.key?(name) }
+        context
+      end
+
+      # Runs the block at the job's `log_level`, as the JobLogger does:
+      # Sidekiq::Logger#log_at up to 7.x; 8.x dropped it for Ruby's
+      # Logger#with_level.
+      def with_job_log_level(logger, level, &block)
+        return logger.log_at(level, &block) if level && logger.respond_to?(:log_at)
+        return logger.with_level(level, &block) if level && logger.respond_to?(:with_level)
+        yield
+      end
+
       # The arguments Sidekiq passes to a `sidekiq_retry_in` block.
       def retry_in_arguments(count, exception, job)
         three_argument_retry_in? ? [count, exception, job] : [count, exception]
@@ -128,6 +146,10 @@ module GokiqSidecar
         false
       end
 
+      def logged_job_attributes
+        %w[bid tags]
+      end
+
       # 6.x runs backtraces through no cleaner.
       def backtrace_cleaner
         ->(backtrace) { backtrace }
@@ -197,6 +219,11 @@ module GokiqSidecar
       end
 
       private
+
+      # 8.0.9 made them a setting (default bid and tags, the fixed pair before).
+      def logged_job_attributes
+        @config[:logged_job_attributes] || %w[bid tags]
+      end
 
       # 7.1.0 added the job hash as a third argument.
       def three_argument_retry_in?
