@@ -19,7 +19,7 @@ module GokiqSidecar
       @state = state
       @logger = logger
       resolver = Resolver.new(policy: policy)
-      @runner = runner || Runner.new(resolver: resolver, logger: logger)
+      @runner = runner || Runner.new(resolver: resolver, logger: logger, context: state)
       @catalog = JobCatalog.new(resolver: resolver, policy: policy)
       @metrics = metrics
       @max_body = max_body_bytes

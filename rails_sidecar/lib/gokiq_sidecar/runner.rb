@@ -11,10 +11,13 @@ module GokiqSidecar
     # error_message is cut to this many characters (gokiq's MAX_ERROR_MESSAGE).
     MAX_MESSAGE = 10_000
 
-    def initialize(resolver: Resolver.new, logger: JsonLogger.new, sidekiq: SidekiqConfig.current)
+    # `context`: what a job's `_context` is set to (answers `stopping?`), as
+    # Sidekiq 7.3+'s processor sets it to itself.
+    def initialize(resolver: Resolver.new, logger: JsonLogger.new, sidekiq: SidekiqConfig.current, context: nil)
       @resolver = resolver
       @logger = logger
       @sidekiq = sidekiq
+      @context = context
     end
 
     # Raises Resolver::InvalidClass before anything is instantiated.
@@ -37,12 +40,19 @@ module GokiqSidecar
             @sidekiq.reloader.call do
               worker = klass.new
               worker.jid = job["jid"]
+              worker._context = @context if @context && worker.respond_to?(:_context=)
               @sidekiq.server_middleware.invoke(worker, job, queue) do
                 worker.perform(*job["args"])
               end
             end
           end
         end
+        Result.new(outcome: "ok", duration: now - started)
+      rescue ::Sidekiq::JobRetry::Skip
+        # A server middleware has already dealt with the job, as Sidekiq's
+        # processor acknowledges it without a retry: e.g. 7.3+'s InterruptHandler,
+        # which pushed an interrupted iterable job back to its queue. A failure
+        # here would run it twice (that copy and gokiq's retry).
         Result.new(outcome: "ok", duration: now - started)
       rescue Exception => e # rubocop:disable Lint/RescueException -- Sidekiq's retry layer catches Exception too
         # Drain timeout hit (Puma kills the thread): drop the connection so the
