@@ -176,7 +176,12 @@ module SidekiqApi
     when "sidekiq_version"
       {"loaded" => Sidekiq::VERSION,
        "published" => Sidekiq.redis { |conn| conn.get(GokiqSidecar::SIDEKIQ_VERSION_KEY) }}
-    when "sidekiq_cron_version" then defined?(Sidekiq::Cron::VERSION) ? Sidekiq::Cron::VERSION : nil
+    when "sidekiq_cron_version"
+      # sidekiq-cron.rb does not load its version file
+      if defined?(Sidekiq::Cron::Job)
+        require "sidekiq/cron/version"
+        Sidekiq::Cron::VERSION
+      end
     when "cron_job"
       job = Sidekiq::Cron::Job.find(op.fetch("name"))
       job && {"status" => job.status, "last_enqueue_time" => time_f(job.last_enqueue_time),
