@@ -40,11 +40,14 @@ class UnitsTest < Minitest::Test
     assert_includes text, %(gokiq_sidecar_job_duration_seconds_bucket{le="0.25"} 1)
   end
 
-  # Sidekiq's server logs at INFO unless started with --verbose; so does the sidecar.
-  def test_sidekiqs_logger_is_at_info_as_under_sidekiq
+  # Sidekiq's server logs at INFO unless started with --verbose, in its own format (pid, tid,
+  # the job's context); so does the sidecar, to stderr.
+  def test_sidekiqs_logger_is_sidekiqs_default_one_on_stderr
     previous = Sidekiq.logger
     GokiqSidecar::Boot.frameworks
     assert_equal Logger::INFO, Sidekiq.logger.level
+    assert_kind_of Sidekiq::Logger::Formatters::Pretty, Sidekiq.logger.formatter
+    refute_same previous, Sidekiq.logger
   ensure
     GokiqSidecar::SidekiqConfig.current.logger = previous
   end

@@ -24,11 +24,9 @@ module GokiqSidecar
       # sidekiq.rb only loads its Rails engine when Rails was loaded first.
       require "sidekiq/rails"
       # stdout is the sidecar's JSON job log. Sidekiq's text logger (which the
-      # engine also makes Rails.logger broadcast to) goes to stderr instead, at
-      # INFO as Sidekiq's own default logger (a bare Logger.new starts at DEBUG,
-      # which let the app's debug lines through the engine's broadcast).
+      # engine also makes Rails.logger broadcast to) goes to stderr instead.
       require "gokiq_sidecar/sidekiq_config"
-      SidekiqConfig.current.logger = ::Sidekiq::Logger.new($stderr, level: ::Logger::INFO)
+      SidekiqConfig.current.log_to($stderr)
     end
 
     def self.application(root)

@@ -19,6 +19,16 @@ module GokiqSidecar
         ::Sidekiq::VERSION
       end
 
+      # Sidekiq's default logger, writing to `io` instead of stdout: at INFO,
+      # a Sidekiq server's level without --verbose (a bare Sidekiq::Logger.new
+      # starts at DEBUG), with the formatter of the logger it replaces (Pretty,
+      # or WithoutTimestamp on Heroku; 6.x sets it in Logger#initialize, but 7+
+      # in Config#logger, so a bare one lost pid, tid, jid and class).
+      def log_to(io)
+        formatter = logger.formatter
+        self.logger = ::Sidekiq::Logger.new(io, level: ::Logger::INFO).tap { |log| log.formatter = formatter }
+      end
+
       # Seconds between two heartbeats of Sidekiq's launcher (5 on 6.4, 10 on 6.5+).
       def beat_interval
         require "sidekiq/launcher"
@@ -102,6 +112,10 @@ module GokiqSidecar
 
     # Sidekiq 6.4 and 6.5: module-level settings.
     class Legacy < Base
+      def logger
+        ::Sidekiq.logger
+      end
+
       def logger=(logger)
         ::Sidekiq.logger = logger
       end
@@ -169,6 +183,10 @@ module GokiqSidecar
     class Modern < Base
       def initialize(config)
         @config = config
+      end
+
+      def logger
+        @config.logger
       end
 
       def logger=(logger)
