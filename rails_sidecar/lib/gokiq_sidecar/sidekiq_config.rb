@@ -116,6 +116,12 @@ module GokiqSidecar
         ::Sidekiq.logger
       end
 
+      # What Sidekiq's CLI hands its Launcher (and so sidekiq-cron's poller):
+      # the options hash on 6.4, the Sidekiq module on 6.5 (it answers []).
+      def launcher_config
+        ::Sidekiq.respond_to?(:[]) ? ::Sidekiq : ::Sidekiq.options
+      end
+
       def logger=(logger)
         ::Sidekiq.logger = logger
       end
@@ -187,6 +193,11 @@ module GokiqSidecar
 
       def logger
         @config.logger
+      end
+
+      # What Sidekiq's CLI hands its Launcher: the default Sidekiq::Config.
+      def launcher_config
+        @config
       end
 
       def logger=(logger)
