@@ -89,17 +89,26 @@ class SidecarClient:
         return parse_execution(response)
 
     def exhausted(
-        self, job: Job, failure: Failure, *, run_hook: bool, death_handlers: bool
+        self,
+        job: Job,
+        failure: Failure,
+        *,
+        run_hook: bool,
+        death_handlers: bool,
+        discarded: bool = False,
     ) -> bool:
         """Run the job's `sidekiq_retries_exhausted` hook and/or the app's death handlers.
 
-        Returns True when the hook asked for the job to be discarded (no dead set entry).
+        Returns True when the hook asked for the job to be discarded (no dead set entry) and the
+        app's Sidekiq honours that. `discarded` passes that answer on to the death handlers'
+        call: the sidecar knows whether the app's Sidekiq version runs them after a discard.
         """
         others = {
             "error_class": failure.error_class,
             "error_message": failure.error_message,
             "run_hook": run_hook,
             "death_handlers": death_handlers,
+            "discarded": discarded,
         }
         # The job's own text, not its decoded fields: a "\ud800" escape in its args stays an
         # escape (decoded, it is a lone surrogate that UTF-8 cannot carry).

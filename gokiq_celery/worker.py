@@ -291,8 +291,8 @@ class Worker:
         if outcome is Outcome.DEAD:
             self._bury(decision, failure)
             raise JobEnded(Outcome.DEAD, _error(failure))
-        if outcome is Outcome.DROPPED or self.versions.require().major >= 8:
-            # `retry: false` (and 8.x's :discard) still runs the app's death handlers.
+        if decision.death_handlers:
+            # `retry: false` (and 8.0.7+'s :discard) still runs the app's death handlers.
             self._exhausted_hooks(decision.job, failure, run_hook=False, death_handlers=True)
         raise JobEnded(outcome, _error(failure))
 
@@ -317,14 +317,20 @@ class Worker:
                 job.jid,
                 extra=job.log_context(),
             )
-        self._exhausted_hooks(job, failure, run_hook=False, death_handlers=True)
+        self._exhausted_hooks(job, failure, run_hook=False, death_handlers=True, discarded=discard)
 
     def _exhausted_hooks(
-        self, job: Job, failure: Failure, *, run_hook: bool, death_handlers: bool
+        self,
+        job: Job,
+        failure: Failure,
+        *,
+        run_hook: bool,
+        death_handlers: bool,
+        discarded: bool = False,
     ) -> bool:
         try:
             return self.sidecar.exhausted(
-                job, failure, run_hook=run_hook, death_handlers=death_handlers
+                job, failure, run_hook=run_hook, death_handlers=death_handlers, discarded=discarded
             )
         except SidecarUnavailable as exc:
             # The job is still kept (dead set or as its retry field says); only the hook is lost.

@@ -62,7 +62,9 @@ class StandInSidecar:
         if path == "exhausted":
             with self.lock:
                 self.calls["exhausted"].append(body)
-            return 200, {"status": "ok", "hook_ran": body.get("run_hook"), "discard": False}
+            # DiscardingFailJob's hook returns :discard (on a Sidekiq that honours it).
+            discard = bool(body.get("run_hook")) and body["job"].get("class") == "DiscardingFailJob"
+            return 200, {"status": "ok", "hook_ran": body.get("run_hook"), "discard": discard}
         with self.lock:
             self.calls["execute"].append({"job": body, "queue": queue})
             self.runs[body.get("jid", "")] += 1
@@ -119,7 +121,7 @@ def _behaviour(job: dict, run: int) -> tuple[int, dict]:
     if cls == "SlowJob":
         time.sleep(float(args[0]))
         return 200, {"status": "ok", "execution_time": float(args[0])}
-    if cls == "FailJob":
+    if cls in ("FailJob", "DiscardingFailJob"):
         return 500, _failed("ArgumentError", "boom", args[0] if args else None)
     if cls == "FlakyJob" and run <= int(args[0]):
         return 500, _failed("RuntimeError", f"flaky {run}", args[1])

@@ -111,9 +111,10 @@ def test_defaults_match_a_bare_push_and_the_apps_middleware_only_adds_cattr(dbs)
         dump(dbs["ruby"])["queue:default"],
         dump(dbs["python"])["queue:default"],
     )
-    # Sidekiq::CurrentAttributes' client middleware (Ruby only) adds the one field `cattr`.
+    # Sidekiq::CurrentAttributes' client middleware (Ruby only) adds the one field `cattr`:
+    # an empty {} on 6.4; 6.5.12 and 7.x leave it out when the attributes are empty.
     assert without_varying(py_job) == [(k, v) for k, v in without_varying(ruby_job) if k != "cattr"]
-    assert ruby_job["cattr"] == {}
+    assert ruby_job.get("cattr", {}) == {}
     assert without_varying(py_job) == [
         ("retry", True),
         ("queue", "default"),

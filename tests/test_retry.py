@@ -135,6 +135,33 @@ def test_retry_in_kill_and_discard():
     assert v8.job.get("discarded_at") == int(NOW * 1000)
 
 
+@pytest.mark.parametrize(
+    ("version", "discarded_at", "death_handlers"),
+    [
+        ("7.3.9", False, False),
+        ("8.0.6", False, False),
+        ("8.0.7", False, True),
+        ("8.0.8", True, True),
+        ("8.1.7", True, True),
+        ("8", True, True),
+    ],
+)
+def test_a_retry_in_discard_follows_the_apps_8x_release(version, discarded_at, death_handlers):
+    """Sidekiq 8.0.7 added the death handlers for a `sidekiq_retry_in` :discard, 8.0.8 the
+    `discarded_at` stamp; a bare major is its newest release."""
+    failure = Failure("E", "m", retry_in="discard")
+    decision = RetryPolicy(sidekiq_version=version).decide(job(), failure, "q", NOW)
+    assert decision.outcome is Outcome.DISCARDED
+    assert ("discarded_at" in decision.job) is discarded_at
+    assert decision.death_handlers is death_handlers
+
+
+def test_retry_false_runs_the_death_handlers_on_every_version():
+    for version in ("6.4.1", "7", "8.0.0"):
+        decision = RetryPolicy(sidekiq_version=version).decide(job(retry=False), BOOM, "q", NOW)
+        assert (decision.outcome, decision.death_handlers) == (Outcome.DROPPED, True)
+
+
 def test_dead_false_is_never_buried():
     decision = RetryPolicy().decide(job(retry=0, dead=False), BOOM, "default", NOW)
     assert decision.outcome is Outcome.DEAD and not decision.goes_to_dead_set
@@ -149,6 +176,13 @@ def test_retry_for_window_starts_at_first_failure():
     many = job(retry_for=3600, retry=1, retry_count=5, failed_at=NOW)
     assert RetryPolicy(sidekiq_version=8).decide(many, BOOM, "q", NOW).outcome is Outcome.RETRY
     assert RetryPolicy(sidekiq_version=7).decide(many, BOOM, "q", NOW).outcome is Outcome.DEAD
+    # 8.0.x still counted the retries beside the window
+    assert (
+        RetryPolicy(sidekiq_version="8.0.10").decide(many, BOOM, "q", NOW).outcome is Outcome.DEAD
+    )
+    assert (
+        RetryPolicy(sidekiq_version="8.1.0").decide(many, BOOM, "q", NOW).outcome is Outcome.RETRY
+    )
 
 
 @pytest.mark.parametrize(("option", "lines"), [(True, 3), (2, 2), (False, None), (None, None)])

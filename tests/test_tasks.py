@@ -205,6 +205,23 @@ def test_no_retry_variants(env, stack, fields, dead, hook):
     assert store.scheduled.retry_set() == []
 
 
+def test_a_hook_that_discards_keeps_the_job_out_of_the_dead_set_and_tells_the_handlers(env, stack):
+    sidecar, store = env
+    job = make_job("DiscardingFailJob", [], retry=0)
+    send(job)
+    wait_for(lambda: len(sidecar.exhausted_calls(job.jid)) == 2, message="no death handler call")
+    settle(stack[2])
+    hook, handlers = sidecar.exhausted_calls(job.jid)
+    assert (hook["run_hook"], hook["death_handlers"], hook["discarded"]) == (True, False, False)
+    # The sidecar runs the handlers after a discard only where the app's Sidekiq does (8.0.7+).
+    assert (handlers["run_hook"], handlers["death_handlers"], handlers["discarded"]) == (
+        False,
+        True,
+        True,
+    )
+    assert dead_jobs(store) == []
+
+
 def test_long_delay_is_parked_in_the_retry_set(env, stack):
     sidecar, store = env
     job = make_job("FailJob", [1000])

@@ -17,7 +17,7 @@ from enum import StrEnum
 from typing import Any
 
 from .job import Job, epoch_seconds, finite_number, timestamp
-from .version import SidekiqVersionResolver
+from .version import SidekiqVersion, SidekiqVersionResolver
 
 MAX_ERROR_MESSAGE = 10_000  # as the sidecar cuts it (Runner::MAX_MESSAGE)
 # A delay past this (a retry_count or `sidekiq_retry_in` in the millions) is this: later than any
@@ -60,6 +60,9 @@ class Decision:
     job: Job  # the payload with Sidekiq's error fields, ready to store
     delay: float = 0.0
     limit: int = 0  # the job's retry limit (Celery's max_retries)
+    # Whether the app's death handlers run for a DROPPED or DISCARDED job (a DEAD one runs them
+    # after its exhausted hook, as that hook's answer says).
+    death_handlers: bool = False
 
     @property
     def goes_to_dead_set(self) -> bool:
@@ -90,14 +93,18 @@ class RetryPolicy:
         now = time.time() if now is None else now
         retry = job.retry if "retry" in job else failure.class_retry
         if retry is False or retry is None:
-            return Decision(Outcome.DROPPED, job)
-        major = self.versions.require().major
+            return Decision(Outcome.DROPPED, job, death_handlers=True)
+        version = self.versions.require()
+        major = version.major
         failed = job.replace(self._error_fields(job, failure, queue, now, major))
         limit = self.limit(retry)
         count = failed.get("retry_count")
         if failure.retry_in == "discard":
-            return Decision(Outcome.DISCARDED, self._discarded(failed, now, major), limit=limit)
-        if failure.retry_in == "kill" or self._exhausted(failed, count, limit, now, major):
+            # 8.0.7+ run the death handlers for it; earlier versions drop it silently.
+            handlers = _since(version, 8, 0, 7)
+            discarded = self._discarded(failed, now, version)
+            return Decision(Outcome.DISCARDED, discarded, limit=limit, death_handlers=handlers)
+        if failure.retry_in == "kill" or self._exhausted(failed, count, limit, now, version):
             return Decision(Outcome.DEAD, failed, limit=limit)
         return Decision(Outcome.RETRY, failed, self._delay(count, failure.retry_in, major), limit)
 
@@ -134,21 +141,29 @@ class RetryPolicy:
             fields["error_backtrace"] = encode_backtrace(lines)
         return fields
 
-    def _exhausted(self, job: Job, count: int, limit: int, now: float, major: int) -> bool:
+    def _exhausted(
+        self, job: Job, count: int, limit: int, now: float, version: SidekiqVersion
+    ) -> bool:
         retry_for = job.get("retry_for")
         if _finite(retry_for):
             started = epoch_seconds(job.get("failed_at")) or now
             out_of_time = started + retry_for < now
-            if major >= 8:  # 8.1: the window replaces the count
+            if _since(version, 8, 1):  # 8.1: the window replaces the count
                 return out_of_time
             if out_of_time:
                 return True
         return count >= limit
 
-    def _discarded(self, job: Job, now: float, major: int) -> Job:
-        if major >= 8:
+    def _discarded(self, job: Job, now: float, version: SidekiqVersion) -> Job:
+        if _since(version, 8, 0, 8):
             return job.replace({"discarded_at": int(now * 1000)})
         return job
+
+
+def _since(version: SidekiqVersion, *release: int) -> bool:
+    """Is the app's Sidekiq `release` or newer? A bare major (`sidekiq_version: 8`) is taken as
+    that major's newest release."""
+    return version.before(*release) is not True
 
 
 def encode_backtrace(lines: list[str]) -> str:

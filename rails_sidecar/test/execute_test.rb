@@ -49,6 +49,26 @@ class ExecuteTest < Minitest::Test
     assert_nil Thread.current[:sidekiq_context]
   end
 
+  # Sidekiq acknowledges a job a middleware answered with JobRetry::Skip, and retries nothing.
+  def test_a_job_a_middleware_handled_elsewhere_is_done_not_failed
+    execute("class" => "HandledElsewhereJob", "args" => [], "jid" => new_jid)
+    assert_equal 200, last_response.status, last_response.body
+    assert_equal "ok", json["status"]
+  end
+
+  # 7.3+: an iterable job stops between iterations once the process is stopping.
+  def test_a_job_sees_the_sidecar_stopping_through_interrupted
+    skip "Sidekiq #{Sidekiq::VERSION} has no Job#interrupted?" unless Sidekiq::Job.method_defined?(:interrupted?)
+    stopping = GokiqSidecar::State.new(:ready)
+    runner = GokiqSidecar::Runner.new(context: stopping)
+    job = {"class" => "InterruptProbeJob", "args" => [], "jid" => new_jid}
+    assert_equal "ok", runner.execute(InterruptProbeJob, job, "default").outcome
+    assert_equal false, InterruptProbeJob.interrupted
+    stopping.draining!
+    assert_equal "ok", runner.execute(InterruptProbeJob, job, "default").outcome
+    assert_equal true, InterruptProbeJob.interrupted
+  end
+
   def test_current_attributes_reach_hard_job
     jid = new_jid
     execute("class" => "HardJob", "args" => [], "jid" => jid, "cattr" => {"user_id" => 7})

@@ -75,9 +75,17 @@ class ExhaustedTest < Minitest::Test
     assert_equal "RuntimeError: File: not an exception", runs(jid).first.note
   end
 
-  def test_discard_from_hook
-    exhausted({"class" => "DiscardingExhaustedJob", "args" => [], "jid" => new_jid})
-    assert_equal({"status" => "ok", "hook_ran" => true, "discard" => true}, json)
+  # Sidekiq ignores the hook's return value before 7.2.0 (dead set, death handlers), skips the
+  # dead set from 7.2.0, and the death handlers too from 7.2.0 to 8.0.6.
+  def test_discard_from_hook_as_the_apps_sidekiq_does_it
+    version = Gem::Version.new(Sidekiq::VERSION)
+    job = {"class" => "DiscardingExhaustedJob", "args" => [], "jid" => new_jid}
+    exhausted(job, "death_handlers" => false)
+    discards = version >= Gem::Version.new("7.2.0")
+    assert_equal({"status" => "ok", "hook_ran" => true, "discard" => discards}, json)
+    exhausted(job, run_hook: false, "discarded" => discards)
+    handlers_ran = !discards || version >= Gem::Version.new("8.0.7")
+    assert_equal (handlers_ran ? ["death_handler"] : []), runs(job["jid"]).map(&:job_class)
   end
 
   def test_hook_error_is_logged_not_raised

@@ -134,3 +134,25 @@ class AjRetryJob < ApplicationJob
     raise ArgumentError, "aj boom"
   end
 end
+
+# Stands for a server middleware that dealt with the job itself, as 7.3+'s
+# InterruptHandler does when it pushes an interrupted iterable job back.
+class HandledElsewhereJob
+  include Sidekiq::Worker
+
+  def perform
+    raise Sidekiq::JobRetry::Skip
+  end
+end
+
+# What an iterable job asks between two iterations (Sidekiq 7.3+'s Job#interrupted?).
+class InterruptProbeJob
+  include Sidekiq::Worker
+  class << self
+    attr_accessor :interrupted
+  end
+
+  def perform
+    InterruptProbeJob.interrupted = interrupted?
+  end
+end

@@ -54,6 +54,40 @@ class UnitsTest < Minitest::Test
     assert_includes text, %(gokiq_sidecar_job_duration_seconds_bucket{le="0.25"} 1)
   end
 
+  # Sidekiq's server logs at INFO unless started with --verbose, in its own format (pid, tid,
+  # the job's context); so does the sidecar, to stderr.
+  def test_sidekiqs_logger_is_sidekiqs_default_one_on_stderr
+    previous = Sidekiq.logger
+    GokiqSidecar::Boot.frameworks
+    assert_equal Logger::INFO, Sidekiq.logger.level
+    assert_kind_of Sidekiq::Logger::Formatters::Pretty, Sidekiq.logger.formatter
+    refute_same previous, Sidekiq.logger
+  ensure
+    GokiqSidecar::SidekiqConfig.current.logger = previous
+  end
+
+  # Sidekiq 8 dropped Sidekiq::Logger#log_at for Ruby's Logger#with_level.
+  def test_a_jobs_log_level_through_log_at_or_with_level
+    config = GokiqSidecar::SidekiqConfig.current
+    seen = []
+    seven = Object.new
+    seven.define_singleton_method(:log_at) { |level, &run| seen << [:log_at, level] && run.call }
+    eight = Object.new
+    eight.define_singleton_method(:with_level) { |level, &run| seen << [:with_level, level] && run.call }
+    assert_equal :ran, config.with_job_log_level(seven, "debug") { :ran }
+    assert_equal :ran, config.with_job_log_level(eight, "warn") { :ran }
+    assert_equal :ran, config.with_job_log_level(eight, nil) { :ran }
+    assert_equal [[:log_at, "debug"], [:with_level, "warn"]], seen
+  end
+
+  # 8.0.9+: config[:logged_job_attributes] names the job fields a job's log lines carry.
+  def test_logged_job_attributes_from_the_configuration
+    job = {"jid" => "j1", "bid" => "b1", "tenant" => "acme"}
+    modern = GokiqSidecar::SidekiqConfig::Modern.new({logged_job_attributes: ["tenant"]})
+    assert_equal({class: "X", jid: "j1", tenant: "acme"}, modern.job_log_context(job, "X"))
+    assert_equal({class: "X", jid: "j1", bid: "b1"}, GokiqSidecar::SidekiqConfig::Modern.new({}).job_log_context(job, "X"))
+  end
+
   def test_json_logger_one_line_per_event
     io = StringIO.new
     log = GokiqSidecar::JsonLogger.new(io, level: "info")

@@ -30,6 +30,7 @@
 #   now                                        -> Time.now.to_f
 #   sidekiq_version                            -> {loaded: the app's Sidekiq::VERSION,
 #                                                  published: what the sidecar wrote in Redis}
+#   sidekiq_cron_version                       -> the sidekiq-cron the app loaded, or nil
 #   cron_job       name -> {status, last_enqueue_time (float), jid_history} or nil
 #                  (sidekiq-cron's Ruby API: Sidekiq::Cron::Job.find)
 #   cron_claims    pollers -> how many of `pollers` threads, each with its own unsaved
@@ -175,6 +176,12 @@ module SidekiqApi
     when "sidekiq_version"
       {"loaded" => Sidekiq::VERSION,
        "published" => Sidekiq.redis { |conn| conn.get(GokiqSidecar::SIDEKIQ_VERSION_KEY) }}
+    when "sidekiq_cron_version"
+      # sidekiq-cron.rb does not load its version file
+      if defined?(Sidekiq::Cron::Job)
+        require "sidekiq/cron/version"
+        Sidekiq::Cron::VERSION
+      end
     when "cron_job"
       job = Sidekiq::Cron::Job.find(op.fetch("name"))
       job && {"status" => job.status, "last_enqueue_time" => time_f(job.last_enqueue_time),

@@ -19,7 +19,7 @@ module GokiqSidecar
       @state = state
       @logger = logger
       resolver = Resolver.new(policy: policy)
-      @runner = runner || Runner.new(resolver: resolver, logger: logger)
+      @runner = runner || Runner.new(resolver: resolver, logger: logger, context: state)
       @catalog = JobCatalog.new(resolver: resolver, policy: policy)
       @metrics = metrics
       @max_body = max_body_bytes
@@ -146,7 +146,8 @@ module GokiqSidecar
       validate_job!(job)
       result = @runner.exhausted(job, body["error_class"], body["error_message"],
                                  run_hook: body["run_hook"] == true,
-                                 death_handlers: body["death_handlers"] != false)
+                                 death_handlers: body["death_handlers"] != false,
+                                 discarded: body["discarded"] == true)
       @metrics.exhausted(exhausted_label(job))
       log_exhausted(job, result)
       reply(200, status: "ok", hook_ran: result.hook_ran, discard: result.discard)

@@ -26,7 +26,7 @@ module GokiqSidecar
       # stdout is the sidecar's JSON job log. Sidekiq's text logger (which the
       # engine also makes Rails.logger broadcast to) goes to stderr instead.
       require "gokiq_sidecar/sidekiq_config"
-      SidekiqConfig.current.logger = ::Sidekiq::Logger.new($stderr)
+      SidekiqConfig.current.log_to($stderr)
     end
 
     def self.application(root)

@@ -72,17 +72,8 @@ module GokiqSidecar
         !@launcher.nil?
       end
 
-      # The object Sidekiq's CLI hands its Launcher: the options hash up to
-      # 6.4, the Sidekiq module in 6.5 (it answers []), the default
-      # Sidekiq::Config from 7.0.
       def launcher_config
-        if ::Sidekiq.respond_to?(:default_configuration)
-          ::Sidekiq.default_configuration
-        elsif ::Sidekiq.respond_to?(:[])
-          ::Sidekiq
-        else
-          ::Sidekiq.options
-        end
+        SidekiqConfig.current.launcher_config
       end
     end
   end

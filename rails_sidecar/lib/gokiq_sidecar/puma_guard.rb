@@ -49,6 +49,11 @@ module GokiqSidecar
       def refuse(code, body)
         begin
           @io << PumaGuard.response(code, body)
+          # The body the client is still sending stays unread, and closing a socket with unread
+          # data sends a reset instead of a FIN: a client that has not yet read the answer then
+          # gets ECONNRESET in place of it. Half-closing first puts the FIN right after the
+          # answer, so the client reads the answer and its end whatever follows.
+          @io.close_write
         rescue StandardError
           # the client went away: nothing to tell it
         end

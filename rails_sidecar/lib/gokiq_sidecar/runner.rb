@@ -11,10 +11,13 @@ module GokiqSidecar
     # error_message is cut to this many characters (gokiq's MAX_ERROR_MESSAGE).
     MAX_MESSAGE = 10_000
 
-    def initialize(resolver: Resolver.new, logger: JsonLogger.new, sidekiq: SidekiqConfig.current)
+    # `context`: what a job's `_context` is set to (answers `stopping?`), as
+    # Sidekiq 7.3+'s processor sets it to itself.
+    def initialize(resolver: Resolver.new, logger: JsonLogger.new, sidekiq: SidekiqConfig.current, context: nil)
       @resolver = resolver
       @logger = logger
       @sidekiq = sidekiq
+      @context = context
     end
 
     # Raises Resolver::InvalidClass before anything is instantiated.
@@ -37,12 +40,19 @@ module GokiqSidecar
             @sidekiq.reloader.call do
               worker = klass.new
               worker.jid = job["jid"]
+              worker._context = @context if @context && worker.respond_to?(:_context=)
               @sidekiq.server_middleware.invoke(worker, job, queue) do
                 worker.perform(*job["args"])
               end
             end
           end
         end
+        Result.new(outcome: "ok", duration: now - started)
+      rescue ::Sidekiq::JobRetry::Skip
+        # A server middleware has already dealt with the job, as Sidekiq's
+        # processor acknowledges it without a retry: e.g. 7.3+'s InterruptHandler,
+        # which pushed an interrupted iterable job back to its queue. A failure
+        # here would run it twice (that copy and gokiq's retry).
         Result.new(outcome: "ok", duration: now - started)
       rescue Exception => e # rubocop:disable Lint/RescueException -- Sidekiq's retry layer catches Exception too
         # Drain timeout hit (Puma kills the thread): drop the connection so the
@@ -59,8 +69,11 @@ module GokiqSidecar
     # sidekiq_retries_exhausted hook (when asked), then every death handler
     # (unless told not to: gokiq asks for them in a second call, after it
     # has added the job to the dead set, which is Sidekiq's order).
+    # `discarded`: the hook call before this one answered discard; the
+    # handlers then run only if this Sidekiq version runs them after one.
     # Hook and handler errors are logged, never raised.
-    def exhausted(job, error_class, error_message, run_hook:, death_handlers: true)
+    def exhausted(job, error_class, error_message, run_hook:, death_handlers: true, discarded: false)
+      death_handlers &&= !discarded || @sidekiq.death_handlers_after_discard?
       exception = build_exception(error_class, error_message)
       klass = begin
         @resolver.runnable_class(job)
@@ -98,17 +111,9 @@ module GokiqSidecar
     # Same context keys as Sidekiq::JobLogger#prepare, so Rails.logger lines
     # written by the job carry jid/class just as under `sidekiq`.
     def with_context(job, &block)
-      ctx = {class: display_class(job), jid: job["jid"]}
-      ctx[:bid] = job["bid"] if job.key?("bid")
-      ctx[:tags] = job["tags"] if job.key?("tags")
       previous = Thread.current[:sidekiq_context]
-      Thread.current[:sidekiq_context] = ctx
-      level = job["log_level"]
-      if level && ::Sidekiq.logger.respond_to?(:log_at)
-        ::Sidekiq.logger.log_at(level, &block)
-      else
-        yield
-      end
+      Thread.current[:sidekiq_context] = @sidekiq.job_log_context(job, display_class(job))
+      @sidekiq.with_job_log_level(::Sidekiq.logger, job["log_level"], &block)
     ensure
       Thread.current[:sidekiq_context] = previous
     end
@@ -168,7 +173,8 @@ module GokiqSidecar
       block = hook_owner(klass, job, :sidekiq_retries_exhausted_block)&.sidekiq_retries_exhausted_block
       return unless block
       result.hook_ran = true
-      result.discard = block.call(job, exception) == :discard
+      returned = block.call(job, exception)
+      result.discard = returned == :discard && @sidekiq.exhausted_hook_can_discard?
     rescue => e
       log_hook_error("sidekiq_retries_exhausted", job, e)
     end

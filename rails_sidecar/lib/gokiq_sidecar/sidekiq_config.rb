@@ -19,6 +19,16 @@ module GokiqSidecar
         ::Sidekiq::VERSION
       end
 
+      # Sidekiq's default logger, writing to `io` instead of stdout: at INFO,
+      # a Sidekiq server's level without --verbose (a bare Sidekiq::Logger.new
+      # starts at DEBUG), with the formatter of the logger it replaces (Pretty,
+      # or WithoutTimestamp on Heroku; 6.x sets it in Logger#initialize, but 7+
+      # in Config#logger, so a bare one lost pid, tid, jid and class).
+      def log_to(io)
+        formatter = logger.formatter
+        self.logger = ::Sidekiq::Logger.new(io, level: ::Logger::INFO).tap { |log| log.formatter = formatter }
+      end
+
       # Seconds between two heartbeats of Sidekiq's launcher (5 on 6.4, 10 on 6.5+).
       def beat_interval
         require "sidekiq/launcher"
@@ -42,6 +52,36 @@ module GokiqSidecar
           yield e if block_given?
         end
         blocks.clear if oneshot
+      end
+
+      # What a `sidekiq_retries_exhausted` hook's `:discard` does (JobRetry#retries_exhausted):
+      # before 7.2.0 nothing (the return value is ignored: dead set, death handlers); from 7.2.0
+      # the job skips the dead set.
+      def exhausted_hook_can_discard?
+        at_least?("7.2.0")
+      end
+
+      # 7.2.0 to 8.0.6 return at once after a hook's :discard; 8.0.7+ still run the handlers.
+      def death_handlers_after_discard?
+        at_least?("8.0.7")
+      end
+
+      # The log context Sidekiq's JobLogger#prepare gives a job's lines: jid
+      # first from 8.0 (class first before), then the logged job attributes.
+      def job_log_context(job, class_name)
+        jid = job["jid"]
+        context = at_least?("8.0") ? {jid: jid, class: class_name} : {class: class_name, jid: jid}
+        logged_job_attributes.each { |name| context[name.to_sym] = job[name] if job.key?(name) }
+        context
+      end
+
+      # Runs the block at the job's `log_level`, as the JobLogger does:
+      # Sidekiq::Logger#log_at up to 7.x; 8.x dropped it for Ruby's
+      # Logger#with_level.
+      def with_job_log_level(logger, level, &block)
+        return logger.log_at(level, &block) if level && logger.respond_to?(:log_at)
+        return logger.with_level(level, &block) if level && logger.respond_to?(:with_level)
+        yield
       end
 
       # The arguments Sidekiq passes to a `sidekiq_retry_in` block.
@@ -72,6 +112,16 @@ module GokiqSidecar
 
     # Sidekiq 6.4 and 6.5: module-level settings.
     class Legacy < Base
+      def logger
+        ::Sidekiq.logger
+      end
+
+      # What Sidekiq's CLI hands its Launcher (and so sidekiq-cron's poller):
+      # the options hash on 6.4, the Sidekiq module on 6.5 (it answers []).
+      def launcher_config
+        ::Sidekiq.respond_to?(:[]) ? ::Sidekiq : ::Sidekiq.options
+      end
+
       def logger=(logger)
         ::Sidekiq.logger = logger
       end
@@ -116,6 +166,10 @@ module GokiqSidecar
         false
       end
 
+      def logged_job_attributes
+        %w[bid tags]
+      end
+
       # 6.x runs backtraces through no cleaner.
       def backtrace_cleaner
         ->(backtrace) { backtrace }
@@ -135,6 +189,15 @@ module GokiqSidecar
     class Modern < Base
       def initialize(config)
         @config = config
+      end
+
+      def logger
+        @config.logger
+      end
+
+      # What Sidekiq's CLI hands its Launcher: the default Sidekiq::Config.
+      def launcher_config
+        @config
       end
 
       def logger=(logger)
@@ -185,6 +248,11 @@ module GokiqSidecar
       end
 
       private
+
+      # 8.0.9 made them a setting (default bid and tags, the fixed pair before).
+      def logged_job_attributes
+        @config[:logged_job_attributes] || %w[bid tags]
+      end
 
       # 7.1.0 added the job hash as a third argument.
       def three_argument_retry_in?

@@ -30,6 +30,13 @@ module GokiqSidecar
       @phase == :ready
     end
 
+    # What a job's `interrupted?` asks (Sidekiq 7.3+'s Job#_context, which Sidekiq
+    # sets to its processor): an iterable job stops at its next iteration once
+    # the sidecar drains, and goes back to its queue from where it was.
+    def stopping?
+      @phase == :draining
+    end
+
     # Returns false when the jid is already running. A nil jid is never a duplicate.
     def claim(jid)
       return true if jid.nil?
