@@ -59,9 +59,9 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     config["task_create_missing_queues"] = True
 
     # Each task waits on one HTTP call to the sidecar; the work happens in Ruby. Threads keep 20
-    # waiting calls in one process of ~65 MB; prefork gets more done on a 2-core host
-    # (bench/worker.py: ~1,100-2,500 against ~600-1,050 tasks/s) at 20 processes' memory
-    # (1.1 GB), and one threads worker per core gets the same for less. Set by
+    # waiting calls in one process of ~65 MB; prefork got no more done on a 2-core host
+    # (bench/worker.py: ~420-850 against ~815-900 tasks/s with threads) for 20 processes'
+    # memory (1.1 GB); on more cores, one threads worker per core scales out for less. Set by
     # GOKIQ_WORKER_POOL: Celery cannot tell an explicit `--pool=prefork` from its default, so a
     # pool configured here wins over that flag.
     config["worker_pool"] = settings.worker_pool

@@ -9,6 +9,13 @@ children), and the CPU time per task of the worker, the stand-in sidecar and red
 round runs both tasks, which one first alternating between rounds; the median ratio is the
 result. Targets from the issue: the default pool keeps >= 70% of the no-HTTP rate with RSS
 <= 150 MB. Nothing here asserts; it measures.
+
+The measured tasks are published into another Redis database first and handed to the worker
+in one MOVE, so the clock covers the worker's run of every one of them (a worker consuming
+while they are published drains most of them before any clock could start). A run counts only
+when the worker ran exactly the tasks it was given: the stand-in sidecar's count of jobs it was
+asked to run (gokiq.perform), the worker's own count of tasks it started (`inspect stats`).
+A run that does not says so, with no rate.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import redis
+import requests
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -32,6 +40,13 @@ from tests.conftest import free_port, start_redis  # noqa: E402
 from tests.stand_in_sidecar import TOKEN  # noqa: E402
 
 QUEUE = "bench"
+BROKER_DB = 3  # the worker's broker
+STAGING_DB = 4  # where the measured tasks wait until they are handed to the worker at once
+RUN_TIMEOUT = 300  # seconds a measurement may take before it counts as failed
+
+
+class RunFailed(Exception):
+    """The worker did not run exactly the tasks it was given: there is no rate to report."""
 
 
 @dataclass
@@ -39,6 +54,17 @@ class Run:
     rate: float  # tasks/s
     rss: float  # peak MB
     cpu: dict[str, float]  # CPU seconds per task: worker, sidecar, redis
+
+
+@dataclass
+class RunCounts:
+    """What really ran so far, by the parties that saw it."""
+
+    sidecar: int  # jobs the stand-in sidecar was asked to run
+    worker: int  # tasks the worker started
+
+    def since(self, before: RunCounts) -> RunCounts:
+        return RunCounts(self.sidecar - before.sidecar, self.worker - before.worker)
 
 
 def cpu_seconds(pid: int) -> float:
@@ -111,18 +137,64 @@ def drained(broker: redis.Redis) -> bool:
     return broker.llen(QUEUE) == 0 and broker.hlen("unacked") == 0
 
 
+def sidecar_runs(sidecar) -> int:
+    answer = requests.get(
+        f"{sidecar.url}/runs", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=10
+    )
+    answer.raise_for_status()
+    return int(answer.json()["execute"])
+
+
+def worker_starts(app) -> int:
+    """Tasks the worker has started (Celery counts them by name as it accepts each; a
+    gokiq.perform task is named after its job's class)."""
+    replies = app.control.inspect(timeout=10, limit=1).stats() or {}
+    if not replies:
+        raise RunFailed("the worker did not answer `inspect stats`")
+    (stats,) = replies.values()
+    return sum(stats.get("total", {}).values())
+
+
+def counts(app, sidecar) -> RunCounts:
+    return RunCounts(sidecar_runs(sidecar), worker_starts(app))
+
+
+def check_ran(task_name: str, n: int, ran: RunCounts) -> None:
+    """Raise RunFailed unless the worker started `n` tasks and, for gokiq.perform, the sidecar
+    was asked to run `n` jobs (a job skipped by the delivery ledger or failing before its call
+    is acked all the same, so a drained queue alone says nothing)."""
+    expected = RunCounts(n if task_name == TASK_NAME else 0, n)
+    if ran != expected:
+        raise RunFailed(
+            f"{task_name}: {n} published, the worker started {ran.worker}, "
+            f"the sidecar was asked to run {ran.sidecar} (expected {expected.sidecar})"
+        )
+
+
+def wait_drained(broker: redis.Redis, worker: subprocess.Popen, on_poll=None) -> None:
+    deadline = time.monotonic() + RUN_TIMEOUT
+    while not drained(broker):
+        if worker.poll() is not None:
+            raise RunFailed(f"the worker exited (status {worker.returncode})")
+        if time.monotonic() > deadline:
+            raise RunFailed(f"the worker did not drain its queue in {RUN_TIMEOUT} s")
+        if on_poll is not None:
+            on_poll()
+        time.sleep(0.05)
+
+
 def run_one(pool: str, task_name: str, n: int, server, sidecar) -> Run:
     from celery import Celery
 
-    broker_db = 3
-    broker = server.client(broker_db)
-    broker.flushdb()
-    server.client(2).flushdb()
-    client_app = Celery("bench-client", broker=server.url(broker_db))
+    broker, staging = server.client(BROKER_DB), server.client(STAGING_DB)
+    for db in (BROKER_DB, STAGING_DB, 2):
+        server.client(db).flushdb()
+    client_app = Celery("bench-client", broker=server.url(BROKER_DB))
+    staging_app = Celery("bench-staging", broker=server.url(STAGING_DB))
     env = {
         **os.environ,
         "REDIS_URL": server.url(2),
-        "CELERY_BROKER_URL": server.url(broker_db),
+        "CELERY_BROKER_URL": server.url(BROKER_DB),
         "GOKIQ_SIDECAR_URL": sidecar.url,
         "GOKIQ_SIDECAR_TOKEN": TOKEN,
         "GOKIQ_QUEUES": QUEUE,
@@ -156,33 +228,31 @@ def run_one(pool: str, task_name: str, n: int, server, sidecar) -> Run:
     )
     try:
         store = SidekiqStore(server.client(2))
-        publish(client_app, task_name, 200, store)  # warm up: connections, imports, children
-        _wait(lambda: drained(broker), 120)
-        publish(client_app, task_name, n, store)
+        warm_up = 200  # connections, imports, children
+        sidecar_before = sidecar_runs(sidecar)  # the stand-in serves every run
+        publish(client_app, task_name, warm_up, store)
+        wait_drained(broker, worker)
+        before_counts = counts(client_app, sidecar)
+        check_ran(task_name, warm_up, before_counts.since(RunCounts(sidecar_before, 0)))
+        publish(staging_app, task_name, n, store)
+        if staging.llen(QUEUE) != n:
+            raise RunFailed(f"{staging.llen(QUEUE)} of {n} tasks reached the staging queue")
         pids = {"worker": worker.pid, "sidecar": sidecar.pid}
         before = {name: cpu_seconds(pid) for name, pid in pids.items()}
         before["redis"] = redis_cpu(broker)
+        peak = [rss_mb(worker.pid)]
         started = time.monotonic()
-        peak = 0.0
-        while not drained(broker):
-            peak = max(peak, rss_mb(worker.pid))
-            time.sleep(0.05)
+        staging.move(QUEUE, BROKER_DB)  # every task at once; a blocked BRPOP wakes on it
+        wait_drained(broker, worker, lambda: peak.append(rss_mb(worker.pid)))
         elapsed = time.monotonic() - started
         after = {name: cpu_seconds(pid) for name, pid in pids.items()}
         after["redis"] = redis_cpu(broker)
+        check_ran(task_name, n, counts(client_app, sidecar).since(before_counts))
         cpu = {name: (after[name] - before[name]) / n for name in before}
-        return Run(n / elapsed, max(peak, rss_mb(worker.pid)), cpu)
+        return Run(n / elapsed, max(*peak, rss_mb(worker.pid)), cpu)
     finally:
         worker.terminate()
         worker.wait(30)
-
-
-def _wait(predicate, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise SystemExit("the worker did not drain its queue: is it failing? run it by hand")
-        time.sleep(0.05)
 
 
 def main() -> None:
@@ -211,16 +281,27 @@ def main() -> None:
                 # during the run does not always favour the same one.
                 order = ("bench.noop", TASK_NAME)
                 for task in order if round_number % 2 == 0 else reversed(order):
-                    run = runs[task] = run_one(pool, task, args.n, server, sidecar)
+                    try:
+                        run = runs[task] = run_one(pool, task, args.n, server, sidecar)
+                    except RunFailed as failed:
+                        print(f"{pool:8} {task:14} FAILED: {failed}", flush=True)
+                        continue
                     cpu = {name: f"{1e6 * seconds:.0f}" for name, seconds in run.cpu.items()}
                     print(f"{pool:8} {task:14} {run.rate:8.0f} {run.rss:7.1f}   {'':12}"
                           f"{cpu['worker']:>6} {cpu['sidecar']:>7} {cpu['redis']:>6}",
                           flush=True)  # fmt: skip
-                ratios.append(runs[TASK_NAME].rate / runs["bench.noop"].rate)
+                if len(runs) == len(order):
+                    ratios.append(runs[TASK_NAME].rate / runs["bench.noop"].rate)
+            if not ratios:
+                print(f"{pool:8} no round ran both tasks: no ratio", flush=True)
+                continue
             median = sorted(ratios)[len(ratios) // 2]
             each = ", ".join(f"{r:.0%}" for r in ratios)
+            failed = (
+                f"; {args.rounds - len(ratios)} rounds failed" if len(ratios) < args.rounds else ""
+            )
             print(f"{pool:8} gokiq.perform keeps {median:.0%} of the no-HTTP rate "
-                  f"(median of {each})", flush=True)  # fmt: skip
+                  f"(median of {each}{failed})", flush=True)  # fmt: skip
     finally:
         sidecar.terminate()
         server.process.terminate()

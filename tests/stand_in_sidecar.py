@@ -12,6 +12,9 @@ chosen by its class name, and every call is recorded for the test to read back.
   HangUpJob          200, then closes the connection without saying so (an idle timeout)
   BusyJob            409 "duplicate": another run of the jid holds it
   CrashJob           no answer, the connection closed: the sidecar died running the job
+
+`GET /runs` answers {"execute": n}, the number of jobs it was asked to run so far: how a
+process that runs the stand-in in another process (bench/) checks what really ran.
 """
 
 from __future__ import annotations
@@ -77,6 +80,15 @@ class StandInSidecar:
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
             disable_nagle_algorithm = True  # headers and body go out in two writes
+
+            def do_GET(self) -> None:
+                if self.headers.get("Authorization") != f"Bearer {TOKEN}":
+                    return self._send(401, {"status": "unauthorized"})
+                if self.path != "/runs":
+                    return self._send(404, {"status": "not_found"})
+                with sidecar.lock:
+                    executed = len(sidecar.calls["execute"])
+                return self._send(200, {"execute": executed})
 
             def do_POST(self) -> None:
                 sidecar.paths.append(self.path)
