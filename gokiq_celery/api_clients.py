@@ -2,7 +2,7 @@
 
 A client has a name (for the audit and the logs, never the token), the job classes and queues
 it may enqueue (globs, `fnmatch` style: `Billing::*`, `low-*`; none: it may not enqueue), a
-rate in jobs per second with a burst (the token bucket of `gokiq_celery.sidekiq.rate_limit`)
+rate in jobs per second with a burst (the token bucket of `gokiq_celery.sidekiq.submissions`)
 and whether it may read the job history. They come from the `api_clients` setting (a YAML or
 JSON list in gokiq.yml or `GOKIQ_API_CLIENTS`) and/or the YAML file `api_clients_file`; each
 plain token of `api_tokens` is a client that may only read (what those tokens always were).

@@ -27,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from gokiq_celery.api_clients import ApiClient, ApiClients
 from gokiq_celery.settings import Settings
+from gokiq_celery.sidekiq.submissions import Rate, Unreachable
 from gokiq_celery.sidekiq.version import SidekiqVersionUnknown
 
 from . import audit
@@ -269,46 +270,43 @@ class Context:
 
     def write(self, prepared: list[Prepared | Refused], request: BaseModel, single: bool) -> Any:
         jobs = [p for p in prepared if isinstance(p, Prepared)]
-        self._take(len(jobs))
         status = 201 if single else 200
         reply = _answer(prepared) if not single else _accepted(jobs[0])
         stored = ""  # the answer a retry with the same key gets
         if self.key:
             self.digest = _digest(request)
             stored = json.dumps({"request": self.digest, "status": status, "body": reply})
+        client = self.client
         try:
-            previous = self.ingest.submissions.write(
+            outcome = self.ingest.submissions.write(
                 [job.submission() for job in jobs],
-                idempotency=(self.client.name, self.key) if self.key else None,
+                Rate(client.name, client.rate, client.bucket_size),
+                idempotency=(client.name, self.key) if self.key else None,
                 reply=stored,
                 ttl=self.ingest.idempotency_ttl,
             )
+        except Unreachable:
+            raise self.unavailable("Redis is unavailable", written="no") from None
         except redis.RedisError:
             jids = [job.jid for job in jobs]
             raise self.unavailable("Redis did not confirm the write", "maybe", jids) from None
-        if previous is not None:
-            return self._replay(previous)
+        if outcome.throttled:
+            raise self._throttled(len(jobs), outcome.wait)
+        if outcome.replayed is not None:
+            return self._replay(outcome.replayed)
         self.ingest.record_history(jobs)
         events = [self._event(201, job.job_class, job.queue, job.jid) for job in jobs]
         self.ingest.auditor.record(events)
         return JSONResponse(reply, status)
 
-    def _take(self, cost: int) -> None:
-        if not cost:
-            return
+    def _throttled(self, cost: int, wait: float) -> HTTPException:
         client = self.client
-        try:
-            wait = self.ingest.limiter.take(client.name, client.rate, client.bucket_size, cost)
-        except redis.RedisError:
-            raise self.unavailable("Redis is unavailable", written="no") from None
-        if not wait:
-            return
         if math.isinf(wait):
             reason = f"{cost} jobs at once: over the client's burst of {client.bucket_size}"
             self._audit(429, reason=reason)
-            raise HTTPException(429, reason, {"Retry-After": "1"})
+            return HTTPException(429, reason, {"Retry-After": "1"})
         self._audit(429, reason=f"over the rate of {client.rate:g} jobs/s")
-        raise HTTPException(429, "rate limit exceeded", {"Retry-After": str(math.ceil(wait))})
+        return HTTPException(429, "rate limit exceeded", {"Retry-After": str(math.ceil(wait))})
 
     def _replay(self, previous: str) -> JSONResponse:
         stored = json.loads(previous)

@@ -1,6 +1,6 @@
 """What the ingestion routes share in one gokiq-api process: the clients, the app's classes,
-Sidekiq's Redis (its client, the rate limiter, the submission writer), the audit and the
-history recorder."""
+Sidekiq's Redis (its client, the submission writer that also applies the rate limits), the
+audit and the history recorder."""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from gokiq_celery.api_clients import ApiClients
 from gokiq_celery.client import SidekiqClient
 from gokiq_celery.settings import Settings
-from gokiq_celery.sidekiq.rate_limit import RateLimiter
 from gokiq_celery.sidekiq.redis_client import connect_fail_fast
 from gokiq_celery.sidekiq.store import SidekiqStore
 from gokiq_celery.sidekiq.submissions import Submissions
@@ -27,7 +26,6 @@ class Ingest:
     clients: ApiClients
     catalog: JobCatalog
     sidekiq: SidekiqClient
-    limiter: RateLimiter
     submissions: Submissions
     auditor: Auditor
     recorder: Recorder
@@ -50,7 +48,6 @@ class Ingest:
                 settings.api_classes_refresh,
             ),
             sidekiq=SidekiqClient(store, versions),
-            limiter=RateLimiter(client),
             submissions=Submissions(client),
             auditor=Auditor(
                 engine, retention=settings.history_retention, limit=settings.history_buffer

@@ -1,7 +1,14 @@
-"""Jobs submitted through gokiq-api, written as Sidekiq's client writes them (SADD `queues` +
-LPUSH `queue:<q>`, or ZADD `schedule` for a time in the future) and, for a request with an
-`Idempotency-Key`, the reply remembered in the same atomic step (`lua/submit.lua`): a retried
-request gets the first reply back and writes nothing."""
+"""Jobs submitted through gokiq-api, in one round trip to Redis (`lua/submit.lua`): the
+client's rate limit (a token bucket per client, shared by every API process), then, for a
+request with an `Idempotency-Key`, the reply remembered in the same atomic step, then the jobs
+written as Sidekiq's client writes them (SADD `queues` + LPUSH `queue:<q>`, or ZADD
+`schedule` for a time in the future). A request over the rate writes nothing; a retried
+request gets the first reply back and writes nothing.
+
+The bucket refills at `rate` tokens per second up to `burst`; a submission of n jobs takes n
+tokens. The caller learns whether the request could have reached Redis: `Unreachable` (no
+connection, nothing sent) is a sure "not written", any other `redis.RedisError` a "maybe".
+"""
 
 from __future__ import annotations
 
@@ -12,7 +19,7 @@ from dataclasses import dataclass
 import redis
 
 from . import keys
-from .keys import QUEUES, SCHEDULE, queue_key
+from .keys import QUEUES, SCHEDULE, queue_key, rate_limit_key
 from .redis_client import Scripts, score
 
 
@@ -31,29 +38,93 @@ class Submission:
     at: float | None = None
 
 
+@dataclass(frozen=True)
+class Rate:
+    """The client's token bucket: its name, tokens per second, size."""
+
+    client: str
+    rate: float
+    burst: int
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What Redis did: wrote the jobs; or `replayed` the reply remembered for the key (wrote
+    nothing); or `throttled` them: nothing written, the tokens there in `wait` seconds
+    (`inf`: never, more jobs than the burst)."""
+
+    replayed: str | None = None
+    wait: float = 0.0
+
+    @property
+    def throttled(self) -> bool:
+        return self.wait > 0
+
+
+WRITTEN = Outcome()
+
+
+class Unreachable(redis.ConnectionError):
+    """No connection to Redis could be had: nothing was sent, so nothing was written."""
+
+
 class Submissions:
     def __init__(self, client: redis.Redis) -> None:
-        self._submit = Scripts(client)("submit")
+        self.redis = client
+        self._script = Scripts(client)("submit")
 
     def write(
         self,
         jobs: Sequence[Submission],
+        rate: Rate,
         *,
         idempotency: tuple[str, str] | None = None,
         reply: str = "",
         ttl: float = 0.0,
-    ) -> str | None:
-        """Write `jobs` in one round trip. With `idempotency` (client name, key), remember
-        `reply` for `ttl` seconds; if the key was already there, write nothing and return the
-        reply remembered then. None: written now."""
+    ) -> Outcome:
+        """Take `len(jobs)` tokens from the client's bucket and write `jobs`, in one round
+        trip. With `idempotency` (client name, key), remember `reply` for `ttl` seconds; if the
+        key was already there, write nothing and return the reply remembered then."""
         lists = list(dict.fromkeys(queue_key(job.queue) for job in jobs))
-        index = {key: n for n, key in enumerate(lists, start=4)}
-        args: list[str | int] = [int(ttl * 1000) if idempotency else 0, reply]
+        index = {key: n for n, key in enumerate(lists, start=5)}
+        args: list[str | int] = [repr(rate.rate), rate.burst, len(jobs)]
+        args += [int(ttl * 1000) if idempotency else 0, reply]
         for job in jobs:
             if job.at is None:
                 args += [index[queue_key(job.queue)], job.queue, job.payload]
             else:
                 args += [0, score(job.at), job.payload]
         key = idempotency_key(*idempotency) if idempotency else keys.NO_IDEMPOTENCY_KEY
-        previous = self._submit(keys=[key, QUEUES, SCHEDULE, *lists], args=args)
-        return previous.decode() if previous is not None else None
+        script_keys = [rate_limit_key(rate.client), key, QUEUES, SCHEDULE, *lists]
+        answer = self._run(script_keys, args)
+        if answer[0] == b"replay":
+            return Outcome(replayed=answer[1].decode())
+        if answer[0] == b"throttled":
+            wait = float(answer[1])
+            return Outcome(wait=float("inf") if wait < 0 else max(wait, 1e-6))
+        return WRITTEN
+
+    def _run(self, script_keys: list[str], args: list[str | int]) -> list[bytes]:
+        """EVALSHA on a connection of the pool, which tells a connection that could not be
+        had (`Unreachable`) from a command sent whose answer did not come."""
+        pool = self.redis.connection_pool
+        try:
+            connection = pool.get_connection()
+        except redis.ConnectionError as exc:
+            raise Unreachable(str(exc)) from exc
+        try:
+            try:
+                return self._evalsha(connection, script_keys, args)
+            except redis.exceptions.NoScriptError:  # Redis restarted or flushed its scripts
+                connection.send_command("SCRIPT", "LOAD", self._script.script)
+                connection.read_response()
+                return self._evalsha(connection, script_keys, args)
+        except BaseException:
+            connection.disconnect()  # its state is unknown: the next user reconnects
+            raise
+        finally:
+            pool.release(connection)
+
+    def _evalsha(self, connection, script_keys: list[str], args: list[str | int]) -> list[bytes]:
+        connection.send_command("EVALSHA", self._script.sha, len(script_keys), *script_keys, *args)
+        return connection.read_response()
