@@ -35,7 +35,7 @@ from gokiq_celery.sidekiq.version import SidekiqVersionUnknown
 
 from . import audit
 from .catalog import CatalogUnavailable
-from .jobs import BulkRequest, JobRequest, Prepared, Refused, prepare
+from .jobs import BulkRequest, JobRequest, Preparation, Prepared, Refused
 from .service import Ingest
 
 log = logging.getLogger("gokiq.ingest")
@@ -318,11 +318,13 @@ class Context:
 
     def prepare(self, jobs: Sequence[JobRequest]) -> list[Prepared | Refused]:
         try:
-            catalog = self.ingest.catalog.current()
+            preparation = Preparation(
+                self.client, self.ingest.catalog.current(), self.ingest.sidekiq
+            )
             out: list[Prepared | Refused] = []
             for job in jobs:
                 try:
-                    out.append(prepare(job, self.client, catalog, self.ingest.sidekiq))
+                    out.append(preparation.prepare(job))
                 except Refused as refused:
                     out.append(refused)
                     self._audit(refused.status, job.job_class, job.queue, reason=refused.reason)
