@@ -103,7 +103,7 @@ class Preparation:
     def __init__(self, client: ApiClient, catalog: Catalog, sidekiq: SidekiqClient) -> None:
         self.client, self.catalog, self.sidekiq = client, catalog, sidekiq
         self.now = time.time()
-        self._templates: dict[tuple[str, str | None, bool], _Template] = {}
+        self._templates: dict[tuple[str, str | None, bool], _Template | None] = {}
 
     def prepare(self, request: JobRequest) -> Prepared:
         """The job's payload, or `Refused`: 403 (class or queue not the client's), 422 (not a
@@ -125,8 +125,7 @@ class Preparation:
             # otherwise.
             adapter = sidekiq.versions.require().before(7, 3) is False
             item, defaults = _active_job_item(request, klass, catalog, queue, now, at, adapter)
-        elif request.kwargs is None and not request.sidekiq_options():
-            template = self._template(klass, request.queue, queue, queued=at is None)
+        elif template := self._template(request, klass, queue, queued=at is None):
             jid = new_jid()
             job = _parsed(template.text({"args": dumps(request.args), "jid": dumps(jid)}))
             return Prepared(jid, name, queue, at, job)
@@ -135,11 +134,19 @@ class Preparation:
         job = _payload(sidekiq, item, defaults, now, queued=at is None)
         return Prepared(job.jid, name, queue, at, job)
 
-    def _template(self, klass: JobClass, given: str | None, queue: str, queued: bool) -> _Template:
-        key = (klass.name, given, queued)
+    def _template(
+        self, request: JobRequest, klass: JobClass, queue: str, queued: bool
+    ) -> _Template | None:
+        """The template for a job given no options of its own, from the second such job of
+        its kind on (for one job, encoding its fields once costs less than a template)."""
+        if request.kwargs is not None or request.sidekiq_options():
+            return None
+        key = (klass.name, request.queue, queued)
         if key not in self._templates:
+            self._templates[key] = None
+        elif self._templates[key] is None:
             item: dict[str, Any] = {"class": klass.name, "args": []}
-            if given is not None:
+            if request.queue is not None:
                 item["queue"] = queue
             fields = self.sidekiq.normalize(item, self.now, klass.sidekiq_options)
             written = self.sidekiq.written_fields(fields, queued=queued)

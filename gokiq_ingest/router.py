@@ -185,13 +185,13 @@ ContextOf = Callable[[Request], Awaitable["Context | None"]]
 
 
 def _direct_route(context_of: ContextOf) -> type[APIRoute]:
-    """The ingestion routes' class: FastAPI's own handler (its dependencies solved, the body
-    validated, the endpoint in the thread pool) cost about half of gokiq-api's CPU per
-    submission (py-spy on bench/ingest.py), so a submission of the usual shape is handled
-    directly: no query string, a JSON body that its model validates, an Idempotency-Key that
-    fits. Its client comes from the very dependencies FastAPI would call (`context_of`).
-    Anything else goes to FastAPI's handler, which answers it as it always did (each error,
-    its audit), and the OpenAPI document is still FastAPI's, from the routes' signatures."""
+    """The ingestion routes' class: FastAPI's own handler (its dependencies solved and checked
+    on each request) cost about a third of gokiq-api's CPU per submission (py-spy on
+    bench/ingest.py), so a submission of the usual shape is handled directly: no query
+    string, a JSON body that its model validates, an Idempotency-Key that fits. Its client
+    comes from the very dependencies FastAPI would call (`context_of`). Anything else goes to
+    FastAPI's handler, which answers it as it always did (each error, its audit), and the
+    OpenAPI document is still FastAPI's, from the routes' signatures."""
 
     class DirectRoute(APIRoute):
         def get_route_handler(self) -> Callable[[Request], Awaitable[Response]]:
@@ -202,7 +202,7 @@ def _direct_route(context_of: ContextOf) -> type[APIRoute]:
 
 def _direct_handler(
     fastapi_handler: Callable[[Request], Awaitable[Response]],
-    endpoint: Callable[[Any, "Context"], Any],
+    endpoint: Callable[[Any, "Context"], Awaitable[Any]],
     context_of: ContextOf,
 ) -> Callable[[Request], Awaitable[Response]]:
     model: type[BaseModel] = next(iter(inspect.signature(endpoint).parameters.values())).annotation
@@ -212,7 +212,7 @@ def _direct_handler(
         context = await context_of(request) if body is not None else None
         if context is None:
             return await fastapi_handler(request)
-        return await run_in_threadpool(endpoint, body, context)
+        return await endpoint(body, context)
 
     return handle
 
@@ -284,11 +284,11 @@ def _router(ingest: Ingest, bearer: HTTPBearer) -> APIRouter:
         responses=SINGLE_ERRORS,
         summary="Enqueue one job of the app",
     )
-    def submit(job: JobRequest, context: Submitted) -> Any:
-        (prepared,) = context.prepare([job])
+    async def submit(job: JobRequest, context: Submitted) -> Any:
+        (prepared,) = await context.prepared([job])
         if isinstance(prepared, Refused):
             raise HTTPException(prepared.status, prepared.reason)
-        return context.write([prepared], job, single=True)
+        return await context.write([prepared], job, single=True)
 
     @router.post(
         "/v1/jobs/bulk",
@@ -297,8 +297,8 @@ def _router(ingest: Ingest, bearer: HTTPBearer) -> APIRouter:
         responses=ERRORS,
         summary="Enqueue up to 1,000 jobs in one write, with an answer per job",
     )
-    def submit_bulk(bulk: BulkRequest, context: Submitted) -> Any:
-        return context.write(context.prepare(bulk.jobs), bulk, single=False)
+    async def submit_bulk(bulk: BulkRequest, context: Submitted) -> Any:
+        return await context.write(await context.prepared(bulk.jobs), bulk, single=False)
 
     return router
 
@@ -315,6 +315,14 @@ class Context:
     def __init__(self, ingest: Ingest, client: ApiClient, source: str | None, key: str | None):
         self.ingest, self.client, self.source, self.key = ingest, client, source, key
         self.digest: str | None = None  # of the request, with an Idempotency-Key
+
+    async def prepared(self, jobs: Sequence[JobRequest]) -> list[Prepared | Refused]:
+        """`prepare`d on the event loop for one job (tens of microseconds); in a thread for
+        more, or while the app's classes have not been read yet (that read waits for the
+        sidecar)."""
+        if len(jobs) == 1 and self.ingest.catalog.ready:
+            return self.prepare(jobs)
+        return await run_in_threadpool(self.prepare, jobs)
 
     def prepare(self, jobs: Sequence[JobRequest]) -> list[Prepared | Refused]:
         try:
@@ -336,7 +344,9 @@ class Context:
         except redis.RedisError:
             raise self.unavailable("Redis is unavailable", written="no") from None
 
-    def write(self, prepared: list[Prepared | Refused], request: BaseModel, single: bool) -> Any:
+    async def write(
+        self, prepared: list[Prepared | Refused], request: BaseModel, single: bool
+    ) -> Any:
         jobs = [p for p in prepared if isinstance(p, Prepared)]
         status = 201 if single else 200
         reply = _answer(prepared) if not single else _accepted(jobs[0])
@@ -346,7 +356,7 @@ class Context:
             stored = json.dumps({"request": self.digest, "status": status, "body": reply})
         client = self.client
         try:
-            outcome = self.ingest.submissions.write(
+            outcome = await self.ingest.submissions.write(
                 [job.submission() for job in jobs],
                 Rate(client.name, client.rate, client.bucket_size),
                 idempotency=(client.name, self.key) if self.key else None,

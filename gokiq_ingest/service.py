@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from gokiq_celery.api_clients import ApiClients
 from gokiq_celery.client import SidekiqClient
 from gokiq_celery.settings import Settings
-from gokiq_celery.sidekiq.redis_client import connect_fail_fast
+from gokiq_celery.sidekiq.redis_client import connect_fail_fast, connect_fail_fast_async
 from gokiq_celery.sidekiq.store import SidekiqStore
 from gokiq_celery.sidekiq.submissions import Submissions
 from gokiq_history.recorder import Recorder, open_recorder
@@ -48,7 +48,7 @@ class Ingest:
                 settings.api_classes_refresh,
             ),
             sidekiq=SidekiqClient(store, versions),
-            submissions=Submissions(client),
+            submissions=Submissions(connect_fail_fast_async(settings.redis_url)),
             auditor=Auditor(
                 engine, retention=settings.history_retention, limit=settings.history_buffer
             ),

@@ -310,8 +310,8 @@ def test_a_write_whose_reply_is_lost_is_503_maybe_and_a_retry_does_not_repeat_it
     submissions = clean.ingest.submissions
     real_write = submissions.write
 
-    def written_then_lost(*args, **kwargs):
-        real_write(*args, **kwargs)  # Redis did it...
+    async def written_then_lost(*args, **kwargs):
+        await real_write(*args, **kwargs)  # Redis did it...
         raise redis.TimeoutError("reply lost")  # ...and the answer never came
 
     body, key = {"class": "HardJob", "args": [5]}, {"Idempotency-Key": "k-maybe"}

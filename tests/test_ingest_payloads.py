@@ -45,7 +45,7 @@ def test_a_templated_payload_is_the_encoded_one_byte_for_byte(redis_client, body
     sidekiq = SidekiqClient(SidekiqStore(redis_client), version)
     preparation = Preparation(CLIENT, CATALOG, sidekiq)
     request = JobRequest.model_validate(body)
-    for _ in range(2):  # the template is made for the first, reused for the second
+    for _ in range(2):  # the first is encoded whole, the second comes from the template
         prepared = preparation.prepare(request)
         klass = CATALOG.classes[prepared.job_class]
         item, defaults = _sidekiq_item(request, klass, prepared.queue)
