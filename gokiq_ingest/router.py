@@ -30,7 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from gokiq_celery.api_clients import ApiClient, ApiClients
 from gokiq_celery.settings import Settings
-from gokiq_celery.sidekiq.submissions import Rate, Unreachable
+from gokiq_celery.sidekiq.submissions import Outcome, Rate, Unreachable
 from gokiq_celery.sidekiq.version import SidekiqVersionUnknown
 
 from . import audit
@@ -285,7 +285,7 @@ def _router(ingest: Ingest, bearer: HTTPBearer) -> APIRouter:
         summary="Enqueue one job of the app",
     )
     async def submit(job: JobRequest, context: Submitted) -> Any:
-        (prepared,) = await context.prepared([job])
+        prepared = await context.prepared(job)
         if isinstance(prepared, Refused):
             raise HTTPException(prepared.status, prepared.reason)
         return await context.write([prepared], job, single=True)
@@ -298,7 +298,10 @@ def _router(ingest: Ingest, bearer: HTTPBearer) -> APIRouter:
         summary="Enqueue up to 1,000 jobs in one write, with an answer per job",
     )
     async def submit_bulk(bulk: BulkRequest, context: Submitted) -> Any:
-        return await context.write(await context.prepared(bulk.jobs), bulk, single=False)
+        def prepare_and_write() -> Any:  # all in one thread: see Submissions
+            return context.write_blocking(context.prepare(bulk.jobs), bulk)
+
+        return await run_in_threadpool(prepare_and_write)
 
     return router
 
@@ -316,13 +319,12 @@ class Context:
         self.ingest, self.client, self.source, self.key = ingest, client, source, key
         self.digest: str | None = None  # of the request, with an Idempotency-Key
 
-    async def prepared(self, jobs: Sequence[JobRequest]) -> list[Prepared | Refused]:
-        """`prepare`d on the event loop for one job (tens of microseconds); in a thread for
-        more, or while the app's classes have not been read yet (that read waits for the
-        sidecar)."""
-        if len(jobs) == 1 and self.ingest.catalog.ready:
-            return self.prepare(jobs)
-        return await run_in_threadpool(self.prepare, jobs)
+    async def prepared(self, job: JobRequest) -> Prepared | Refused:
+        """`prepare`d on the event loop (tens of microseconds); in a thread while the app's
+        classes have not been read yet (that read waits for the sidecar)."""
+        if self.ingest.catalog.ready:
+            return self.prepare([job])[0]
+        return (await run_in_threadpool(self.prepare, [job]))[0]
 
     def prepare(self, jobs: Sequence[JobRequest]) -> list[Prepared | Refused]:
         try:
@@ -347,35 +349,38 @@ class Context:
     async def write(
         self, prepared: list[Prepared | Refused], request: BaseModel, single: bool
     ) -> Any:
-        jobs = [p for p in prepared if isinstance(p, Prepared)]
-        status = 201 if single else 200
-        reply = _answer(prepared) if not single else _accepted(jobs[0])
-        stored = ""  # the answer a retry with the same key gets
-        if self.key:
-            self.digest = _digest(request)
-            stored = json.dumps({"request": self.digest, "status": status, "body": reply})
-        client = self.client
+        """Write the prepared jobs (waiting on the event loop); the answer."""
+        write = _Write(self, prepared, request, single)
         try:
-            outcome = await self.ingest.submissions.write(
-                [job.submission() for job in jobs],
-                Rate(client.name, client.rate, client.bucket_size),
-                idempotency=(client.name, self.key) if self.key else None,
-                reply=stored,
-                ttl=self.ingest.idempotency_ttl,
-            )
-        except Unreachable:
-            raise self.unavailable("Redis is unavailable", written="no") from None
-        except redis.RedisError:
-            jids = [job.jid for job in jobs]
-            raise self.unavailable("Redis did not confirm the write", "maybe", jids) from None
+            outcome = await self.ingest.submissions.write(*write.args, **write.options)
+        except redis.RedisError as exc:
+            raise self._not_written(exc, write.jobs) from None
+        return self._written(write, outcome)
+
+    def write_blocking(self, prepared: list[Prepared | Refused], request: BaseModel) -> Any:
+        """`write` for a bulk, waiting in the calling thread."""
+        write = _Write(self, prepared, request, single=False)
+        try:
+            outcome = self.ingest.submissions.write_blocking(*write.args, **write.options)
+        except redis.RedisError as exc:
+            raise self._not_written(exc, write.jobs) from None
+        return self._written(write, outcome)
+
+    def _not_written(self, exc: redis.RedisError, jobs: list[Prepared]) -> HTTPException:
+        if isinstance(exc, Unreachable):  # nothing was sent
+            return self.unavailable("Redis is unavailable", written="no")
+        jids = [job.jid for job in jobs]
+        return self.unavailable("Redis did not confirm the write", "maybe", jids)
+
+    def _written(self, write: "_Write", outcome: Outcome) -> Any:
         if outcome.throttled:
-            raise self._throttled(len(jobs), outcome.wait)
+            raise self._throttled(len(write.jobs), outcome.wait)
         if outcome.replayed is not None:
             return self._replay(outcome.replayed)
-        self.ingest.record_history(jobs)
-        events = [self._event(201, job.job_class, job.queue, job.jid) for job in jobs]
+        self.ingest.record_history(write.jobs)
+        events = [self._event(201, job.job_class, job.queue, job.jid) for job in write.jobs]
         self.ingest.auditor.record(events)
-        return JSONResponse(reply, status)
+        return JSONResponse(write.reply, write.status)
 
     def _throttled(self, cost: int, wait: float) -> HTTPException:
         client = self.client
@@ -412,6 +417,34 @@ class Context:
 
     def _audit(self, status: int, job_class=None, queue=None, jid=None, reason=None) -> None:
         self.ingest.auditor.record([self._event(status, job_class, queue, jid, reason)])
+
+
+class _Write:
+    """One request's write: its accepted jobs, its answer (remembered with its Idempotency-Key)
+    and the arguments of `Submissions.write`."""
+
+    def __init__(
+        self, context: Context, prepared: list[Prepared | Refused], request: BaseModel, single: bool
+    ) -> None:
+        self.jobs = [p for p in prepared if isinstance(p, Prepared)]
+        self.status = 201 if single else 200
+        self.reply = _answer(prepared) if not single else _accepted(self.jobs[0])
+        stored = ""  # the answer a retry with the same key gets
+        if context.key:
+            context.digest = _digest(request)
+            stored = json.dumps(
+                {"request": context.digest, "status": self.status, "body": self.reply}
+            )
+        client = context.client
+        self.args = (
+            [job.submission() for job in self.jobs],
+            Rate(client.name, client.rate, client.bucket_size),
+        )
+        self.options = {
+            "idempotency": (client.name, context.key) if context.key else None,
+            "reply": stored,
+            "ttl": context.ingest.idempotency_ttl,
+        }
 
 
 class _Unavailable(HTTPException):

@@ -48,7 +48,7 @@ class Ingest:
                 settings.api_classes_refresh,
             ),
             sidekiq=SidekiqClient(store, versions),
-            submissions=Submissions(connect_fail_fast_async(settings.redis_url)),
+            submissions=Submissions(client, connect_fail_fast_async(settings.redis_url)),
             auditor=Auditor(
                 engine, retention=settings.history_retention, limit=settings.history_buffer
             ),
@@ -65,6 +65,8 @@ class Ingest:
         if scheduled:
             self.recorder.waiting("scheduled", scheduled, time.time())
 
-    def close(self) -> None:
+    async def close(self) -> None:
+        """At shutdown, on the event loop whose connections the submission writer holds."""
         self.auditor.close()
         self.recorder.close()
+        await self.submissions.close()

@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 import pytest
 import redis
 
-from gokiq_celery.sidekiq.redis_client import connect_fail_fast_async
+from gokiq_celery.sidekiq.redis_client import connect_fail_fast, connect_fail_fast_async
 from gokiq_celery.sidekiq.submissions import (
     Outcome,
     Rate,
@@ -27,21 +27,31 @@ WIDE = Rate("c", rate=1000.0, burst=1000)
 Write = Callable[..., Outcome]
 
 
-@pytest.fixture
-def submissions(redis_url) -> Write:
-    """`Submissions.write`, each call on an event loop (and a client) of its own."""
+def writer(redis_url: str, way: str) -> Write:
+    """`Submissions.write` (each call on an event loop and a client of its own) or
+    `Submissions.write_blocking`."""
 
     def write(jobs: Sequence[Submission], rate: Rate, **kwargs) -> Outcome:
         async def run() -> Outcome:
-            client = connect_fail_fast_async(redis_url)
+            submissions = Submissions(client, connect_fail_fast_async(redis_url))
             try:
-                return await Submissions(client).write(jobs, rate, **kwargs)
+                return await submissions.write(jobs, rate, **kwargs)
             finally:
-                await client.aclose()
+                await submissions.close()
 
+        client = connect_fail_fast(redis_url)
+        if way == "blocking":
+            return Submissions(client, connect_fail_fast_async(redis_url)).write_blocking(
+                jobs, rate, **kwargs
+            )
         return asyncio.run(run())
 
     return write
+
+
+@pytest.fixture(params=["event loop", "blocking"])
+def submissions(request, redis_url) -> Write:
+    return writer(redis_url, request.param)
 
 
 def test_jobs_are_written_as_a_push_writes_them(submissions, redis_client):
@@ -78,10 +88,11 @@ def test_the_script_is_loaded_again_after_redis_forgot_it(submissions, redis_cli
     assert redis_client.llen("queue:default") == 2
 
 
-def test_no_redis_is_unreachable_nothing_sent():
-    dead = connect_fail_fast_async(f"redis://127.0.0.1:{free_port()}/0")
+@pytest.mark.parametrize("way", ["event loop", "blocking"])
+def test_no_redis_is_unreachable_nothing_sent(way):
+    dead = writer(f"redis://127.0.0.1:{free_port()}/0", way)
     with pytest.raises(Unreachable):
-        asyncio.run(Submissions(dead).write([Submission("default", "1")], WIDE))
+        dead([Submission("default", "1")], WIDE)
 
 
 def test_a_command_sent_but_not_answered_is_not_unreachable(submissions, redis_client):

@@ -71,12 +71,13 @@ class Unreachable(redis.ConnectionError):
 
 
 class Submissions:
-    """The writes of one gokiq-api process, on its event loop (asyncio): a submission waits
-    for Redis without a thread of its own (a thread per request, handed the GIL back after each
-    Redis reply, cost more than the write)."""
+    """The writes of one gokiq-api process. `write` waits for Redis on the event loop (a
+    single job: no thread of its own, which cost more than the write); `write_blocking` in the
+    calling thread (a bulk, prepared in that thread too: handing each bulk between a thread
+    and the event loop cost it throughput)."""
 
-    def __init__(self, client: redis.asyncio.Redis) -> None:
-        self.redis = client
+    def __init__(self, client: redis.Redis, async_client: redis.asyncio.Redis) -> None:
+        self.redis, self.async_redis = client, async_client
         self._source = lua_source("submit")
         self._sha = hashlib.sha1(self._source.encode(), usedforsecurity=False).hexdigest()
 
@@ -92,6 +93,66 @@ class Submissions:
         """Take `len(jobs)` tokens from the client's bucket and write `jobs`, in one round
         trip. With `idempotency` (client name, key), remember `reply` for `ttl` seconds; if the
         key was already there, write nothing and return the reply remembered then."""
+        command = self._command(jobs, rate, idempotency, reply, ttl)
+        pool = self.async_redis.connection_pool
+        try:
+            connection = await pool.get_connection()
+        except redis.ConnectionError as exc:
+            raise Unreachable(str(exc)) from exc
+        try:
+            await connection.send_packed_command([command])
+            try:
+                return _outcome(await connection.read_response())
+            except redis.exceptions.NoScriptError:  # Redis restarted or flushed its scripts
+                await connection.send_packed_command([self._loaded(command)])
+                await connection.read_response()
+                return _outcome(await connection.read_response())
+        except BaseException:
+            await connection.disconnect()  # its state is unknown: the next user reconnects
+            raise
+        finally:
+            await pool.release(connection)
+
+    def write_blocking(
+        self,
+        jobs: Sequence[Submission],
+        rate: Rate,
+        *,
+        idempotency: tuple[str, str] | None = None,
+        reply: str = "",
+        ttl: float = 0.0,
+    ) -> Outcome:
+        """`write`, waiting in the calling thread."""
+        command = self._command(jobs, rate, idempotency, reply, ttl)
+        pool = self.redis.connection_pool
+        try:
+            connection = pool.get_connection()
+        except redis.ConnectionError as exc:
+            raise Unreachable(str(exc)) from exc
+        try:
+            connection.send_packed_command([command])
+            try:
+                return _outcome(connection.read_response())
+            except redis.exceptions.NoScriptError:
+                connection.send_packed_command([self._loaded(command)])
+                connection.read_response()
+                return _outcome(connection.read_response())
+        except BaseException:
+            connection.disconnect()
+            raise
+        finally:
+            pool.release(connection)
+
+    def _command(
+        self,
+        jobs: Sequence[Submission],
+        rate: Rate,
+        idempotency: tuple[str, str] | None,
+        reply: str,
+        ttl: float,
+    ) -> bytes:
+        """The EVALSHA, packed by hiredis (redis.asyncio packs in Python, ~3 us an argument,
+        and a job is three)."""
         lists = list(dict.fromkeys(queue_key(job.queue) for job in jobs))
         index = {key: n for n, key in enumerate(lists, start=5)}
         args: list[str | int] = [repr(rate.rate), rate.burst, len(jobs)]
@@ -103,40 +164,21 @@ class Submissions:
                 args += [0, score(job.at), job.payload]
         key = idempotency_key(*idempotency) if idempotency else keys.NO_IDEMPOTENCY_KEY
         script_keys = [rate_limit_key(rate.client), key, QUEUES, SCHEDULE, *lists]
-        answer = await self._run(script_keys, args)
-        if answer[0] == b"replay":
-            return Outcome(replayed=answer[1].decode())
-        if answer[0] == b"throttled":
-            wait = float(answer[1])
-            return Outcome(wait=float("inf") if wait < 0 else max(wait, 1e-6))
-        return WRITTEN
+        return hiredis.pack_command(("EVALSHA", self._sha, len(script_keys), *script_keys, *args))
 
-    async def _run(self, script_keys: list[str], args: list[str | int]) -> list[bytes]:
-        """EVALSHA on a connection of the pool, which tells a connection that could not be
-        had (`Unreachable`) from a command sent whose answer did not come."""
-        pool = self.redis.connection_pool
-        try:
-            connection = await pool.get_connection()
-        except redis.ConnectionError as exc:
-            raise Unreachable(str(exc)) from exc
-        try:
-            try:
-                return await self._evalsha(connection, script_keys, args)
-            except redis.exceptions.NoScriptError:  # Redis restarted or flushed its scripts
-                await connection.send_command("SCRIPT", "LOAD", self._source)
-                await connection.read_response()
-                return await self._evalsha(connection, script_keys, args)
-        except BaseException:
-            await connection.disconnect()  # its state is unknown: the next user reconnects
-            raise
-        finally:
-            await pool.release(connection)
-
-    async def _evalsha(self, connection, script_keys: list[str], args: list[str | int]):
-        # Packed by hiredis: redis.asyncio packs in Python, ~3 us an argument (3 per job).
-        command = ("EVALSHA", self._sha, len(script_keys), *script_keys, *args)
-        await connection.send_packed_command(hiredis.pack_command(command))
-        return await connection.read_response()
+    def _loaded(self, command: bytes) -> bytes:
+        """SCRIPT LOAD, then the command again: both sent at once, two answers to read."""
+        return hiredis.pack_command(("SCRIPT", "LOAD", self._source)) + command
 
     async def close(self) -> None:
-        await self.redis.aclose()
+        await self.async_redis.aclose()
+        self.redis.close()
+
+
+def _outcome(answer: list[bytes]) -> Outcome:
+    if answer[0] == b"replay":
+        return Outcome(replayed=answer[1].decode())
+    if answer[0] == b"throttled":
+        wait = float(answer[1])
+        return Outcome(wait=float("inf") if wait < 0 else max(wait, 1e-6))
+    return WRITTEN
