@@ -231,6 +231,7 @@ class Api:
 
     def __init__(self, label: str, tree: Path, env: dict[str, str], log: Path) -> None:
         self.label, self.port = label, free_port()
+        self.lines_seen = 0  # of its log, by the round that printed its dropped rows
         env = {**env, "GOKIQ_API_PORT": str(self.port), "PYTHONPATH": str(tree)}
         url = f"http://127.0.0.1:{self.port}"
         argv = [str(VENV_BIN / "python"), "-m", "gokiq_history.api"]
@@ -343,9 +344,10 @@ def run_round(bench: Bench, apis: list[Api], args) -> dict[str, dict[str, float]
             time.sleep(SETTLE)  # the audit and history writers catch up: no backlog as load
             figures[api.label].update(measure(bench, api, args))
     for api in apis:
-        for line in api.service.lines():  # the audit and history are complete only without these
-            if "events dropped" in line:
+        for line in api.service.lines()[api.lines_seen :]:  # the audit and history are complete
+            if "events dropped" in line:  # only without these
                 print(f"   {api.label} gokiq-api: {line}", flush=True)
+        api.lines_seen = len(api.service.lines())
     return figures
 
 
