@@ -148,11 +148,17 @@ class SidekiqClient:
     def encode(
         self, job: Mapping[str, Any], *, queued: bool = True, enqueued_at: Any = None
     ) -> str:
-        """The payload's text; a job put on a queue now gets `enqueued_at` (now, unless
+        """The payload's text (`written_fields`)."""
+        return dumps(self.written_fields(job, queued=queued, enqueued_at=enqueued_at))
+
+    def written_fields(
+        self, job: Mapping[str, Any], *, queued: bool = True, enqueued_at: Any = None
+    ) -> Mapping[str, Any]:
+        """The payload's fields: a job put on a queue now gets `enqueued_at` (now, unless
         given), a scheduled one none, as Sidekiq's client writes them."""
         if not queued:
-            return dumps(job)
-        return dumps({**job, "enqueued_at": enqueued_at or timestamp(self.version)})
+            return job
+        return {**job, "enqueued_at": enqueued_at or timestamp(self.version)}
 
 
 def _item(job_class: str, options: Mapping[str, Any]) -> dict[str, Any]:

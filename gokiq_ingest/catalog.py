@@ -80,6 +80,11 @@ class JobCatalog:
         self._catalog: Catalog | None = None
         self._read_at = float("-inf")
 
+    @property
+    def ready(self) -> bool:
+        """A list has been read: `current` answers at once."""
+        return self._catalog is not None
+
     def current(self) -> Catalog:
         if self._due():
             if self._catalog is None:

@@ -11,32 +11,37 @@ enqueues it at most once.
 """
 
 import hashlib
+import inspect
 import json
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Annotated, Any, Literal
 
 import redis
-from fastapi import APIRouter, Depends, FastAPI, Header, HTTPException, Request
+from fastapi import APIRouter, Depends, FastAPI, Header, HTTPException, Request, Response
+from fastapi.concurrency import run_in_threadpool
 from fastapi.exception_handlers import request_validation_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
 
 from gokiq_celery.api_clients import ApiClient, ApiClients
 from gokiq_celery.settings import Settings
+from gokiq_celery.sidekiq.submissions import Outcome, Rate, Unreachable
 from gokiq_celery.sidekiq.version import SidekiqVersionUnknown
 
 from . import audit
 from .catalog import CatalogUnavailable
-from .jobs import BulkRequest, JobRequest, Prepared, Refused, prepare
+from .jobs import BulkRequest, JobRequest, Preparation, Prepared, Refused
 from .service import Ingest
 
 log = logging.getLogger("gokiq.ingest")
 
 INGEST_PATHS = ("/v1/jobs", "/v1/jobs/bulk")
+IDEMPOTENCY_KEY_MAX = 200
 
 
 class Error(BaseModel):
@@ -176,9 +181,60 @@ def mount(app: FastAPI, settings: Settings, clients: ApiClients, bearer: HTTPBea
     return ingest
 
 
-def _router(ingest: Ingest, bearer: HTTPBearer) -> APIRouter:
-    router = APIRouter(tags=["ingestion"])
+ContextOf = Callable[[Request], Awaitable["Context | None"]]
 
+
+def _direct_route(context_of: ContextOf) -> type[APIRoute]:
+    """The ingestion routes' class: FastAPI's own handler (its dependencies solved and checked
+    on each request) cost about a third of gokiq-api's CPU per submission (py-spy on
+    bench/ingest.py), so a submission of the usual shape is handled directly: no query
+    string, a JSON body that its model validates, an Idempotency-Key that fits. Its client
+    comes from the very dependencies FastAPI would call (`context_of`). Anything else goes to
+    FastAPI's handler, which answers it as it always did (each error, its audit), and the
+    OpenAPI document is still FastAPI's, from the routes' signatures."""
+
+    class DirectRoute(APIRoute):
+        def get_route_handler(self) -> Callable[[Request], Awaitable[Response]]:
+            return _direct_handler(super().get_route_handler(), self.endpoint, context_of)
+
+    return DirectRoute
+
+
+def _direct_handler(
+    fastapi_handler: Callable[[Request], Awaitable[Response]],
+    endpoint: Callable[[Any, "Context"], Awaitable[Any]],
+    context_of: ContextOf,
+) -> Callable[[Request], Awaitable[Response]]:
+    model: type[BaseModel] = next(iter(inspect.signature(endpoint).parameters.values())).annotation
+
+    async def handle(request: Request) -> Response:
+        body = await _body(request, model)
+        context = await context_of(request) if body is not None else None
+        if context is None:
+            return await fastapi_handler(request)
+        return await endpoint(body, context)
+
+    return handle
+
+
+async def _body(request: Request, model: type[BaseModel]) -> BaseModel | None:
+    """The body as `model`, or None for FastAPI's handler to answer (as FastAPI parses it:
+    `json.loads` of the bytes, then the model; the body stays cached on the request)."""
+    if request.scope["query_string"] or request.headers.get("content-type") != "application/json":
+        return None
+    try:
+        raw = await request.body()
+    except HTTPException:  # our 413, from BodyLimit
+        raise
+    except Exception:  # a body that cannot be read: FastAPI's 400
+        return None
+    try:
+        return model.model_validate(json.loads(raw))
+    except Exception:  # not JSON, or not valid: FastAPI's 400 says why
+        return None
+
+
+def _router(ingest: Ingest, bearer: HTTPBearer) -> APIRouter:
     async def submitter(
         request: Request,
         credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
@@ -193,7 +249,7 @@ def _router(ingest: Ingest, bearer: HTTPBearer) -> APIRouter:
         str | None,
         Header(
             alias="Idempotency-Key",
-            max_length=200,
+            max_length=IDEMPOTENCY_KEY_MAX,
             description="the same key again (within api_idempotency_ttl) replays the first "
             "answer and enqueues nothing",
         ),
@@ -209,6 +265,17 @@ def _router(ingest: Ingest, bearer: HTTPBearer) -> APIRouter:
 
     Submitted = Annotated[Context, Depends(context)]  # the client, its address, its key
 
+    async def direct_context(request: Request) -> Context | None:
+        """`context`, its dependencies called as FastAPI calls them (None: a key too long,
+        which FastAPI's handler answers)."""
+        key = request.headers.get("idempotency-key")
+        if key is not None and len(key) > IDEMPOTENCY_KEY_MAX:
+            return None
+        client = await submitter(request, await bearer(request))
+        return await context(request, client, key)
+
+    router = APIRouter(tags=["ingestion"], route_class=_direct_route(direct_context))
+
     @router.post(
         "/v1/jobs",
         status_code=201,
@@ -217,11 +284,11 @@ def _router(ingest: Ingest, bearer: HTTPBearer) -> APIRouter:
         responses=SINGLE_ERRORS,
         summary="Enqueue one job of the app",
     )
-    def submit(job: JobRequest, context: Submitted) -> Any:
-        (prepared,) = context.prepare([job])
+    async def submit(job: JobRequest, context: Submitted) -> Any:
+        prepared = await context.prepared(job)
         if isinstance(prepared, Refused):
             raise HTTPException(prepared.status, prepared.reason)
-        return context.write([prepared], job, single=True)
+        return await context.write([prepared], job, single=True)
 
     @router.post(
         "/v1/jobs/bulk",
@@ -230,8 +297,11 @@ def _router(ingest: Ingest, bearer: HTTPBearer) -> APIRouter:
         responses=ERRORS,
         summary="Enqueue up to 1,000 jobs in one write, with an answer per job",
     )
-    def submit_bulk(bulk: BulkRequest, context: Submitted) -> Any:
-        return context.write(context.prepare(bulk.jobs), bulk, single=False)
+    async def submit_bulk(bulk: BulkRequest, context: Submitted) -> Any:
+        def prepare_and_write() -> Any:  # all in one thread: see Submissions
+            return context.write_blocking(context.prepare(bulk.jobs), bulk)
+
+        return await run_in_threadpool(prepare_and_write)
 
     return router
 
@@ -249,13 +319,22 @@ class Context:
         self.ingest, self.client, self.source, self.key = ingest, client, source, key
         self.digest: str | None = None  # of the request, with an Idempotency-Key
 
+    async def prepared(self, job: JobRequest) -> Prepared | Refused:
+        """`prepare`d on the event loop (tens of microseconds); in a thread while the app's
+        classes have not been read yet (that read waits for the sidecar)."""
+        if self.ingest.catalog.ready:
+            return self.prepare([job])[0]
+        return (await run_in_threadpool(self.prepare, [job]))[0]
+
     def prepare(self, jobs: Sequence[JobRequest]) -> list[Prepared | Refused]:
         try:
-            catalog = self.ingest.catalog.current()
+            preparation = Preparation(
+                self.client, self.ingest.catalog.current(), self.ingest.sidekiq
+            )
             out: list[Prepared | Refused] = []
             for job in jobs:
                 try:
-                    out.append(prepare(job, self.client, catalog, self.ingest.sidekiq))
+                    out.append(preparation.prepare(job))
                 except Refused as refused:
                     out.append(refused)
                     self._audit(refused.status, job.job_class, job.queue, reason=refused.reason)
@@ -267,48 +346,50 @@ class Context:
         except redis.RedisError:
             raise self.unavailable("Redis is unavailable", written="no") from None
 
-    def write(self, prepared: list[Prepared | Refused], request: BaseModel, single: bool) -> Any:
-        jobs = [p for p in prepared if isinstance(p, Prepared)]
-        self._take(len(jobs))
-        status = 201 if single else 200
-        reply = _answer(prepared) if not single else _accepted(jobs[0])
-        stored = ""  # the answer a retry with the same key gets
-        if self.key:
-            self.digest = _digest(request)
-            stored = json.dumps({"request": self.digest, "status": status, "body": reply})
+    async def write(
+        self, prepared: list[Prepared | Refused], request: BaseModel, single: bool
+    ) -> Any:
+        """Write the prepared jobs (waiting on the event loop); the answer."""
+        write = _Write(self, prepared, request, single)
         try:
-            previous = self.ingest.submissions.write(
-                [job.submission() for job in jobs],
-                idempotency=(self.client.name, self.key) if self.key else None,
-                reply=stored,
-                ttl=self.ingest.idempotency_ttl,
-            )
-        except redis.RedisError:
-            jids = [job.jid for job in jobs]
-            raise self.unavailable("Redis did not confirm the write", "maybe", jids) from None
-        if previous is not None:
-            return self._replay(previous)
-        self.ingest.record_history(jobs)
-        events = [self._event(201, job.job_class, job.queue, job.jid) for job in jobs]
-        self.ingest.auditor.record(events)
-        return JSONResponse(reply, status)
+            outcome = await self.ingest.submissions.write(*write.args, **write.options)
+        except redis.RedisError as exc:
+            raise self._not_written(exc, write.jobs) from None
+        return self._written(write, outcome)
 
-    def _take(self, cost: int) -> None:
-        if not cost:
-            return
-        client = self.client
+    def write_blocking(self, prepared: list[Prepared | Refused], request: BaseModel) -> Any:
+        """`write` for a bulk, waiting in the calling thread."""
+        write = _Write(self, prepared, request, single=False)
         try:
-            wait = self.ingest.limiter.take(client.name, client.rate, client.bucket_size, cost)
-        except redis.RedisError:
-            raise self.unavailable("Redis is unavailable", written="no") from None
-        if not wait:
-            return
+            outcome = self.ingest.submissions.write_blocking(*write.args, **write.options)
+        except redis.RedisError as exc:
+            raise self._not_written(exc, write.jobs) from None
+        return self._written(write, outcome)
+
+    def _not_written(self, exc: redis.RedisError, jobs: list[Prepared]) -> HTTPException:
+        if isinstance(exc, Unreachable):  # nothing was sent
+            return self.unavailable("Redis is unavailable", written="no")
+        jids = [job.jid for job in jobs]
+        return self.unavailable("Redis did not confirm the write", "maybe", jids)
+
+    def _written(self, write: "_Write", outcome: Outcome) -> Any:
+        if outcome.throttled:
+            raise self._throttled(len(write.jobs), outcome.wait)
+        if outcome.replayed is not None:
+            return self._replay(outcome.replayed)
+        self.ingest.record_history(write.jobs)
+        events = [self._event(201, job.job_class, job.queue, job.jid) for job in write.jobs]
+        self.ingest.auditor.record(events)
+        return JSONResponse(write.reply, write.status)
+
+    def _throttled(self, cost: int, wait: float) -> HTTPException:
+        client = self.client
         if math.isinf(wait):
             reason = f"{cost} jobs at once: over the client's burst of {client.bucket_size}"
             self._audit(429, reason=reason)
-            raise HTTPException(429, reason, {"Retry-After": "1"})
+            return HTTPException(429, reason, {"Retry-After": "1"})
         self._audit(429, reason=f"over the rate of {client.rate:g} jobs/s")
-        raise HTTPException(429, "rate limit exceeded", {"Retry-After": str(math.ceil(wait))})
+        return HTTPException(429, "rate limit exceeded", {"Retry-After": str(math.ceil(wait))})
 
     def _replay(self, previous: str) -> JSONResponse:
         stored = json.loads(previous)
@@ -336,6 +417,34 @@ class Context:
 
     def _audit(self, status: int, job_class=None, queue=None, jid=None, reason=None) -> None:
         self.ingest.auditor.record([self._event(status, job_class, queue, jid, reason)])
+
+
+class _Write:
+    """One request's write: its accepted jobs, its answer (remembered with its Idempotency-Key)
+    and the arguments of `Submissions.write`."""
+
+    def __init__(
+        self, context: Context, prepared: list[Prepared | Refused], request: BaseModel, single: bool
+    ) -> None:
+        self.jobs = [p for p in prepared if isinstance(p, Prepared)]
+        self.status = 201 if single else 200
+        self.reply = _answer(prepared) if not single else _accepted(self.jobs[0])
+        stored = ""  # the answer a retry with the same key gets
+        if context.key:
+            context.digest = _digest(request)
+            stored = json.dumps(
+                {"request": context.digest, "status": self.status, "body": self.reply}
+            )
+        client = context.client
+        self.args = (
+            [job.submission() for job in self.jobs],
+            Rate(client.name, client.rate, client.bucket_size),
+        )
+        self.options = {
+            "idempotency": (client.name, context.key) if context.key else None,
+            "reply": stored,
+            "ttl": context.ingest.idempotency_ttl,
+        }
 
 
 class _Unavailable(HTTPException):

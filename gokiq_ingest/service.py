@@ -1,6 +1,6 @@
 """What the ingestion routes share in one gokiq-api process: the clients, the app's classes,
-Sidekiq's Redis (its client, the rate limiter, the submission writer), the audit and the
-history recorder."""
+Sidekiq's Redis (its client, the submission writer that also applies the rate limits), the
+audit and the history recorder."""
 
 from __future__ import annotations
 
@@ -11,8 +11,7 @@ from dataclasses import dataclass
 from gokiq_celery.api_clients import ApiClients
 from gokiq_celery.client import SidekiqClient
 from gokiq_celery.settings import Settings
-from gokiq_celery.sidekiq.rate_limit import RateLimiter
-from gokiq_celery.sidekiq.redis_client import connect_fail_fast
+from gokiq_celery.sidekiq.redis_client import connect_fail_fast, connect_fail_fast_async
 from gokiq_celery.sidekiq.store import SidekiqStore
 from gokiq_celery.sidekiq.submissions import Submissions
 from gokiq_history.recorder import Recorder, open_recorder
@@ -27,7 +26,6 @@ class Ingest:
     clients: ApiClients
     catalog: JobCatalog
     sidekiq: SidekiqClient
-    limiter: RateLimiter
     submissions: Submissions
     auditor: Auditor
     recorder: Recorder
@@ -50,8 +48,7 @@ class Ingest:
                 settings.api_classes_refresh,
             ),
             sidekiq=SidekiqClient(store, versions),
-            limiter=RateLimiter(client),
-            submissions=Submissions(client),
+            submissions=Submissions(client, connect_fail_fast_async(settings.redis_url)),
             auditor=Auditor(
                 engine, retention=settings.history_retention, limit=settings.history_buffer
             ),
@@ -68,6 +65,8 @@ class Ingest:
         if scheduled:
             self.recorder.waiting("scheduled", scheduled, time.time())
 
-    def close(self) -> None:
+    async def close(self) -> None:
+        """At shutdown, on the event loop whose connections the submission writer holds."""
         self.auditor.close()
         self.recorder.close()
+        await self.submissions.close()

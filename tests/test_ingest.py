@@ -173,6 +173,21 @@ def test_a_job_is_written_as_the_ruby_client_pushes_its_class(clean):
     assert ("backtrace", 5) in without_varying(job)
 
 
+def test_a_job_without_options_of_its_own_is_written_as_the_ruby_client_pushes_it(clean):
+    """The jobs given no options share their payload's text around args and jid."""
+    body = {"class": "FailJob", "args": [1, "ünï", {"k": [3.5, None, True]}, 2.5e-7]}
+    reply = clean.post("/v1/jobs/bulk", {"jobs": [body, {**body, "args": [2]}]})
+    assert reply.status_code == 200, reply.text
+    ruby_push(clean, body)
+    (job, _), (ruby_job,) = (
+        only_payloads(clean.redis)["queue:default"][::-1],
+        only_payloads(clean.ruby)["queue:default"],
+    )
+    assert without_varying(job) == without_varying(ruby_job)
+    assert list(job) == list(ruby_job)
+    assert job["jid"] == reply.json()["jobs"][0]["jid"]
+
+
 def test_at_and_in_write_the_schedule_entry(clean):
     at = time.time() + 3600.5
     body = {"class": "HardJob", "args": [7], "at": at}
@@ -295,8 +310,8 @@ def test_a_write_whose_reply_is_lost_is_503_maybe_and_a_retry_does_not_repeat_it
     submissions = clean.ingest.submissions
     real_write = submissions.write
 
-    def written_then_lost(*args, **kwargs):
-        real_write(*args, **kwargs)  # Redis did it...
+    async def written_then_lost(*args, **kwargs):
+        await real_write(*args, **kwargs)  # Redis did it...
         raise redis.TimeoutError("reply lost")  # ...and the answer never came
 
     body, key = {"class": "HardJob", "args": [5]}, {"Idempotency-Key": "k-maybe"}

@@ -105,8 +105,8 @@ def sidecar_deaths_key(jid: str) -> str:
     return f"gokiq:sidecar-deaths:{jid}"
 
 
-# gokiq-api's ingestion (gokiq_ingest): each client's token bucket (rate_limit.py), and the
-# reply remembered for each Idempotency-Key (submissions.py; the key given is hashed).
+# gokiq-api's ingestion (gokiq_ingest, submissions.py): each client's token bucket, and the
+# reply remembered for each Idempotency-Key (the key given is hashed).
 def rate_limit_key(client: str) -> str:
     return f"gokiq:ratelimit:{client}"
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import redis
+import redis.asyncio
+from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import EqualJitterBackoff, NoBackoff
 from redis.retry import Retry
 
@@ -66,6 +68,26 @@ def connect_fail_fast(url: str) -> redis.Redis:
     )
 
 
+def connect_fail_fast_async(url: str) -> redis.asyncio.Redis:
+    """`connect_fail_fast` for asyncio (gokiq-api's submissions, on its event loop). A caller
+    waits up to FAIL_FAST_TIMEOUT for one of its 64 connections, then fails, as for Redis
+    itself."""
+    pool = redis.asyncio.BlockingConnectionPool.from_url(
+        url,
+        max_connections=64,
+        timeout=FAIL_FAST_TIMEOUT,
+        socket_timeout=FAIL_FAST_TIMEOUT,
+        socket_connect_timeout=FAIL_FAST_CONNECT_TIMEOUT,
+        retry=AsyncRetry(NoBackoff(), 0),
+    )
+    return redis.asyncio.Redis(connection_pool=pool)
+
+
+def lua_source(name: str) -> str:
+    """The script `lua/<name>.lua`."""
+    return (LUA_DIR / f"{name}.lua").read_text()
+
+
 class Scripts:
     """The Lua scripts of `lua/`, each registered once per client (EVALSHA, reloaded on
     NOSCRIPT). Each module of the package runs its own scripts through this."""
@@ -77,8 +99,7 @@ class Scripts:
     def __call__(self, name: str) -> redis.commands.core.Script:
         """The script `lua/<name>.lua`."""
         if name not in self._loaded:
-            source = (LUA_DIR / f"{name}.lua").read_text()
-            self._loaded[name] = self.redis.register_script(source)
+            self._loaded[name] = self.redis.register_script(lua_source(name))
         return self._loaded[name]
 
 
