@@ -317,6 +317,8 @@ class Worker:
                 job.jid,
                 extra=job.log_context(),
             )
+        else:
+            job = self.policy.unburied(job)
         self._exhausted_hooks(job, failure, run_hook=False, death_handlers=True, discarded=discard)
 
     def _exhausted_hooks(

@@ -156,6 +156,14 @@ def test_a_retry_in_discard_follows_the_apps_8x_release(version, discarded_at, d
     assert decision.death_handlers is death_handlers
 
 
+@pytest.mark.parametrize(
+    ("version", "stamped"), [("7.3.9", False), ("8.0.7", False), ("8.0.8", True)]
+)
+def test_an_unburied_job_is_stamped_discarded_from_8_0_8(version, stamped):
+    unburied = RetryPolicy(sidekiq_version=version).unburied(job(), NOW)
+    assert unburied.get("discarded_at") == (int(NOW * 1000) if stamped else None)
+
+
 def test_retry_false_runs_the_death_handlers_on_every_version():
     for version in ("6.4.1", "7", "8.0.0"):
         decision = RetryPolicy(sidekiq_version=version).decide(job(retry=False), BOOM, "q", NOW)

@@ -222,6 +222,29 @@ def test_a_hook_that_discards_keeps_the_job_out_of_the_dead_set_and_tells_the_ha
     assert dead_jobs(store) == []
 
 
+@pytest.mark.parametrize(("version", "stamped"), [("8.0.7", False), ("8.0.8", True)])
+def test_an_exhausted_job_kept_out_of_the_dead_set_reaches_the_handlers_discarded(
+    env, version, stamped
+):
+    """`dead: false`: no dead set, and from Sidekiq 8.0.8 the death handlers get the job
+    stamped `discarded_at` (JobRetry#retries_exhausted)."""
+    sidecar, store = env
+    worker = current_worker()
+    previous = worker.policy
+    worker.policy = RetryPolicy(worker.settings.max_retries, version, rng=NoJitter())
+    try:
+        job = make_job("FailJob", [], retry=0, dead=False)
+        send(job)
+        wait_for(lambda: len(sidecar.exhausted_calls(job.jid)) == 2, message="no handler call")
+    finally:
+        worker.policy = previous
+    hook, handlers = sidecar.exhausted_calls(job.jid)
+    assert (hook["run_hook"], handlers["death_handlers"]) == (True, True)
+    assert "discarded_at" not in hook["job"]
+    assert ("discarded_at" in handlers["job"]) is stamped
+    assert dead_jobs(store) == []
+
+
 def test_long_delay_is_parked_in_the_retry_set(env, stack):
     sidecar, store = env
     job = make_job("FailJob", [1000])

@@ -108,6 +108,12 @@ class RetryPolicy:
             return Decision(Outcome.DEAD, failed, limit=limit)
         return Decision(Outcome.RETRY, failed, self._delay(count, failure.retry_in, major), limit)
 
+    def unburied(self, job: Job, now: float | None = None) -> Job:
+        """An exhausted job that skips the dead set (`dead: false`, or its exhausted hook's
+        :discard), as the death handlers then get it: 8.0.8+ stamp `discarded_at` on it."""
+        now = time.time() if now is None else now
+        return self._discarded(job, now, self.versions.require())
+
     def delay(self, count: int, custom: Any = None) -> float:
         """`count⁴ + 15` or the custom delay, plus Sidekiq's jitter for this version."""
         return self._delay(count, custom, self.versions.require().major)

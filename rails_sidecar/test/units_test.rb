@@ -88,6 +88,17 @@ class UnitsTest < Minitest::Test
     assert_equal({class: "X", jid: "j1", bid: "b1"}, GokiqSidecar::SidekiqConfig::Modern.new({}).job_log_context(job, "X"))
   end
 
+  # 8.0.7 dropped display_class from a job's log context: wrapped, else class.
+  def test_log_context_class_without_display_class_from_8_0_7
+    job = {"jid" => "j1", "class" => "Wrapper", "wrapped" => "Real", "display_class" => "Shown"}
+    contexts = %w[8.0.6 8.0.7].map do |release|
+      modern = GokiqSidecar::SidekiqConfig::Modern.new({})
+      modern.define_singleton_method(:at_least?) { |v| Gem::Version.new(release) >= Gem::Version.new(v) }
+      modern.job_log_context(job, "Shown")
+    end
+    assert_equal [{jid: "j1", class: "Shown"}, {jid: "j1", class: "Real"}], contexts
+  end
+
   def test_json_logger_one_line_per_event
     io = StringIO.new
     log = GokiqSidecar::JsonLogger.new(io, level: "info")

@@ -68,7 +68,10 @@ module GokiqSidecar
 
       # The log context Sidekiq's JobLogger#prepare gives a job's lines: jid
       # first from 8.0 (class first before), then the logged job attributes.
+      # The class is the display name up to 8.0.6; 8.0.7 dropped display_class
+      # from it (wrapped, else class).
       def job_log_context(job, class_name)
+        class_name = job["wrapped"] || job["class"] if at_least?("8.0.7")
         jid = job["jid"]
         context = at_least?("8.0") ? {jid: jid, class: class_name} : {class: class_name, jid: jid}
         logged_job_attributes.each { |name| context[name.to_sym] = job[name] if job.key?(name) }
