@@ -25,6 +25,7 @@ Acks taken on the worker's event loop share a round trip with the next message's
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from typing import Any
@@ -35,6 +36,8 @@ from kombu.transport import virtual
 from kombu.utils.json import dumps
 
 from gokiq_celery import kombu_unacked
+
+log = logging.getLogger(__name__)
 
 
 class AckBatchingQoS(kombu_unacked.QoS):
@@ -58,6 +61,7 @@ class AckBatchingQoS(kombu_unacked.QoS):
     """
 
     ACK_DELAY = 0.01  # seconds a lone ack may wait for a message to ride with
+    RETRY_DELAY = 1.0  # seconds before acks Redis refused to write are tried again
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -66,7 +70,9 @@ class AckBatchingQoS(kombu_unacked.QoS):
 
     def ack(self, delivery_tag: str) -> None:
         loop = self.channel.connection.event_loop
-        if loop is None or threading.get_ident() != loop._loop_thread:
+        # The Hub's own record of its thread (kombu 5.7; absent: every ack as kombu does it).
+        loop_thread = getattr(loop, "_loop_thread", None)
+        if loop_thread is None or threading.get_ident() != loop_thread:
             super().ack(delivery_tag)
             return
         self._pending_acks.append(delivery_tag)
@@ -90,7 +96,7 @@ class AckBatchingQoS(kombu_unacked.QoS):
             self._remember_unrecorded(message, delivery_tag)
             raise
         except BaseException:
-            self._pending_acks[:0] = acks  # not written: they stay pending
+            self._keep_pending(acks)
             raise
         virtual.QoS.append(self, message, delivery_tag)
 
@@ -106,17 +112,30 @@ class AckBatchingQoS(kombu_unacked.QoS):
         except self.channel.connection_errors:
             self._remember_acked(acks)  # the next channel completes them
         except BaseException:
-            self._pending_acks[:0] = acks
+            self._keep_pending(acks)
             raise
 
     def restore_unacked_once(self, stderr: Any = None) -> Any:
         # On close: acked messages must not stay recorded as unacked, to be restored later.
-        self.flush_acks()
+        # Acks Redis refuses to write (e.g. MISCONF) leave their messages to be restored and
+        # skipped as stale by the ledger; the restore itself must still be tried.
+        try:
+            self.flush_acks()
+        except Exception as exc:
+            log.warning("cannot write %d acks before closing: %r", len(self._pending_acks), exc)
         return super().restore_unacked_once(stderr)
 
     def _acks_due(self) -> None:
         self._ack_timer = None
         self.flush_acks()
+
+    def _keep_pending(self, acks: list[str]) -> None:
+        """Acks Redis did not write, the connection still up (an error reply: MISCONF, OOM):
+        they stay pending, and are tried again after RETRY_DELAY if no message comes first."""
+        self._pending_acks[:0] = acks
+        loop = self.channel.connection.event_loop
+        if self._pending_acks and self._ack_timer is None and loop is not None:
+            self._ack_timer = loop.call_later(self.RETRY_DELAY, self._acks_due)
 
     def _take_pending_acks(self) -> list[str]:
         acks, self._pending_acks = self._pending_acks, []

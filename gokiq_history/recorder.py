@@ -300,8 +300,9 @@ class HistoryRecorder:
         return events + [(RUN, self._attempt(run)) for run in runs]
 
     def _forget_runs(self) -> None:
-        """A new process (a fork): the parent's runs are not this one's to report."""
-        self._running = {}
+        """A new process (a fork): the parent's runs are not this one's to report, nor its
+        database connections this one's to use."""
+        self._running, self._engine = {}, None
 
     # -- writing (on the writer's thread) ----------------------------------------------------
 

@@ -4,6 +4,7 @@ and the payload written for it (what `Sidekiq::Client.push` would write, built b
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -13,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, model_
 
 from gokiq_celery.api_clients import ApiClient
 from gokiq_celery.client import SidekiqClient, new_jid, schedule_time
-from gokiq_celery.sidekiq.job import InvalidJob, Job, dumps
+from gokiq_celery.sidekiq.job import InvalidJob, Job, dumps, timestamp
 from gokiq_celery.sidekiq.submissions import Submission
 
 from . import active_job
@@ -105,6 +106,11 @@ class Preparation:
         self.now = time.time()
         self._templates: dict[tuple[str, str | None, bool], _Template | None] = {}
 
+    @functools.cached_property
+    def enqueued_at(self) -> Any:
+        """The one `enqueued_at` of the request's queued jobs, read at the first of them."""
+        return timestamp(self.sidekiq.version)
+
     def prepare(self, request: JobRequest) -> Prepared:
         """The job's payload, or `Refused`: 403 (class or queue not the client's), 422 (not a
         job class of the app, arguments that are not strict JSON), 400 (options that do not
@@ -131,7 +137,7 @@ class Preparation:
             return Prepared(jid, name, queue, at, job)
         else:
             item, defaults = _sidekiq_item(request, klass, queue)
-        job = _payload(sidekiq, item, defaults, now, queued=at is None)
+        job = _payload(sidekiq, item, defaults, now, at is None and self.enqueued_at)
         return Prepared(job.jid, name, queue, at, job)
 
     def _template(
@@ -149,7 +155,9 @@ class Preparation:
             if request.queue is not None:
                 item["queue"] = queue
             fields = self.sidekiq.normalize(item, self.now, klass.sidekiq_options)
-            written = self.sidekiq.written_fields(fields, queued=queued)
+            written = self.sidekiq.written_fields(
+                fields, queued=queued, enqueued_at=queued and self.enqueued_at
+            )
             self._templates[key] = _Template(written, slots=("args", "jid"))
         return self._templates[key]
 
@@ -219,10 +227,11 @@ def _active_job_item(request, klass: JobClass, catalog: Catalog, queue, now, at,
     return item, {**context.get("wrapper_options", {}), **klass.sidekiq_options}
 
 
-def _payload(sidekiq: SidekiqClient, item, defaults, now: float, queued: bool) -> Job:
+def _payload(sidekiq: SidekiqClient, item, defaults, now: float, enqueued_at: Any) -> Job:
+    """`enqueued_at`: the request's, for a job put on a queue now; False for a scheduled one."""
     fields = sidekiq.normalize(item, now, defaults)
     fields["jid"] = new_jid()
-    return _parsed(sidekiq.encode(fields, queued=queued))
+    return _parsed(sidekiq.encode(fields, queued=bool(enqueued_at), enqueued_at=enqueued_at))
 
 
 def _parsed(text: str) -> Job:

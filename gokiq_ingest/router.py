@@ -321,8 +321,9 @@ class Context:
 
     async def prepared(self, job: JobRequest) -> Prepared | Refused:
         """`prepare`d on the event loop (tens of microseconds); in a thread while the app's
-        classes have not been read yet (that read waits for the sidecar)."""
-        if self.ingest.catalog.ready:
+        classes or its Sidekiq version are due to be read (those reads wait for the sidecar
+        or for Redis, and must not stall the loop)."""
+        if self.ingest.catalog.ready and self.ingest.sidekiq.versions.fresh:
             return self.prepare([job])[0]
         return (await run_in_threadpool(self.prepare, [job]))[0]
 

@@ -268,6 +268,36 @@ def test_acks_on_the_event_loop_ride_with_the_next_message(broker_url, redis_ser
     assert [m.payload["n"] for m in got] == [0, 1, 2]
 
 
+def test_acks_redis_refuses_to_write_stay_pending_and_are_tried_again(
+    broker_url, redis_server, redis_db, monkeypatch
+):
+    """An error reply (NOREPLICAS here: Redis refuses writes) is not a lost connection: the acks
+    stay pending, and the timer tries them again, so an idle worker's acks do not wait for a
+    next message."""
+    monkeypatch.setattr(AckBatchingQoS, "RETRY_DELAY", 0.05)
+    broker = redis_server.client(redis_db + 1)
+    name = "gokiq-kombu-refused-ack"
+    queue = kombu.Queue(name, routing_key=name)
+    got: list = []
+    with kombu.Connection(broker_url, transport=Transport) as conn:
+        hub = _on_this_threads_loop(conn)
+        conn.Producer().publish({"n": 1}, routing_key=name, declare=[queue])
+        with conn.Consumer(queue, callbacks=[lambda body, msg: got.append(msg)]):
+            conn.drain_events(timeout=10)
+            got[0].ack()
+            broker.config_set("min-replicas-to-write", 1)
+            try:
+                time.sleep(AckBatchingQoS.ACK_DELAY * 2)
+                hub.fire_timers()  # the write is refused (logged by the hub)
+                assert _unacked(broker) == 1
+            finally:
+                broker.config_set("min-replicas-to-write", 0)
+            time.sleep(AckBatchingQoS.RETRY_DELAY * 2)
+            hub.fire_timers()
+            assert _unacked(broker) == 0
+    assert broker.llen(name) == 0
+
+
 def test_an_ack_from_another_thread_is_written_at_once(broker_url, redis_server, redis_db):
     broker = redis_server.client(redis_db + 1)
     name = "gokiq-kombu-thread-ack"

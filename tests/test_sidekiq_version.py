@@ -96,6 +96,28 @@ def test_auto_learns_what_the_sidecar_published_and_reads_it_again_later(redis_c
     assert versions.require().release == (7, 3, 9)
 
 
+def test_fresh_says_when_current_answers_without_reading_redis(redis_client):
+    """gokiq-api prepares a job on its event loop only while the version is fresh."""
+    store, clock = SidekiqStore(redis_client), Clock()
+    reads: list[str | None] = []
+
+    def read() -> str | None:
+        reads.append(text := store.published_sidekiq_version())
+        return text
+
+    versions = SidekiqVersionResolver("auto", read, 60, clock)
+    assert not versions.fresh and versions.current() is None
+    assert not versions.fresh  # nothing published: every call reads
+    redis_client.set(SIDEKIQ_VERSION_KEY, "7.3.9")
+    assert versions.current().release == (7, 3, 9) and versions.fresh
+    clock.now = 59.9
+    assert versions.fresh and versions.current().release == (7, 3, 9)
+    assert reads == [None, "7.3.9"]
+    clock.now = 60
+    assert not versions.fresh
+    assert SidekiqVersionResolver("6.4.1", read).fresh
+
+
 def test_a_configured_version_wins_over_the_published_one(redis_client):
     redis_client.set(SIDEKIQ_VERSION_KEY, "7.3.9")
     store = SidekiqStore(redis_client)

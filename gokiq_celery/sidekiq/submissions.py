@@ -97,7 +97,7 @@ class Submissions:
         pool = self.async_redis.connection_pool
         try:
             connection = await pool.get_connection()
-        except redis.ConnectionError as exc:
+        except (redis.ConnectionError, redis.TimeoutError) as exc:  # refused, or connect timed out
             raise Unreachable(str(exc)) from exc
         try:
             await connection.send_packed_command([command])
@@ -127,7 +127,7 @@ class Submissions:
         pool = self.redis.connection_pool
         try:
             connection = pool.get_connection()
-        except redis.ConnectionError as exc:
+        except (redis.ConnectionError, redis.TimeoutError) as exc:  # refused, or connect timed out
             raise Unreachable(str(exc)) from exc
         try:
             connection.send_packed_command([command])

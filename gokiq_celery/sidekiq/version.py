@@ -97,13 +97,18 @@ class SidekiqVersionResolver:
             raise ValueError("auto: only a resolver that reads what the sidecar publishes")
         return cls(version, _nothing_published)
 
+    @property
+    def fresh(self) -> bool:
+        """Does `current` answer without reading Redis (a caller on an event loop asks)?"""
+        if self.fixed is not None:
+            return True
+        return self._published is not None and self._clock() - self._read_at < self._refresh
+
     def current(self) -> SidekiqVersion | None:
         """The version, or None while none is configured or published."""
-        if self.fixed is not None:
-            return self.fixed
-        if self._published is None or self._clock() - self._read_at >= self._refresh:
+        if not self.fresh:
             self._read()
-        return self._published
+        return self.fixed or self._published
 
     def require(self) -> SidekiqVersion:
         version = self.current()

@@ -19,7 +19,8 @@ module GokiqSidecar
       require "sidekiq"
       # Sidekiq 6.4 decides server mode with `defined?(Sidekiq::CLI)`; the
       # app's Sidekiq.configure_server blocks (middleware, death handlers,
-      # reloader) only run when this is loaded before the app.
+      # reloader) only run when this is loaded before the app. It also loads
+      # sidekiq/job_retry, whose Skip the runner rescues.
       require "sidekiq/cli"
       # sidekiq.rb only loads its Rails engine when Rails was loaded first.
       require "sidekiq/rails"
