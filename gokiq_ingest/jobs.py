@@ -137,7 +137,8 @@ class Preparation:
             return Prepared(jid, name, queue, at, job)
         else:
             item, defaults = _sidekiq_item(request, klass, queue)
-        job = _payload(sidekiq, item, defaults, now, at is None and self.enqueued_at)
+        enqueued_at = self.enqueued_at if at is None else None
+        job = _payload(sidekiq, item, defaults, now, enqueued_at)
         return Prepared(job.jid, name, queue, at, job)
 
     def _template(
@@ -156,7 +157,7 @@ class Preparation:
                 item["queue"] = queue
             fields = self.sidekiq.normalize(item, self.now, klass.sidekiq_options)
             written = self.sidekiq.written_fields(
-                fields, queued=queued, enqueued_at=queued and self.enqueued_at
+                fields, queued=queued, enqueued_at=self.enqueued_at if queued else None
             )
             self._templates[key] = _Template(written, slots=("args", "jid"))
         return self._templates[key]
@@ -228,10 +229,11 @@ def _active_job_item(request, klass: JobClass, catalog: Catalog, queue, now, at,
 
 
 def _payload(sidekiq: SidekiqClient, item, defaults, now: float, enqueued_at: Any) -> Job:
-    """`enqueued_at`: the request's, for a job put on a queue now; False for a scheduled one."""
+    """`enqueued_at`: the request's, for a job put on a queue now; None for a scheduled one."""
     fields = sidekiq.normalize(item, now, defaults)
     fields["jid"] = new_jid()
-    return _parsed(sidekiq.encode(fields, queued=bool(enqueued_at), enqueued_at=enqueued_at))
+    queued = enqueued_at is not None
+    return _parsed(sidekiq.encode(fields, queued=queued, enqueued_at=enqueued_at))
 
 
 def _parsed(text: str) -> Job:

@@ -108,7 +108,7 @@ class SidekiqVersionResolver:
         """The version, or None while none is configured or published."""
         if not self.fresh:
             self._read()
-        return self.fixed or self._published
+        return self.fixed if self.fixed is not None else self._published
 
     def require(self) -> SidekiqVersion:
         version = self.current()
