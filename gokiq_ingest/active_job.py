@@ -78,7 +78,7 @@ def serialize_job(
     scheduled_at: float | None = None,
 ) -> dict[str, Any]:
     """What `job.serialize` returns at enqueue time (provider_job_id is set only after)."""
-    modern = _rails_at_least(rails_version, 7, 1)
+    modern = rails_at_least(rails_version, 7, 1)
     data = {
         "job_class": job_class,
         "job_id": str(uuid.uuid4()),
@@ -104,7 +104,8 @@ def _iso(epoch: float, digits: int) -> str:
     return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond:06d}000Z"
 
 
-def _rails_at_least(version: str | None, *release: int) -> bool:
+def rails_at_least(version: str | None, *release: int) -> bool:
+    """Whether the app's Rails `version` (None: unknown, taken as older) is `release` or newer."""
     try:
         parts = tuple(int(p) for p in (version or "").split(".")[:2])
     except ValueError:

@@ -127,10 +127,8 @@ class Preparation:
             raise Refused(403, f"queue {queue} is not allowed for client {client.name}")
         at = schedule_time(request.at, request.in_, now)
         if klass.active_job:
-            # From 7.3 Sidekiq ships the ActiveJob adapter itself, which orders the fields
-            # otherwise.
-            adapter = sidekiq.versions.require().before(7, 3) is False
-            item, defaults = _active_job_item(request, klass, catalog, queue, now, at, adapter)
+            setter = _adapter_uses_setter(sidekiq, catalog)
+            item, defaults = _active_job_item(request, klass, catalog, queue, now, at, setter)
         elif template := self._template(request, klass, queue, queued=at is None):
             jid = new_jid()
             job = _parsed(template.text({"args": dumps(request.args), "jid": dumps(jid)}))
@@ -199,7 +197,17 @@ def _sidekiq_item(request: JobRequest, klass: JobClass, queue: str):
     return item, klass.sidekiq_options
 
 
-def _active_job_item(request, klass: JobClass, catalog: Catalog, queue, now, at, sidekiq_adapter):
+def _adapter_uses_setter(sidekiq: SidekiqClient, catalog: Catalog) -> bool:
+    """Whether the app's ActiveJob adapter enqueues with `JobWrapper.set(wrapped:, queue:)`,
+    whose payload puts those options before `args` and `class`: Rails' own adapter from 7.1
+    on, and the one Sidekiq ships from 7.3 (it replaces Rails' in a Rails app). Before both,
+    Rails' adapter calls `Sidekiq::Client.push("class" => JobWrapper, "wrapped" => ...)`."""
+    if sidekiq.versions.require().before(7, 3) is False:
+        return True
+    return active_job.rails_at_least(catalog.rails_version, 7, 1)
+
+
+def _active_job_item(request, klass: JobClass, catalog: Catalog, queue, now, at, setter: bool):
     options = request.sidekiq_options()
     if options:
         raise Refused(
@@ -221,9 +229,9 @@ def _active_job_item(request, klass: JobClass, catalog: Catalog, queue, now, at,
         scheduled_at=at,
     )
     wrapper, args = context["wrapper"], [data]
-    if sidekiq_adapter:  # JobWrapper.set(wrapped:, queue:).perform_async(data): opts first
+    if setter:
         item = {"wrapped": klass.name, "queue": queue, "args": args, "class": wrapper}
-    else:  # Rails' own adapter: Sidekiq::Client.push("class" => JobWrapper, "wrapped" => ...)
+    else:
         item = {"class": wrapper, "wrapped": klass.name, "queue": queue, "args": args}
     return item, {**context.get("wrapper_options", {}), **klass.sidekiq_options}
 

@@ -70,3 +70,36 @@ def test_args_that_are_not_strict_json_are_refused_on_the_template_path_too(redi
         with pytest.raises(Refused) as refused:
             preparation.prepare(JobRequest(job_class="HardJob", args=args))
         assert refused.value.status == 422
+
+
+# The outer field order each ActiveJob adapter writes, read from real enqueues (ActiveJob
+# 7.1.6 and 7.2.3 on Sidekiq 6.4.1 and 7.3.9, by hand: Debian has Rails 6.1, which
+# tests/test_ingest.py compares with the app's own perform_later). From Rails 7.1 (and in the
+# adapter Sidekiq 7.3+ ships) it is `JobWrapper.set(wrapped:, queue:).perform_async(data)`.
+PUSH_ORDER = ["retry", "queue", "class", "wrapped", "args", "jid", "created_at", "enqueued_at"]
+SETTER_ORDER = ["retry", "queue", "wrapped", "args", "class", "jid", "created_at", "enqueued_at"]
+
+
+@pytest.mark.parametrize(
+    ("rails", "version", "order"),
+    [
+        ("6.1.7.10", "6.4.1", PUSH_ORDER),
+        ("7.0.8", "7.2.4", PUSH_ORDER),
+        ("7.1.6", "6.4.1", SETTER_ORDER),
+        ("7.2.3", "7.3.9", SETTER_ORDER),
+        ("6.1.7.10", "7.3.9", SETTER_ORDER),
+        (None, "6.4.1", PUSH_ORDER),
+    ],
+)
+def test_an_active_job_payload_has_its_adapters_field_order(redis_client, rails, version, order):
+    context = {"wrapper": "ActiveJob::QueueAdapters::SidekiqAdapter::JobWrapper",
+               "wrapper_options": DEFAULTS, "locale": "en", "timezone": None}  # fmt: skip
+    catalog = Catalog(
+        {"GreetJob": JobClass("GreetJob", "active_job", "default", {})}, rails, context
+    )
+    sidekiq = SidekiqClient(SidekiqStore(redis_client), version)
+    preparation = Preparation(CLIENT, catalog, sidekiq)
+    prepared = preparation.prepare(JobRequest(job_class="GreetJob", args=[1]))
+    assert list(json.loads(prepared.job.text)) == order
+    scheduled = preparation.prepare(JobRequest.model_validate({"class": "GreetJob", "in": 60}))
+    assert list(json.loads(scheduled.job.text)) == order[:-1]
