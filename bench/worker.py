@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -54,6 +55,7 @@ class Run:
     rate: float  # tasks/s
     rss: float  # peak MB
     cpu: dict[str, float]  # CPU seconds per task: worker, sidecar, redis
+    brpops: float = 0.0  # the worker's BRPOP calls per task (kombu's: one per message)
 
 
 @dataclass
@@ -84,6 +86,11 @@ def redis_cpu(client: redis.Redis) -> float:
     return info["used_cpu_user"] + info["used_cpu_sys"]
 
 
+def brpop_calls(client: redis.Redis) -> int:
+    """BRPOP calls redis-server answered so far (its command statistics)."""
+    return int(client.info("commandstats").get("cmdstat_brpop", {}).get("calls", 0))
+
+
 def rss_mb(pid: int) -> float:
     """RSS of a process and its children, in MB."""
     pids = [pid, *_children(pid)]
@@ -104,14 +111,17 @@ def _children(pid: int) -> list[int]:
     return kids + [grandchild for kid in kids for grandchild in _children(kid)]
 
 
-def publish(app, task_name: str, n: int, store: SidekiqStore) -> None:
-    """Publish as the bridge does: a gokiq.perform message carries a delivery-ledger token."""
+def publish(
+    app, task_name: str, n: int, store: SidekiqStore, job_class: str = "OkJob", job_args=None
+) -> None:
+    """Publish as the bridge does: a gokiq.perform message carries a delivery-ledger token.
+    `job_args` (default: the job's index) tells the stand-in sidecar what to do (SlowJob)."""
     with app.producer_or_acquire() as producer:
         for i in range(n):
             job = Job.build(
                 {
-                    "class": "OkJob",
-                    "args": [i],
+                    "class": job_class,
+                    "args": [i] if job_args is None else job_args,
                     "jid": f"{i:024x}",
                     "retry": True,
                     "queue": QUEUE,
@@ -183,7 +193,19 @@ def wait_drained(broker: redis.Redis, worker: subprocess.Popen, on_poll=None) ->
         time.sleep(0.05)
 
 
-def run_one(pool: str, task_name: str, n: int, server, sidecar) -> Run:
+def run_one(
+    pool: str,
+    task_name: str,
+    n: int,
+    server,
+    sidecar,
+    repo: Path = REPO,
+    job: tuple[str, list | None] = ("OkJob", None),
+    profile: Path | None = None,
+) -> Run:
+    """One measured run of a fresh worker started from the tree `repo` (bench/redis_pop.py
+    compares two trees), on `n` jobs of the stand-in sidecar's class and args `job`; with
+    `profile`, py-spy records the worker's GIL holders over the measured part into that file."""
     from celery import Celery
 
     broker, staging = server.client(BROKER_DB), server.client(STAGING_DB)
@@ -202,7 +224,7 @@ def run_one(pool: str, task_name: str, n: int, server, sidecar) -> Run:
         "GOKIQ_SIDEKIQ_VERSION": "7",  # the stand-in sidecar publishes none; beat as in production
         "GOKIQ_WORKER_METRICS_PORT": "0",
         "GOKIQ_LOG_LEVEL": "WARNING",
-        "PYTHONPATH": str(REPO),
+        "PYTHONPATH": str(repo),
     }
     worker = subprocess.Popen(
         [
@@ -222,7 +244,7 @@ def run_one(pool: str, task_name: str, n: int, server, sidecar) -> Run:
             "--without-gossip",
         ],
         env=env,
-        cwd=REPO,
+        cwd=repo,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -230,29 +252,48 @@ def run_one(pool: str, task_name: str, n: int, server, sidecar) -> Run:
         store = SidekiqStore(server.client(2))
         warm_up = 200  # connections, imports, children
         sidecar_before = sidecar_runs(sidecar)  # the stand-in serves every run
-        publish(client_app, task_name, warm_up, store)
+        publish(client_app, task_name, warm_up, store, *job)
         wait_drained(broker, worker)
         before_counts = counts(client_app, sidecar)
         check_ran(task_name, warm_up, before_counts.since(RunCounts(sidecar_before, 0)))
-        publish(staging_app, task_name, n, store)
+        publish(staging_app, task_name, n, store, *job)
         if staging.llen(QUEUE) != n:
             raise RunFailed(f"{staging.llen(QUEUE)} of {n} tasks reached the staging queue")
         pids = {"worker": worker.pid, "sidecar": sidecar.pid}
         before = {name: cpu_seconds(pid) for name, pid in pids.items()}
         before["redis"] = redis_cpu(broker)
+        brpops = brpop_calls(broker)
         peak = [rss_mb(worker.pid)]
+        spy = None if profile is None else _py_spy(worker.pid, profile)
         started = time.monotonic()
         staging.move(QUEUE, BROKER_DB)  # every task at once; a blocked BRPOP wakes on it
         wait_drained(broker, worker, lambda: peak.append(rss_mb(worker.pid)))
         elapsed = time.monotonic() - started
+        if spy is not None:
+            spy.send_signal(signal.SIGINT)  # py-spy writes its file on SIGINT
+            spy.wait(60)
         after = {name: cpu_seconds(pid) for name, pid in pids.items()}
         after["redis"] = redis_cpu(broker)
+        brpops = brpop_calls(broker) - brpops
         check_ran(task_name, n, counts(client_app, sidecar).since(before_counts))
         cpu = {name: (after[name] - before[name]) / n for name in before}
-        return Run(n / elapsed, max(*peak, rss_mb(worker.pid)), cpu)
+        return Run(n / elapsed, max(*peak, rss_mb(worker.pid)), cpu, brpops / n)
     finally:
         worker.terminate()
         worker.wait(30)
+
+
+def _py_spy(pid: int, out: Path) -> subprocess.Popen:
+    """py-spy sampling the GIL holder of `pid` (raw folded stacks into `out`), started once
+    it samples: its start-up must not fall into the measured part as missing samples."""
+    spy = subprocess.Popen(
+        [str(Path(sys.executable).parent / "py-spy"), "record", "--gil", "--nonblocking",
+         "--format", "raw", "--rate", "500", "-o", str(out), "--pid", str(pid)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    time.sleep(1.0)
+    return spy
 
 
 def main() -> None:

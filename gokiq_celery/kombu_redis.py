@@ -33,9 +33,11 @@ from typing import Any
 import redis
 from kombu.transport import redis as kombu_redis
 from kombu.transport import virtual
-from kombu.utils.json import dumps
+from kombu.utils.encoding import bytes_to_str
+from kombu.utils.json import dumps, loads
 
 from gokiq_celery import kombu_unacked
+from gokiq_celery.sidekiq.redis_client import lua_source
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +69,8 @@ class AckBatchingQoS(kombu_unacked.QoS):
         super().__init__(*args, **kwargs)
         self._pending_acks: list[str] = []
         self._ack_timer: Any = None
+        # Tags of messages popped (and recorded) with an earlier one, not yet delivered.
+        self._prerecorded: set[str] = set()
 
     def ack(self, delivery_tag: str) -> None:
         loop = self.channel.connection.event_loop
@@ -81,16 +85,25 @@ class AckBatchingQoS(kombu_unacked.QoS):
             self._ack_timer = loop.call_later(self.ACK_DELAY, self._acks_due)
 
     def append(self, message: Any, delivery_tag: str) -> None:
-        # kombu's append (its zadd and hset), with the pending acks in the same transaction.
+        if delivery_tag in self._prerecorded:  # popped with an earlier one, its record written
+            self._prerecorded.discard(delivery_tag)
+            virtual.QoS.append(self, message, delivery_tag)
+            return
+        # kombu's append (its zadd and hset), with the pending acks in the same transaction;
+        # during a BRPOP reply, with the pops of more messages when the prefetch leaves room.
         delivery = message.delivery_info
         record = dumps([message._raw, delivery["exchange"], delivery["routing_key"]])
         acks = self._take_pending_acks()
+        room = self.channel.room_to_pop(self)
         try:
-            with self.pipe_or_acquire() as pipe:
-                self._remove_acked(pipe, acks)
-                pipe.zadd(self.unacked_index_key, {delivery_tag: time.time()})
-                pipe.hset(self.unacked_key, delivery_tag, record)
-                pipe.execute()
+            if room:
+                self.channel.record_and_pop(delivery_tag, record, acks, room)
+            else:
+                with self.pipe_or_acquire() as pipe:
+                    self._remove_acked(pipe, acks)
+                    pipe.zadd(self.unacked_index_key, {delivery_tag: time.time()})
+                    pipe.hset(self.unacked_key, delivery_tag, record)
+                    pipe.execute()
         except self.channel.connection_errors:
             self._remember_acked(acks)
             self._remember_unrecorded(message, delivery_tag)
@@ -148,13 +161,101 @@ class AckBatchingQoS(kombu_unacked.QoS):
 
 
 class Channel(kombu_redis.Channel):
+    """kombu's Redis channel, whose BRPOP reply may bring several messages.
+
+    kombu's consumer takes one message per BRPOP, then writes its unacked record: two round
+    trips per message on the worker's event loop. Here, when a BRPOP delivers a message and
+    the prefetch count leaves room for more, the write of its record also pops up to
+    `pop_batch` - 1 more messages from the same lists in BRPOP's order (priorities, then the
+    queue cycle) and records each in kombu's `unacked` as kombu would, in one Lua call
+    (lua/pop_deliveries.lua). They are delivered right after the first, each a message of its
+    own, so never more are in flight than the prefetch count allows (a consumer without one,
+    unlimited for kombu, takes one per BRPOP as kombu does). No message leaves its list
+    without its record: a worker killed after the call has them restored as any unacked one.
+
+    Upstream kombu has no such fetch for Redis (its SQS transport receives up to
+    `can_consume_max_estimate()` messages per call; Redis itself has no BRPOP with a count,
+    redis/redis#936). A `global_keyprefix` turns it off (kombu prefixes only some EVALSHA keys),
+    as does the transport option `pop_batch: 1`.
+    """
+
     QoS = AckBatchingQoS
+    pop_batch = 8  # at most this many messages a BRPOP reply brings (1: kombu's one)
+    from_transport_options = (*kombu_redis.Channel.from_transport_options, "pop_batch")
     _command_client: tuple[Any, Any] | None = None  # (the pool it wraps, the client)
     _last_connparams: dict[bool, dict[str, Any]] | None = None  # by `asynchronous`
+    _popping: list[tuple[bytes, bytes]] | None = None  # (list, payload), while BRPOP's delivers
+    _pop_script: Any = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)  # connects (or raises)
         kombu_unacked.settle_unsettled(self)
+
+    def _brpop_read(self, **options: Any) -> Any:
+        self._popping = []  # the delivered message's record may pop more (AckBatchingQoS)
+        try:
+            return super()._brpop_read(**options)
+        finally:
+            popped, self._popping = self._popping, None
+            if popped:
+                self._deliver_popped(popped)
+
+    def room_to_pop(self, qos: AckBatchingQoS) -> int:
+        """How many more messages the record of the one BRPOP delivers may pop (0: none)."""
+        if self._popping is None or self.pop_batch <= 1 or self.global_keyprefix:
+            return 0
+        room = qos.can_consume_max_estimate()  # None: no prefetch limit, kombu's one at a time
+        return 0 if room is None else max(min(room, self.pop_batch) - 1, 0)  # BRPOP's takes one
+
+    def record_and_pop(self, delivery_tag: str, record: str, acks: list[str], room: int) -> None:
+        """Write `delivery_tag`'s record, remove the `acks`' ones, and pop up to `room` more
+        messages, each recorded (lua/pop_deliveries.lua), for `_brpop_read` to deliver."""
+        queues = self._queue_cycle.consume(len(self.active_queues))
+        lists = [self._q_for_pri(queue, pri) for pri in self.priority_steps for queue in queues]
+        keys = [self.unacked_index_key, self.unacked_key, *lists]
+        delivered_at = repr(time.time())
+        args = [delivered_at, room, delivery_tag, record, *acks]
+        try:
+            with self.conn_or_acquire() as client:  # the command client, never BRPOP's
+                if self._pop_script is None:
+                    self._pop_script = client.register_script(lua_source("pop_deliveries"))
+                reply = self._pop_script(keys=keys, args=args, client=client)
+        except self.connection_errors:
+            self.qos._remember_cut_pop(delivered_at)  # it may have popped some: kombu_unacked
+            raise
+        if reply:
+            self._popping.extend(zip(reply[::2], reply[1::2], strict=True))
+
+    def _deliver_popped(self, popped: list[tuple[bytes, bytes]]) -> None:
+        """Deliver the messages popped with BRPOP's, in their order; whatever raises, the ones
+        not delivered go back (`_give_back`)."""
+        qos = self.qos
+        for i, (key, payload) in enumerate(popped):
+            try:
+                message = loads(bytes_to_str(payload))
+                qos._prerecorded.add(message["properties"]["delivery_tag"])
+                queue = bytes_to_str(key).rsplit(self.sep, 1)[0]
+                self._queue_cycle.rotate(queue)
+                self.connection._deliver(message, queue)
+            except BaseException:
+                self._give_back(popped[i:])
+                raise
+
+    def _give_back(self, popped: list[tuple[bytes, bytes]]) -> None:
+        """Messages popped with another that could not all be delivered: back to their
+        queues now (or, the broker down, by the process's next channel: kombu_unacked)."""
+        qos, tags = self.qos, []
+        for _, payload in popped:
+            tag = loads(bytes_to_str(payload))["properties"]["delivery_tag"]
+            qos._prerecorded.discard(tag)
+            if tag not in qos._delivered:  # a delivered one is its job's to ack
+                tags.append(tag)
+        try:
+            with self.conn_or_acquire() as client:
+                for tag in tags:
+                    qos.restore_by_tag(tag, client=client)
+        except self.connection_errors:
+            qos._remember(tags, kombu_unacked.Unsettled(time.time()))
 
     def _connparams(self, asynchronous: bool = False) -> dict[str, Any]:
         if self._last_connparams is None:

@@ -25,6 +25,11 @@ channel to connect to that broker then restores them, with kombu's own atomic
 A job that finished while Redis was down could not ack its message. Its tag is not restored
 (that would run a done job again if its ledger entry is not settled yet); the ack is completed
 instead.
+
+The call that records a BRPOPed message may also pop more (kombu_redis.Channel.record_and_pop),
+recording each in `unacked` under that call's delivery time. When a connection error cuts that
+call, the process never got those messages: the time is remembered, and the next channel
+restores every message recorded under it that no job of this worker holds.
 """
 
 from __future__ import annotations
@@ -61,6 +66,8 @@ class Unsettled(NamedTuple):
 # back: {broker: {delivery tag: Unsettled}}.
 _lock = threading.Lock()
 _unsettled: dict[str, dict[str, Unsettled]] = {}
+# {broker: {delivery time of a cut call that popped messages}}: the time, as sent to Redis.
+_cut_pops: dict[str, set[str]] = {}
 
 
 def broker_of(channel: Any) -> str | None:
@@ -113,6 +120,13 @@ class QoS(kombu_redis.QoS):
         if self._broker is not None:
             _remember(self._broker, dict.fromkeys(tags, unsettled))
 
+    def _remember_cut_pop(self, delivered_at: str) -> None:
+        """A call that popped messages and recorded them under `delivered_at` (its score in
+        `unacked_index`, as sent) failed on a connection error: it may have run."""
+        if self._broker is not None:
+            with _lock:
+                _cut_pops.setdefault(self._broker, set()).add(delivered_at)
+
 
 def _remember(broker: str, tags: dict[str, Unsettled]) -> None:
     with _lock:
@@ -127,8 +141,10 @@ def settle_unsettled(channel: Any) -> None:
     broker = broker_of(channel)
     with _lock:
         pending = _unsettled.pop(broker, None) if broker is not None else None
-    if not pending:
+        cut_pops = _cut_pops.pop(broker, None) if broker is not None else None
+    if not pending and not cut_pops:
         return
+    pending, cut_pops = pending or {}, cut_pops or set()
     held = _tags_of_jobs_held()
     outcomes: Counter[str | None] = Counter()
     try:
@@ -137,8 +153,14 @@ def settle_unsettled(channel: Any) -> None:
                 if tag not in held:
                     outcomes[_settle(channel, client, tag, unsettled)] += 1
                 del pending[tag]
+            for delivered_at in list(cut_pops):
+                outcomes["restored"] += _restore_cut_pop(channel, client, delivered_at, held)
+                cut_pops.discard(delivered_at)
     except channel.connection_errors:
         _remember(broker, pending)
+        if cut_pops:
+            with _lock:
+                _cut_pops.setdefault(broker, set()).update(cut_pops)
     restored, acked = outcomes["restored"], outcomes["acked"]
     log.info("after a broker outage: %d unacked messages restored, %d acked", restored, acked)
 
@@ -161,6 +183,16 @@ def _settle(channel: Any, client: Any, tag: str, unsettled: Unsettled) -> str | 
         return "acked"
     channel.qos.restore_by_tag(tag, client=client)
     return "restored"
+
+
+def _restore_cut_pop(channel: Any, client: Any, delivered_at: str, held: set[str]) -> int:
+    """Restore the messages a cut call recorded under `delivered_at`: how many."""
+    index = f"{channel.global_keyprefix}{channel.unacked_index_key}"  # ZRANGEBYSCORE: unprefixed
+    tags = [t.decode() for t in client.zrangebyscore(index, delivered_at, delivered_at)]
+    for tag in tags:
+        if tag not in held:
+            channel.qos.restore_by_tag(tag, client=client)
+    return len(set(tags) - held)
 
 
 def _tags_of_jobs_held() -> set[str]:

@@ -4,7 +4,12 @@ own transport does."""
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import json
+import signal
+import subprocess
+import sys
 import threading
 import time
 from types import SimpleNamespace
@@ -348,5 +353,186 @@ def test_pending_acks_a_broker_restart_cut_are_completed_on_reconnect(tmp_path, 
     try:
         assert _unacked(server.client(1)) == 2  # nothing could be written
         assert _left_after_reconnect(server, name) == (0, 1)  # the third is back, no other
+    finally:
+        server.process.terminate()
+
+
+# -- several messages per BRPOP reply (Channel.record_and_pop, lua/pop_deliveries.lua) ----------
+
+
+def _publish(conn: kombu.Connection, name: str, bodies: list) -> kombu.Queue:
+    queue = kombu.Queue(name, routing_key=name)
+    for body in bodies:
+        conn.Producer().publish(body, routing_key=name, declare=[queue])
+    return queue
+
+
+def test_a_brpop_reply_brings_more_messages_up_to_the_prefetch_room(
+    broker_url, redis_server, redis_db
+):
+    """One BRPOP, one Lua call: the first message and up to `pop_batch` - 1 more, in the queue's
+    order, each recorded in `unacked` as kombu records it, never more than the prefetch count
+    leaves room for."""
+    broker = redis_server.client(redis_db + 1)
+    name = "gokiq-kombu-pop"
+    got: list = []
+    with kombu.Connection(broker_url, transport=Transport) as conn:
+        queue = _publish(conn, name, [{"n": n} for n in range(12)])
+        on_message = [lambda body, msg: got.append(msg)]
+        with conn.Consumer(queue, callbacks=on_message, prefetch_count=5):
+            conn.drain_events(timeout=10)
+            assert [m.payload["n"] for m in got] == [0, 1, 2, 3, 4]
+            assert _unacked(broker) == 5 and broker.llen(name) == 7
+            for msg in got:  # the record kombu's own QoS.append writes
+                exchange, key = msg.delivery_info["exchange"], msg.delivery_info["routing_key"]
+                record = json.loads(broker.hget("unacked", msg.delivery_tag))
+                assert record == [msg._raw, exchange, key]
+            qos = conn.default_channel.qos
+            assert not qos.can_consume() and not qos._prerecorded
+            got[0].ack()
+            got[1].ack()
+            conn.drain_events(timeout=10)
+            assert [m.payload["n"] for m in got] == [0, 1, 2, 3, 4, 5, 6]  # two slots, two more
+            for msg in got[2:]:
+                msg.ack()
+            while len(got) < 12:
+                conn.drain_events(timeout=10)
+                for msg in got:
+                    if not msg.acknowledged:
+                        msg.ack()
+    assert [m.payload["n"] for m in got] == list(range(12))
+    assert _unacked(broker) == 0 and broker.llen(name) == 0
+
+
+def test_pop_batch_1_is_kombus_one_message_per_brpop(redis_server, redis_db):
+    url = redis_server.url(redis_db + 1)
+    got: list = []
+    options = {"pop_batch": 1}
+    with kombu.Connection(url, transport=Transport, transport_options=options) as conn:
+        queue = _publish(conn, "gokiq-kombu-pop-1", [{"n": n} for n in range(3)])
+        with conn.Consumer(queue, callbacks=[lambda b, m: got.append(m)], prefetch_count=5):
+            conn.drain_events(timeout=10)
+            assert len(got) == 1
+            conn.drain_events(timeout=10)
+            assert len(got) == 2
+
+
+def test_a_payload_that_is_no_kombu_message_stops_the_popping_and_stays(
+    broker_url, redis_server, redis_db
+):
+    broker = redis_server.client(redis_db + 1)
+    name = "gokiq-kombu-pop-odd"
+    got: list = []
+    with kombu.Connection(broker_url, transport=Transport) as conn:
+        queue = _publish(conn, name, [{"n": n} for n in range(2)])
+        broker.lpush(name, b"not json")  # behind the two (BRPOP pops from the right)
+        with conn.Consumer(queue, callbacks=[lambda b, m: got.append(m)], prefetch_count=5):
+            conn.drain_events(timeout=10)
+            assert [m.payload["n"] for m in got] == [0, 1]
+            assert broker.lrange(name, 0, -1) == [b"not json"] and _unacked(broker) == 2
+
+
+_CONSUME_AND_HANG = """
+import sys, time, kombu
+from gokiq_celery.kombu_redis import Transport
+got = []
+with kombu.Connection(sys.argv[1], transport=Transport) as conn:
+    queue = kombu.Queue(sys.argv[2], routing_key=sys.argv[2])
+    with conn.Consumer(queue, callbacks=[lambda b, m: got.append(m)], prefetch_count=4):
+        conn.drain_events(timeout=10)
+        print(len(got), flush=True)
+        time.sleep(60)
+"""
+
+
+def test_messages_popped_together_are_restored_after_the_worker_is_killed(
+    broker_url, redis_server, redis_db
+):
+    """A consumer killed (SIGKILL) right after a reply brought several messages: every one is
+    recorded in `unacked`, so kombu's visibility-timeout restore hands all of them back."""
+    broker = redis_server.client(redis_db + 1)
+    name = "gokiq-kombu-pop-kill"
+    with kombu.Connection(broker_url, transport=Transport) as conn:
+        _publish(conn, name, [{"n": n} for n in range(10)])
+    child = subprocess.Popen(
+        [sys.executable, "-c", _CONSUME_AND_HANG, broker_url, name],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert child.stdout.readline().strip() == "4"
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait(10)
+    assert _unacked(broker) == 4 and broker.llen(name) == 6
+    options = {"visibility_timeout": 0}
+    with kombu.Connection(broker_url, transport=Transport, transport_options=options) as conn:
+        conn.default_channel.qos.restore_visible(num=100)
+    assert _unacked(broker) == 0
+    bodies = [json.loads(_body(raw)) for raw in broker.lrange(name, 0, -1)]
+    assert sorted(body["n"] for body in bodies) == list(range(10))
+
+
+def _body(raw: bytes) -> str:
+    """The JSON body of a kombu message as its Redis list holds it (base64 or not)."""
+    message = json.loads(raw)
+    body = message["body"]
+    if message["properties"].get("body_encoding") == "base64":
+        body = base64.b64decode(body).decode()
+    return body
+
+
+def test_messages_popped_together_survive_a_redis_restart(tmp_path):
+    """Redis (AOF on) stops and starts again with a reply's messages in flight: each is still
+    in `unacked`, and the process's next channel, closing the old one having failed, puts
+    them back on their queue."""
+    name = "gokiq-kombu-pop-restart"
+    server = start_redis(tmp_path / "redis", None, "--appendonly", "yes")
+    conn = kombu.Connection(server.url(1), transport=Transport)
+    got: list = []
+    try:
+        queue = _publish(conn, name, [{"n": n} for n in range(6)])
+        conn.Consumer(queue, callbacks=[lambda b, m: got.append(m)], prefetch_count=4).consume()
+        conn.drain_events(timeout=10)
+        assert len(got) == 4  # the prefetch is full: no BRPOP in flight
+        server.process.terminate()
+        server.process.wait(10)
+        with contextlib.suppress(Exception):  # as Celery's consumer does
+            conn.collect()
+        with contextlib.suppress(*conn.connection_errors):
+            conn.close()
+        server = start_redis(server.dir, server.port, "--appendonly", "yes")
+        assert _unacked(server.client(1)) == 4 and server.client(1).llen(name) == 2
+        assert _left_after_reconnect(server, name) == (0, 6)
+    finally:
+        server.process.terminate()
+
+
+def test_messages_a_cut_pop_took_are_put_back_on_reconnect(tmp_path, monkeypatch):
+    """A restart cut the reply of the call that recorded the BRPOPed message and popped more:
+    the consumer got none of them, yet Redis recorded all of them in `unacked`. The process's
+    next channel restores every message recorded under that call's delivery time."""
+    name = "gokiq-kombu-pop-cut"
+    server = start_redis(tmp_path / "redis", None, "--appendonly", "yes")
+    call = redis.commands.core.Script.__call__
+
+    def call_and_cut(script, *args, **kwargs):
+        call(script, *args, **kwargs)
+        raise redis.ConnectionError("Connection closed by server.")
+
+    try:
+        broker = server.client(1)
+        with kombu.Connection(server.url(1), transport=Transport) as conn:
+            queue = _publish(conn, name, [{"n": n} for n in range(6)])
+            got: list = []
+            on_message = [lambda body, msg: got.append(body)]
+            conn.Consumer(queue, callbacks=on_message, prefetch_count=4).consume()
+            monkeypatch.setattr(redis.commands.core.Script, "__call__", call_and_cut)
+            with pytest.raises(conn.connection_errors):
+                conn.drain_events(timeout=10)
+            monkeypatch.undo()
+            assert got == [] and not conn.default_channel.qos._delivered
+        assert broker.llen(name) == 2 and _unacked(broker) == 4  # none delivered, none back
+        assert _left_after_reconnect(server, name) == (0, 6)
     finally:
         server.process.terminate()
