@@ -1,7 +1,7 @@
 """The ingestion API's speed (issue 15's targets), printed, never asserted.
 
     .venv/bin/python bench/ingest.py [--seconds 10] [--rounds 1] [--connections 32]
-        [--generator asyncio|wrk] [--against GIT-REF]
+        [--generator asyncio|wrk] [--against GIT-REF] [--only single latency bulk]
 
 One `gokiq-api` process (uvicorn, one event loop) in front of its own redis-server, the real
 sidecar on the example app (for `GET /classes`) and a history database (PostgreSQL: the
@@ -42,6 +42,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import re
 import resource
@@ -59,6 +60,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
+import psycopg  # noqa: E402
 from e2e import percentile  # noqa: E402
 
 from gokiq_history import migrations  # noqa: E402
@@ -245,6 +247,7 @@ class Api:
 
 class Bench:
     def __init__(self, tmp: Path, history_url: str, trees: dict[str, Path]) -> None:
+        self.history_url = history_url
         self.redis = start_redis(tmp / "redis")
         sidecar_port = free_port()
         sidecar_url = f"http://127.0.0.1:{sidecar_port}"
@@ -277,6 +280,13 @@ class Bench:
         self.sidecar.stop()
         self.redis.process.terminate()
         self.redis.process.wait(10)
+
+    def written_rows(self) -> tuple[int, int]:
+        """Rows in the history's job table and in the audit table."""
+        with psycopg.connect(self.history_url) as conn:
+            jobs = conn.execute("SELECT count(*) FROM gokiq_jobs").fetchone()
+            audited = conn.execute("SELECT count(*) FROM gokiq_ingest_audit").fetchone()
+        return jobs[0], audited[0]
 
     def empty_queue(self) -> None:
         """The jobs written so far go: Redis stays small over the rounds."""
@@ -320,26 +330,47 @@ def measure_latency(bench: Bench, api: Api, args) -> dict[str, float]:
 
 
 def measure_bulk(bench: Bench, api: Api, args) -> dict[str, float]:
+    GENERATORS[args.generator](api.port, BULK, BULK_CONNECTIONS, 1.0)  # warm-up
+    bench.empty_queue()
+    time.sleep(SETTLE)  # the warm-up's audit and history written
+    rows = bench.written_rows()
     cpu = cpu_seconds(api.pid)
     done = GENERATORS[args.generator](api.port, BULK, BULK_CONNECTIONS, args.seconds)
     cpu = cpu_seconds(api.pid) - cpu
     rate = done.count * BULK_SIZE / done.seconds
+    time.sleep(SETTLE)  # what the writers still hold is written
+    accepted = (done.statuses[200] + done.statuses["2xx"]) * BULK_SIZE
+    jobs, audited = (
+        after - before for after, before in zip(bench.written_rows(), rows, strict=True)
+    )
     print(f"   {api.label:6} bulk:   {rate:8.0f} jobs/s  (target >= {TARGETS['bulk']:,.0f}); "
           f"CPU per 1,000 jobs: gokiq-api {cpu * 1000 / done.count:.1f} ms, "
           f"{args.generator} client {done.client_cpu * 1000 / done.count:.1f} ms; "
           f"answers {dict(done.statuses)}; {load()}", flush=True)  # fmt: skip
+    print(f"   {api.label:6} bulk:   of {accepted} jobs accepted, history rows {jobs} "
+          f"({accepted - jobs} events dropped), audit rows {audited} "
+          f"({accepted - audited} dropped)", flush=True)  # fmt: skip
     bench.empty_queue()
-    return {"bulk": rate, "bulk_cpu_ms": cpu * 1000 / done.count}
+    return {
+        "bulk": rate,
+        "bulk_cpu_ms": cpu * 1000 / done.count,
+        "bulk_history_dropped": accepted - jobs,
+        "bulk_audit_dropped": accepted - audited,
+    }
 
 
-MEASUREMENTS = (measure_single, measure_latency, measure_bulk)
-FIGURES = ("single", "single_cpu_ms", "p50_ms", "p99_ms", "bulk", "bulk_cpu_ms")
+MEASUREMENTS = {"single": measure_single, "latency": measure_latency, "bulk": measure_bulk}
+FIGURES = {
+    "single": ("single", "single_cpu_ms"),
+    "latency": ("p50_ms", "p99_ms"),
+    "bulk": ("bulk", "bulk_cpu_ms", "bulk_history_dropped", "bulk_audit_dropped"),
+}
 
 
 def run_round(bench: Bench, apis: list[Api], args) -> dict[str, dict[str, float]]:
     """Each measurement for each API in turn (the order given), with a pause before each."""
     figures: dict[str, dict[str, float]] = {api.label: {} for api in apis}
-    for measure in MEASUREMENTS:
+    for measure in (MEASUREMENTS[name] for name in args.only):
         for api in apis:
             time.sleep(SETTLE)  # the audit and history writers catch up: no backlog as load
             figures[api.label].update(measure(bench, api, args))
@@ -351,27 +382,36 @@ def run_round(bench: Bench, apis: list[Api], args) -> dict[str, dict[str, float]
     return figures
 
 
-def summary(rounds: list[dict[str, dict[str, float]]], labels: list[str], half: float) -> None:
+def _ratio(after: float, before: float) -> str:
+    return f"{after / before:.2f}x" if before else f"{after:g} vs {before:g}"
+
+
+def summary(rounds: list[dict[str, dict[str, float]]], labels: list[str], args) -> None:
     """Medians over the rounds, their ratios to the targets and, with two APIs, after/before."""
+    figures = [k for name in args.only for k in FIGURES[name]]
     medians = {
-        label: {k: statistics.median(r[label][k] for r in rounds) for k in FIGURES}
+        label: {k: statistics.median(r[label][k] for r in rounds) for k in figures}
         for label in labels
     }
+    half = args.half
     print(f" medians over {len(rounds)} round(s); {load()}")
     for label, m in medians.items():
+        m = {**dict.fromkeys((k for f in FIGURES.values() for k in f), math.nan), **m}
         print(f"   {label:6} single {m['single']:.0f} req/s "
               f"({m['single'] / TARGETS['single']:.2f}x "
               f"target), {m['single_cpu_ms']:.3f} ms CPU each; p50 {m['p50_ms']:.1f} ms, "
               f"p99 {m['p99_ms']:.1f} ms at {half:.0f} req/s "
               f"({m['p99_ms'] / TARGETS['p99_ms']:.2f}x the p99 limit); bulk {m['bulk']:.0f} "
               f"jobs/s ({m['bulk'] / TARGETS['bulk']:.2f}x target), "
-              f"{m['bulk_cpu_ms'] / 1000:.4f} ms CPU per job")  # fmt: skip
+              f"{m['bulk_cpu_ms'] / 1000:.4f} ms CPU per job, "
+              f"{m['bulk_history_dropped']:.0f} history and {m['bulk_audit_dropped']:.0f} audit "
+              f"events dropped per {args.seconds:g} s")  # fmt: skip
     if len(labels) == 2:
         before, after = labels
-        ratios = ", ".join(f"{k} {medians[after][k] / medians[before][k]:.2f}x" for k in FIGURES)
+        ratios = ", ".join(f"{k} {_ratio(medians[after][k], medians[before][k])}" for k in figures)
         print(f"   {after}/{before} (medians): {ratios}")
         for n, r in enumerate(rounds, start=1):
-            each = ", ".join(f"{k} {r[after][k] / r[before][k]:.2f}x" for k in FIGURES)
+            each = ", ".join(f"{k} {_ratio(r[after][k], r[before][k])}" for k in figures)
             print(f"     round {n}: {each}")
 
 
@@ -396,6 +436,8 @@ def main() -> None:
                         help="the open loop's requests/s (default: half the target)")  # fmt: skip
     parser.add_argument("--generator", choices=sorted(GENERATORS), default="asyncio")
     parser.add_argument("--against", metavar="REF", help="also run gokiq-api at this git ref")
+    parser.add_argument("--only", nargs="+", choices=list(MEASUREMENTS), default=list(MEASUREMENTS),
+                        help="these measurements only (default: all)")  # fmt: skip
     args = parser.parse_args()
     if args.generator == "wrk" and not shutil.which("wrk"):
         parser.error("wrk is not installed (apt-get install wrk)")
@@ -418,7 +460,7 @@ def main() -> None:
                     rounds.append(run_round(bench, order, args))
             finally:
                 bench.stop()
-        summary(rounds, labels, args.half)
+        summary(rounds, labels, args)
     finally:
         if args.against:
             remove_checkout(trees["before"])

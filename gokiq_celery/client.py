@@ -66,6 +66,12 @@ def new_jid() -> str:
     return _random.take(12).hex()
 
 
+def new_jids(n: int) -> list[str]:
+    """`n` jids (`new_jid`) from one read of the buffer: a bulk's jids cost a slice each."""
+    text = _random.take(12 * n).hex()
+    return [text[i : i + 24] for i in range(0, 24 * n, 24)]
+
+
 class SidekiqClient:
     """Pushes jobs into one Sidekiq Redis, as the given Sidekiq version's client would."""
 

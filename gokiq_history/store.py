@@ -98,12 +98,28 @@ def _insert(engine: Engine, table, columns: tuple[str, ...]):
 def _batch_parameters(engine: Engine, rows: list[dict[str, Any]], table, columns: tuple[str, ...]):
     """The rows as `_insert`'s statement takes them: one array per column on PostgreSQL, sent
     in binary (`_compiled`), whose dumper follows an array's first value: a time that is an int
-    (1700000000) would make a float array's other values ints, so times are made floats."""
+    (1700000000) would make a float array's other values ints, so times are made floats.
+
+    A column that is null in every row is sent as an empty array: `unnest` pads the shorter
+    arrays with nulls (the key columns are never null, so one array is always whole). psycopg
+    dumps an array a value at a time in Python, and half the columns of a submitted job's row
+    (its runs, its errors) are null: they were half the writer's CPU at bulk rates."""
     if engine.dialect.name != "postgresql":
         return rows
-    arrays = {name: [row[name] for row in rows] for name in columns}
-    for name in _float_columns(table):
-        arrays[name] = [None if v is None else float(v) for v in arrays[name]]
+    floats = _float_columns(table)
+    arrays: dict[str, list[Any]] = {}
+    for name in columns:
+        values = [row[name] for row in rows]
+        nulls = values.count(None)
+        if nulls == len(values):
+            values = []
+        elif name in floats:
+            values = (
+                [None if v is None else float(v) for v in values]
+                if nulls
+                else [*map(float, values)]
+            )
+        arrays[name] = values
     return arrays
 
 
