@@ -5,7 +5,8 @@ A caller only appends to a list under a lock. The thread (started on the first `
 after a fork) writes the buffer every `interval` as one batch (back to back while a batch takes
 longer than that to write); a batch the database refuses
 is put back and written again `RETRY_DELAY` later, and what is beyond `limit` is dropped,
-counted and logged through `DropLog`: the callers never wait on the database.
+counted and logged through `DropLog`. Callers do not wait on the database, unless they ask
+to wait for room (`add(wait=...)`: the ingestion API's bulks, for their audit).
 
 The same thread deletes the expired rows every `RETENTION_INTERVAL`, `RETENTION_BATCH` rows a
 transaction and at most `RETENTION_BATCHES` transactions between two writes: a backlog (a
@@ -28,6 +29,7 @@ Item = TypeVar("Item")
 
 
 class BufferedWriter(Generic[Item]):
+    CLOSE_TIMEOUT = 10.0  # how long a clean shutdown waits for the batch being written
     RETRY_DELAY = 1.0  # after a failed write: the database is not hammered while it is down
     RETENTION_INTERVAL = 60.0
     RETENTION_BATCH = 1000
@@ -53,15 +55,31 @@ class BufferedWriter(Generic[Item]):
         self._on_start = on_start
         self.drops = DropLog(log, name, limit, count_drops)
         self._lock = threading.Lock()
+        self._room = threading.Condition(self._lock)  # notified as each batch is taken
+        self._thread: threading.Thread | None = None
+        self._writing = True  # the last batch was written (False: the database refused it)
         self._items: list[Item] = []
         self._pid: int | None = None
         self._stop = threading.Event()
         self._next_retention = 0.0
 
-    def add(self, items: Sequence[Item]) -> None:
-        """Buffer what fits; count the rest as dropped."""
-        with self._lock:
+    def add(self, items: Sequence[Item], wait: float = 0.0) -> None:
+        """Buffer what fits; count the rest as dropped. `wait`: how long a caller that may
+        block (not the event loop) waits for the room first, while the database takes the
+        batches (the thread makes room as it takes each; a database that refuses one is not
+        waited for)."""
+        with self._room:
             self._start()
+            if wait and self.background and len(self._items) + len(items) > self.limit:
+                # An empty buffer is room enough, even for more than `limit` at once.
+                self._room.wait_for(
+                    lambda: (
+                        not self._writing
+                        or not self._items
+                        or len(self._items) + len(items) <= self.limit
+                    ),
+                    wait,
+                )
             room = max(self.limit - len(self._items), 0)
             self._items.extend(items[:room])
             dropped = len(items) - min(room, len(items))
@@ -87,7 +105,8 @@ class BufferedWriter(Generic[Item]):
             self._on_start()
         if self.background:
             name = f"gokiq-{self.name}"
-            threading.Thread(target=self._run, name=name, daemon=True).start()
+            self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+            self._thread.start()
 
     def _run(self) -> None:
         pid = os.getpid()
@@ -102,8 +121,9 @@ class BufferedWriter(Generic[Item]):
     def flush(self) -> bool:
         """Write what is buffered now; on an error put it back (within the bound). Returns
         whether the database took it."""
-        with self._lock:
+        with self._room:
             batch, self._items = self._items, []
+            self._room.notify_all()
         if self._extra is not None:
             batch = self._extra() + batch
         if not batch:
@@ -115,8 +135,15 @@ class BufferedWriter(Generic[Item]):
                 "%s: cannot write %d events yet: %s", self.name, len(batch), short(exc)
             )
             self._put_back(batch)
+            self._written(False)
             return False
+        self._written(True)
         return True
+
+    def _written(self, ok: bool) -> None:
+        with self._room:
+            self._writing = ok
+            self._room.notify_all()
 
     def _put_back(self, batch: list[Item]) -> None:
         with self._lock:
@@ -148,8 +175,12 @@ class BufferedWriter(Generic[Item]):
         return deleted
 
     def close(self) -> None:
-        """Write what is left (a clean shutdown) and stop the thread."""
+        """Stop the thread, once the batch it may be writing is written, and write what is
+        left (a clean shutdown)."""
         self._stop.set()
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(self.CLOSE_TIMEOUT)
         self.flush()
 
 

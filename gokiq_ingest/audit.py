@@ -4,8 +4,10 @@ class, the queue, the jid or the reason, the source address and the time; never 
 Each event is logged at once (one JSON line, `submission accepted` / `submission refused`) and
 written to the history database's `gokiq_ingest_audit` table by a background thread, in
 batches, as the history is: a database that is slow or down never holds up a submission.
-Events beyond `history_buffer` are dropped, counted and logged at most once a minute
-(`gokiq_history.writer`, the history recorder's buffer). Until a batch is written it is only in
+A bulk's thread waits for room in the buffer (`history_buffer` events) while the database
+takes the batches (`router.AUDIT_WAIT`), so a bulk faster than the database slows down rather
+than lose its rows; beyond that, and while the database refuses them, events are dropped,
+counted and logged at most once a minute (`gokiq_history.writer`, the history's buffer). Until a batch is written it is only in
 memory: a crash of gokiq-api loses the table's rows for the last `INTERVAL` (or for as long as
 the database was down), never a job, and each event's log line was written when it happened.
 The same thread deletes the events older than `history_retention`. Without `history_url`, only
@@ -98,12 +100,13 @@ class Auditor:
         )
         self.drops = self.writer.drops
 
-    def record(self, events: Sequence[dict[str, Any]]) -> None:
+    def record(self, events: Sequence[dict[str, Any]], wait: float = 0.0) -> None:
+        """Log each event and buffer it for the table; `wait`: see `BufferedWriter.add`."""
         for e in events if log.isEnabledFor(logging.INFO) else ():
             message = "submission accepted" if e["outcome"] == "accepted" else "submission refused"
             log.info(message, extra={k: v for k, v in e.items() if v is not None and k != "at"})
         if self.engine is not None:
-            self.writer.add(events)
+            self.writer.add(events, wait)
 
     def flush(self) -> bool:
         return self.writer.flush()

@@ -51,6 +51,11 @@ from .service import Ingest
 
 log = logging.getLogger("gokiq.ingest")
 
+# A bulk faster than the database takes its audit rows waits, answered up to this much later,
+# rather than have its rows dropped: the intake slows to the audit's pace. A database that
+# refuses the rows (down) is not waited for: they are dropped and counted, as the history's.
+AUDIT_WAIT = 5.0
+
 INGEST_PATHS = ("/v1/jobs", "/v1/jobs/bulk")
 IDEMPOTENCY_KEY_MAX = 200
 
@@ -391,7 +396,7 @@ class Context:
             outcome = self.ingest.submissions.write_blocking(*write.args, **write.options)
         except redis.RedisError as exc:
             raise self._not_written(exc, write.jobs) from None
-        return self._written(write, outcome)
+        return self._written(write, outcome, audit_wait=AUDIT_WAIT)
 
     def _not_written(self, exc: redis.RedisError, jobs: list[Prepared]) -> HTTPException:
         if isinstance(exc, Unreachable):  # nothing was sent
@@ -399,14 +404,16 @@ class Context:
         jids = [job.jid for job in jobs]
         return self.unavailable("Redis did not confirm the write", "maybe", jids)
 
-    def _written(self, write: "_Write", outcome: Outcome) -> Any:
+    def _written(self, write: "_Write", outcome: Outcome, audit_wait: float = 0.0) -> Any:
+        """The answer to a write. `audit_wait`: how long a bulk's thread waits for room in the
+        audit's buffer (see AUDIT_WAIT); the event loop never waits."""
         if outcome.throttled:
             raise self._throttled(len(write.jobs), outcome.wait)
         if outcome.replayed is not None:
             return self._replay(outcome.replayed)
         self.ingest.record_history(write.jobs)
         events = [self._event(201, job.job_class, job.queue, job.jid) for job in write.jobs]
-        self.ingest.auditor.record(events)
+        self.ingest.auditor.record(events, wait=audit_wait)
         if write.body is None:
             return JSONResponse(write.reply, write.status)
         return Response(write.body, write.status, media_type=JSONResponse.media_type)

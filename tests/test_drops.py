@@ -4,6 +4,7 @@ history recorder and the ingestion API's audit alike (gokiq_history.drops)."""
 from __future__ import annotations
 
 import logging
+import time
 
 from sqlalchemy import create_engine
 
@@ -55,3 +56,37 @@ def test_the_audit_counts_and_logs_what_a_full_buffer_drops(tmp_path, caplog):
     with auditor.engine.connect() as conn:
         reasons = [r.reason for r in conn.execute(audit.audit.select().order_by(audit.audit.c.id))]
     assert reasons == ["0", "1", "2"]  # the first ones kept, in order
+
+
+def test_a_bulk_waits_for_room_in_the_audit_while_the_database_takes_it(tmp_path):
+    engine = create_engine(f"sqlite:///{tmp_path / 'audit.sqlite3'}")
+    audit.audit.create(engine)
+    auditor = audit.Auditor(engine, retention=3600, limit=3)  # its own writer thread
+    events = [audit.event(201, client="etl", source_ip="::1", jid=str(n)) for n in range(9)]
+    try:
+        for n in range(0, 9, 3):  # each fills the buffer: the next waits for the thread
+            auditor.record(events[n : n + 3], wait=30)
+    finally:
+        auditor.close()
+    assert auditor.drops.total == 0
+    with engine.connect() as conn:
+        jids = [r.jid for r in conn.execute(audit.audit.select().order_by(audit.audit.c.id))]
+    assert jids == [str(n) for n in range(9)]
+
+
+def test_a_database_that_refuses_the_audit_is_not_waited_for(tmp_path):
+    engine = create_engine(f"sqlite:///{tmp_path / 'no-table.sqlite3'}")  # every write fails
+    auditor = audit.Auditor(engine, retention=3600, limit=3)
+    events = [audit.event(201, client="etl", source_ip="::1", jid=str(n)) for n in range(3)]
+    try:
+        auditor.record(events)
+        deadline = time.monotonic() + 10
+        while auditor.writer._writing and time.monotonic() < deadline:  # its first batch fails
+            time.sleep(0.01)
+        started = time.monotonic()
+        auditor.record(events, wait=30)
+        waited = time.monotonic() - started
+    finally:
+        auditor.close()
+    assert waited < 10  # not the 30 s a bulk waits for a database that takes its rows
+    assert auditor.drops.total == 3
