@@ -220,7 +220,7 @@ def _coerce(name: str, raw: Any) -> Any:
         if kind == "float":
             return _finite(float(raw))
         return str(raw)
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, OverflowError) as exc:
         if isinstance(exc, ConfigError):
             raise
         if isinstance(exc, ApiClientError):

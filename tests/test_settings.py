@@ -299,3 +299,9 @@ def test_a_history_retention_that_is_not_a_finite_duration_is_refused(value):
     """The fuzz test's find: NaN compares false with 0, so `<= 0` alone let it through."""
     with pytest.raises(ConfigError, match="history_retention"):
         load_settings(environ={}, history_retention=value)
+
+
+def test_an_infinite_number_for_a_whole_number_setting_is_a_config_error():
+    with pytest.raises(ConfigError) as info:
+        load_settings(environ={}, history_buffer=float("inf"))
+    assert str(info.value).startswith("history_buffer: expected int")
