@@ -15,6 +15,9 @@ _ARGUMENTS = frozenset({"args", "kwargs", "argsrepr", "kwargsrepr"})
 # Celery's own line for each task received and succeeded; at INFO gokiq's start/done lines say
 # the same per job (jid, class, queue, elapsed), as Sidekiq's do.
 CELERY_TASK_LOGGERS = ("celery.worker.strategy", "celery.app.trace")
+# One encoder for every line: json.dumps with options builds a new one per call. It keeps no
+# state between calls, so threads share it.
+_ENCODER = json.JSONEncoder(default=str, ensure_ascii=False)
 
 
 def _extras(record: logging.LogRecord) -> dict[str, object]:
@@ -55,7 +58,7 @@ class JsonFormatter(logging.Formatter):
         line.update(_extras(record))
         if record.exc_info:
             line["exc"] = self.formatException(record.exc_info)
-        return json.dumps(line, default=str, ensure_ascii=False)
+        return _ENCODER.encode(line)
 
 
 class TextFormatter(logging.Formatter):
