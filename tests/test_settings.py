@@ -299,3 +299,15 @@ def test_a_history_retention_that_is_not_a_finite_duration_is_refused(value):
     """The fuzz test's find: NaN compares false with 0, so `<= 0` alone let it through."""
     with pytest.raises(ConfigError, match="history_retention"):
         load_settings(environ={}, history_retention=value)
+
+
+def test_worker_prefetch_multiplier_reaches_celery():
+    """Two messages per slot by default (the next one is at hand when a job ends), 1 when set,
+    and never 0 (Celery reads 0 as no limit)."""
+    from celeryconfig import celery_config
+
+    assert celery_config(load_settings(environ={}))["worker_prefetch_multiplier"] == 2
+    env = {"GOKIQ_WORKER_PREFETCH_MULTIPLIER": "1"}
+    assert celery_config(load_settings(environ=env))["worker_prefetch_multiplier"] == 1
+    with pytest.raises(ConfigError, match="worker_prefetch_multiplier"):
+        load_settings(environ={"GOKIQ_WORKER_PREFETCH_MULTIPLIER": "0"})
