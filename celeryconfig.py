@@ -31,10 +31,16 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         )
     }
 
-    # At-least-once: ack after the job ran, redeliver if the worker dies, take one at a time.
+    # At-least-once: ack after the job ran, redeliver if the worker dies.
     config["task_acks_late"] = True
     config["task_reject_on_worker_lost"] = True
-    config["worker_prefetch_multiplier"] = 1
+    # A worker holds concurrency x this many messages unacked. With 1, a slot whose job ended
+    # waits for its ack to reach the broker and the next message to come back before it runs
+    # again (20 ms jobs at concurrency 20: ~2 of 20 slots idle, bench/vs_sidekiq.py); with 2 the
+    # next message is already here. A held message is claimed only when it starts, so a worker
+    # that dies hands it back like any unclaimed delivery (README, "Reliability"). Set 1 for
+    # long jobs on several workers: a held message waits behind its worker's running jobs.
+    config["worker_prefetch_multiplier"] = settings.worker_prefetch_multiplier
     config["worker_cancel_long_running_tasks_on_connection_loss"] = True
 
     config["task_ignore_result"] = True

@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/vs_sidekiq.py [--rounds 2] [--noop 3000] [--sleep 2000]
                                           [--trickle 150] [--sides ...] [--no-scale-out]
+                                          [--against GIT-REF]
 
 Sides, all started once and measured in alternating rounds (each side's order rotates):
   sidekiq      real Sidekiq 6.4.1, `sidekiq -c 20` on the example app
@@ -22,6 +23,11 @@ total (other users of the server would land in it). Peak RSS (VmHWM) at the end;
 no-op rate of one gokiq worker (concurrency 20) against two (concurrency 10 each). Everything
 shares this machine's cores: compare ratios from one run, never absolute figures across runs.
 Nothing here asserts.
+
+`--against REF` adds, for each gokiq side, the same side with its bridge and worker run from a
+checkout of REF (a temporary detached `git worktree`; the sidecar stays this tree's), named
+`<side>@REF`, measured in the same alternating rounds; each gokiq side's jobs/s and worker and
+total CPU per job are then printed as ratios to its `@REF` twin, round by round.
 """
 
 from __future__ import annotations
@@ -48,6 +54,7 @@ from celery import Celery
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from bench.ingest import checkout, remove_checkout  # noqa: E402
 from bench.noop_app import DONE_KEY  # noqa: E402
 from bench.worker import cpu_seconds  # noqa: E402
 from tests.conftest import VENV_BIN, free_port, sidekiq_processes  # noqa: E402
@@ -342,14 +349,25 @@ class Vhosts:
             rabbitmqctl("delete_vhost", vhost)
 
 
-def make_side(name: str, tmp: Path, vhosts: Vhosts) -> Side:
-    broker = name.rpartition("-")[2]
+def make_side(name: str, tmp: Path, vhosts: Vhosts, trees: dict[str, Path] | None = None) -> Side:
+    """The side `name`; `<gokiq side>@REF` runs its bridge and worker from `trees[REF]`."""
+    base, _, ref = name.partition("@")
+    broker = base.rpartition("-")[2]
     extra = {"CELERY_BROKER_URL": vhosts.new()} if broker == "amqp" else {}
-    stack = Stack(tmp / name, extra)
+    tree = (trees or {}).get(ref) if ref else None
+    if ref and (tree is None or not base.startswith("gokiq")):
+        raise SystemExit(f"{name}: only a gokiq side can run from another ref (--against)")
+    if tree is not None:
+        extra["PYTHONPATH"] = str(tree)  # ahead of this tree's editable install
+    stack = Stack(tmp / name.replace("@", "-at-"), extra)
     if name == "sidekiq":
         return SidekiqSide(stack)
-    if name.startswith("gokiq"):
-        return GokiqSide(stack, broker)
+    if base.startswith("gokiq"):
+        side = GokiqSide(stack, broker)
+        side.name = name
+        for service in (stack.bridge, stack.worker):
+            service.cwd = tree or service.cwd  # Celery imports from its working directory
+        return side
     return BareSide(stack, broker)
 
 
@@ -367,7 +385,8 @@ def print_workload(workload: str, results: dict[str, Result]) -> None:
     sidekiq = results.get("sidekiq")
     for name, res in results.items():
         rate = res.median("rate")
-        bare = results.get(f"bare-{name.rpartition('-')[2]}") if name.startswith("gokiq") else None
+        broker = name.partition("@")[0].rpartition("-")[2]
+        bare = results.get(f"bare-{broker}") if name.startswith("gokiq") else None
         per_proc = " ".join(f"{p} {res.cpu(p):.2f}" for p in res.rounds[0].cpu_ms)
         shared = res.median("shared_cpu_ms")
         if shared:
@@ -385,6 +404,25 @@ def print_workload(workload: str, results: dict[str, Result]) -> None:
             f"{n} {r.total_cpu() / base:.1f}x" for n, r in results.items() if n != "sidekiq"
         )
         print(f"CPU per job against Sidekiq's: {cpu}", flush=True)
+
+
+def print_against(workload: str, results: dict[str, Result], ref: str) -> None:
+    """Each gokiq side against its twin run from `ref`, round by round (same-run ratios)."""
+    for name, res in results.items():
+        before = results.get(f"{name}@{ref}")
+        if before is None:
+            continue
+        pairs = list(zip(res.rounds, before.rounds, strict=True))
+        figures = {
+            "jobs/s": [a.rate / b.rate for a, b in pairs],
+            "worker CPU/job": [a.cpu_ms["worker"] / b.cpu_ms["worker"] for a, b in pairs],
+            "total CPU/job": [sum(a.cpu_ms.values()) / sum(b.cpu_ms.values()) for a, b in pairs],
+        }
+        text = "; ".join(
+            f"{k} {statistics.median(v):.2f}x ({'/'.join(f'{x:.2f}' for x in v)})"
+            for k, v in figures.items()
+        )
+        print(f"{workload}: {name} / {name}@{ref}: {text}", flush=True)
 
 
 def print_rss(sides: list[Side]) -> None:
@@ -441,6 +479,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--no-scale-out", action="store_true", help="skip the scale-out run")
     parser.add_argument("--quick", action="store_true", help="1 round of 600/400/50 jobs")
     parser.add_argument("--keep", action="store_true", help="keep the temp dir with the logs")
+    parser.add_argument(
+        "--against",
+        metavar="REF",
+        help="also run each gokiq side's bridge and worker from this git ref (<side>@REF)",
+    )
     opts = parser.parse_args()
     if opts.quick:
         opts.rounds, opts.noop, opts.sleep, opts.trickle = 1, 600, 400, 50
@@ -457,13 +500,15 @@ def wanted_sides(opts: argparse.Namespace) -> list[str]:
 
 
 @contextlib.contextmanager
-def started(names: list[str], tmp: Path) -> Iterator[list[Side]]:
+def started(
+    names: list[str], tmp: Path, trees: dict[str, Path] | None = None
+) -> Iterator[list[Side]]:
     vhosts = Vhosts()
     sides: list[Side] = []
     try:
         for name in names:
             print(f"starting {name} ...", flush=True)
-            side = make_side(name, tmp, vhosts)
+            side = make_side(name, tmp, vhosts, trees)
             sides.append(side)
             side.start()
             warm_up(side)
@@ -481,8 +526,12 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="gokiq-vs-sidekiq-"))
     print(f"logs in {tmp}; {os.cpu_count()} CPUs; load {os.getloadavg()[0]:.1f}", flush=True)
     workloads = [("noop", opts.noop), ("sleep", opts.sleep)]
+    trees: dict[str, Path] = {}
+    if opts.against:
+        trees[opts.against] = checkout(opts.against, tmp / "against")
+        names += [f"{n}@{opts.against}" for n in names if n.startswith("gokiq")]
     try:
-        with started(names, tmp) as sides:
+        with started(names, tmp, trees) as sides:
             results = {
                 w: {s.name: Result() for s in sides} for w, _ in [*workloads, ("trickle", 0)]
             }
@@ -500,16 +549,22 @@ def main() -> None:
                 print_workload(
                     f"{workload}: {dict(workloads)[workload]} jobs a round", results[workload]
                 )
+            if opts.against:
+                print(f"\n== against {opts.against} (same rounds) ==", flush=True)
+                for workload, _ in workloads:
+                    print_against(workload, results[workload], opts.against)
             if opts.trickle:
                 print_workload(
                     f"trickle: {opts.trickle} no-op jobs, one every 20 ms (pickup latency)",
                     results["trickle"],
                 )
             print_rss(sides)
-            gokiq = [s for s in sides if isinstance(s, GokiqSide)]
+            gokiq = [s for s in sides if isinstance(s, GokiqSide) and "@" not in s.name]
             if gokiq and not opts.no_scale_out:
                 scale_out(gokiq[-1], opts.noop)
     finally:
+        for tree in trees.values():
+            remove_checkout(tree)
         if not opts.keep:
             shutil.rmtree(tmp, ignore_errors=True)
 

@@ -15,6 +15,9 @@ _ARGUMENTS = frozenset({"args", "kwargs", "argsrepr", "kwargsrepr"})
 # Celery's own line for each task received and succeeded; at INFO gokiq's start/done lines say
 # the same per job (jid, class, queue, elapsed), as Sidekiq's do.
 CELERY_TASK_LOGGERS = ("celery.worker.strategy", "celery.app.trace")
+# One encoder for every line: json.dumps with options builds a new one per call. It keeps no
+# state between calls, so threads share it.
+_ENCODER = json.JSONEncoder(default=str, ensure_ascii=False)
 
 
 def _extras(record: logging.LogRecord) -> dict[str, object]:
@@ -30,10 +33,24 @@ def _extras(record: logging.LogRecord) -> dict[str, object]:
 
 
 class JsonFormatter(logging.Formatter):
+    def __init__(self) -> None:
+        super().__init__()
+        self._second, self._second_text = -1, ""  # the last second formatted, and its text
+
+    def _ts(self, record: logging.LogRecord) -> str:
+        # Formatted once a second (a worker writes two lines per job); a race between threads
+        # at most formats the same second twice.
+        second = int(record.created)
+        if second != self._second:
+            text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+            self._second, self._second_text = second, text
+        else:
+            text = self._second_text
+        return f"{text}.{int(record.msecs):03d}Z"
+
     def format(self, record: logging.LogRecord) -> str:
         line = {
-            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-            + f".{int(record.msecs):03d}Z",
+            "ts": self._ts(record),
             "level": record.levelname.lower(),
             "logger": record.name,
             "msg": record.getMessage(),
@@ -41,7 +58,7 @@ class JsonFormatter(logging.Formatter):
         line.update(_extras(record))
         if record.exc_info:
             line["exc"] = self.formatException(record.exc_info)
-        return json.dumps(line, default=str, ensure_ascii=False)
+        return _ENCODER.encode(line)
 
 
 class TextFormatter(logging.Formatter):
@@ -60,9 +77,36 @@ def formatter(fmt: str) -> logging.Formatter:
     return JsonFormatter() if fmt == "json" else TextFormatter()
 
 
+class LineHandler(logging.StreamHandler):
+    """A StreamHandler that formats a record before taking the handler's lock, so that twenty
+    job threads do not queue behind one another's formatting; only the write is serialised."""
+
+    def handle(self, record: logging.LogRecord) -> bool:
+        if not self.filter(record):
+            return False
+        try:
+            line = self.format(record) + self.terminator
+        except Exception:
+            self.handleError(record)
+            return True
+        with self.lock:
+            try:
+                self.stream.write(line)
+                self.flush()
+            except Exception:
+                self.handleError(record)
+        return True
+
+
 def setup_logging(level: str | int = "INFO", fmt: str = "json") -> None:
     """Route the root logger to stderr in the chosen format (replacing other handlers)."""
-    handler = logging.StreamHandler(sys.stderr)
+    # What gokiq's lines never show, so no record gathers it (the logging HOWTO's
+    # "Optimization"): the caller's frame (a walk up the stack), the thread's name, the
+    # process id (a syscall) and the multiprocessing process name. A worker writes two lines
+    # per job, on the GIL its twenty job threads share.
+    logging._srcfile = None
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
+    handler = LineHandler(sys.stderr)
     handler.setFormatter(formatter(fmt))
     root = logging.getLogger()
     root.handlers[:] = [handler]

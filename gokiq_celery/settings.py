@@ -64,6 +64,7 @@ class Settings:
     breaker_reset_timeout: float = 30.0
     worker_concurrency: int = 20
     worker_pool: str = "threads"  # Celery ignores `--pool=prefork` when a pool is configured
+    worker_prefetch_multiplier: int = 2  # messages a worker holds: concurrency x this
     max_pending: int = 0  # 0: derived from worker_concurrency
     publish_batch_size: int = 100
     scheduler_poll_interval: float = 0.25
@@ -325,6 +326,7 @@ def _validate(s: Settings) -> None:
         "breaker_fail_max",
         "breaker_reset_timeout",
         "worker_concurrency",
+        "worker_prefetch_multiplier",
         "publish_batch_size",
         "scheduler_poll_interval",
         "bridge_heartbeat_ttl",

@@ -7,9 +7,10 @@ batches, as the history is: a database that is slow or down never holds up a sub
 A bulk's thread waits for room in the buffer (`history_buffer` events) while the database
 takes the batches (`router.AUDIT_WAIT`), so a bulk faster than the database slows down rather
 than lose its rows; beyond that, and while the database refuses them, events are dropped,
-counted and logged at most once a minute (`gokiq_history.writer`, the history's buffer). Until a batch is written it is only in
-memory: a crash of gokiq-api loses the table's rows for the last `INTERVAL` (or for as long as
-the database was down), never a job, and each event's log line was written when it happened.
+counted and logged at most once a minute (`gokiq_history.writer`, the history's buffer).
+Until a batch is written it is only in memory: a crash of gokiq-api loses the table's rows for
+the last `INTERVAL` (or for as long as the database was down), never a job, and each event's
+log line was written when it happened.
 The same thread deletes the events older than `history_retention`. Without `history_url`, only
 the log.
 """

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -19,9 +20,13 @@ SECRET = "personal-data-55"
 def restore_logging() -> Iterator[None]:
     root = logging.getLogger()
     handlers, level = root.handlers[:], root.level
+    gathered = (logging._srcfile, logging.logThreads, logging.logProcesses)
+    multiprocessing = logging.logMultiprocessing
     yield
     root.handlers[:] = handlers
     root.setLevel(level)
+    logging._srcfile, logging.logThreads, logging.logProcesses = gathered
+    logging.logMultiprocessing = multiprocessing
     for name in CELERY_TASK_LOGGERS:
         logging.getLogger(name).setLevel(logging.NOTSET)
 
@@ -83,3 +88,23 @@ def test_a_json_line_is_written_for_gokiq_records(restore_logging, monkeypatch):
     logging.getLogger("gokiq.worker").info("done", extra={"jid": "j", "class": "C", "queue": "q"})
     line = json.loads(out.getvalue())
     assert (line["msg"], line["jid"], line["class"], line["queue"]) == ("done", "j", "C", "q")
+
+
+def test_json_timestamps_stay_exact_across_seconds():
+    """The second is formatted once and reused: each line still says its own time."""
+    formatter = JsonFormatter()
+    for created in (1764687599.998, 1764687599.999, 1764687600.0, 1764687600.5, 1764687599.2):
+        record = logging.makeLogRecord({"msg": "m", "created": created})
+        record.msecs = (created - int(created)) * 1000
+        expected = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(created))
+        assert json.loads(formatter.format(record))["ts"] == f"{expected}.{int(record.msecs):03d}Z"
+
+
+def test_a_line_that_cannot_be_formatted_is_reported_not_raised(restore_logging, monkeypatch):
+    out = io.StringIO()
+    monkeypatch.setattr("sys.stderr", out)
+    setup_logging("INFO")
+    reported = []
+    monkeypatch.setattr(logging.Handler, "handleError", lambda self, record: reported.append(1))
+    logging.getLogger("gokiq.worker").info("%d", "not a number")
+    assert reported == [1] and out.getvalue() == ""

@@ -305,3 +305,15 @@ def test_an_infinite_number_for_a_whole_number_setting_is_a_config_error():
     with pytest.raises(ConfigError) as info:
         load_settings(environ={}, history_buffer=float("inf"))
     assert str(info.value).startswith("history_buffer: expected int")
+
+
+def test_worker_prefetch_multiplier_reaches_celery():
+    """Two messages per slot by default (the next one is at hand when a job ends), 1 when set,
+    and never 0 (Celery reads 0 as no limit)."""
+    from celeryconfig import celery_config
+
+    assert celery_config(load_settings(environ={}))["worker_prefetch_multiplier"] == 2
+    env = {"GOKIQ_WORKER_PREFETCH_MULTIPLIER": "1"}
+    assert celery_config(load_settings(environ=env))["worker_prefetch_multiplier"] == 1
+    with pytest.raises(ConfigError, match="worker_prefetch_multiplier"):
+        load_settings(environ={"GOKIQ_WORKER_PREFETCH_MULTIPLIER": "0"})
