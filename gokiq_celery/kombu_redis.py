@@ -166,11 +166,12 @@ class Channel(kombu_redis.Channel):
     kombu's consumer takes one message per BRPOP, then writes its unacked record: two round
     trips per message on the worker's event loop. Here, when a BRPOP delivers a message and
     the prefetch count leaves room for more, the write of its record also pops up to
-    `pop_batch` - 1 more messages from the same lists in BRPOP's order (priorities, then the
-    queue cycle) and records each in kombu's `unacked` as kombu would, in one Lua call
-    (lua/pop_deliveries.lua). They are delivered right after the first, each a message of its
-    own, so never more are in flight than the prefetch count allows (a consumer without one,
-    unlimited for kombu, takes one per BRPOP as kombu does). No message leaves its list
+    `pop_batch` - 1 more messages from the same lists in BRPOP's key order (priorities, then
+    the queue cycle; a batch may come from one queue where kombu would alternate) and records
+    each in kombu's `unacked` as kombu would, in one Lua call (lua/pop_deliveries.lua). They
+    are delivered right after the first, each a message of its own, so never more are in
+    flight than the prefetch count allows (a consumer without one, unlimited for kombu, takes
+    one per BRPOP as kombu does). No message leaves its list
     without its record: a worker killed after the call has them restored as any unacked one.
 
     Upstream kombu has no such fetch for Redis (its SQS transport receives up to
@@ -184,7 +185,7 @@ class Channel(kombu_redis.Channel):
     from_transport_options = (*kombu_redis.Channel.from_transport_options, "pop_batch")
     _command_client: tuple[Any, Any] | None = None  # (the pool it wraps, the client)
     _last_connparams: dict[bool, dict[str, Any]] | None = None  # by `asynchronous`
-    _popping: list[tuple[bytes, bytes]] | None = None  # (list, payload), while BRPOP's delivers
+    _popping: list[tuple[bytes, str, bytes]] | None = None  # (list, tag, payload): BRPOP's turn
     _pop_script: Any = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -224,29 +225,33 @@ class Channel(kombu_redis.Channel):
             self.qos._remember_cut_pop(delivered_at)  # it may have popped some: kombu_unacked
             raise
         if reply:
-            self._popping.extend(zip(reply[::2], reply[1::2], strict=True))
+            triples = zip(reply[::3], reply[1::3], reply[2::3], strict=True)
+            self._popping.extend((key, bytes_to_str(tag), payload) for key, tag, payload in triples)
 
-    def _deliver_popped(self, popped: list[tuple[bytes, bytes]]) -> None:
+    def _deliver_popped(self, popped: list[tuple[bytes, str, bytes]]) -> None:
         """Deliver the messages popped with BRPOP's, in their order; whatever raises, the ones
         not delivered go back (`_give_back`)."""
         qos = self.qos
-        for i, (key, payload) in enumerate(popped):
+        for i, (key, tag, payload) in enumerate(popped):
             try:
                 message = loads(bytes_to_str(payload))
-                qos._prerecorded.add(message["properties"]["delivery_tag"])
+                qos._prerecorded.add(tag)
                 queue = bytes_to_str(key).rsplit(self.sep, 1)[0]
                 self._queue_cycle.rotate(queue)
                 self.connection._deliver(message, queue)
             except BaseException:
                 self._give_back(popped[i:])
                 raise
+            # Its append took the tag out; a delivery that never reached it (no consumer's
+            # callback took the message) must not leave it, or a later BRPOP of the same
+            # message (restored, same tag) would skip writing its record.
+            qos._prerecorded.discard(tag)
 
-    def _give_back(self, popped: list[tuple[bytes, bytes]]) -> None:
+    def _give_back(self, popped: list[tuple[bytes, str, bytes]]) -> None:
         """Messages popped with another that could not all be delivered: back to their
         queues now (or, the broker down, by the process's next channel: kombu_unacked)."""
         qos, tags = self.qos, []
-        for _, payload in popped:
-            tag = loads(bytes_to_str(payload))["properties"]["delivery_tag"]
+        for _, tag, _payload in popped:  # the tag as the script read it: no parse to fail
             qos._prerecorded.discard(tag)
             if tag not in qos._delivered:  # a delivered one is its job's to ack
                 tags.append(tag)

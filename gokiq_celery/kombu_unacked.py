@@ -186,7 +186,11 @@ def _settle(channel: Any, client: Any, tag: str, unsettled: Unsettled) -> str | 
 
 
 def _restore_cut_pop(channel: Any, client: Any, delivered_at: str, held: set[str]) -> int:
-    """Restore the messages a cut call recorded under `delivered_at`: how many."""
+    """Restore the messages a cut call recorded under `delivered_at`: how many.
+
+    The call is known by its score alone: a delivery another worker recorded at the very same
+    float time (steps of ~0.24 us) would be restored too, and its job run again only if its
+    claim in the ledger let it (it does not while the first run holds or settled it)."""
     index = f"{channel.global_keyprefix}{channel.unacked_index_key}"  # ZRANGEBYSCORE: unprefixed
     tags = [t.decode() for t in client.zrangebyscore(index, delivered_at, delivered_at)]
     for tag in tags:

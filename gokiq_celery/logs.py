@@ -35,17 +35,17 @@ def _extras(record: logging.LogRecord) -> dict[str, object]:
 class JsonFormatter(logging.Formatter):
     def __init__(self) -> None:
         super().__init__()
-        self._second, self._second_text = -1, ""  # the last second formatted, and its text
+        self._second: tuple[int, str] = (-1, "")  # the last second formatted, and its text
 
     def _ts(self, record: logging.LogRecord) -> str:
-        # Formatted once a second (a worker writes two lines per job); a race between threads
-        # at most formats the same second twice.
+        # Formatted once a second (a worker writes two lines per job). One tuple, read and
+        # replaced whole: threads racing at most format the same second twice, never pair a
+        # second with another's text.
         second = int(record.created)
-        if second != self._second:
+        cached, text = self._second
+        if second != cached:
             text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-            self._second, self._second_text = second, text
-        else:
-            text = self._second_text
+            self._second = (second, text)
         return f"{text}.{int(record.msecs):03d}Z"
 
     def format(self, record: logging.LogRecord) -> str:
@@ -86,6 +86,8 @@ class LineHandler(logging.StreamHandler):
             return False
         try:
             line = self.format(record) + self.terminator
+        except RecursionError:  # as StreamHandler.emit: not a formatting error to report
+            raise
         except Exception:
             self.handleError(record)
             return True
@@ -93,6 +95,8 @@ class LineHandler(logging.StreamHandler):
             try:
                 self.stream.write(line)
                 self.flush()
+            except RecursionError:
+                raise
             except Exception:
                 self.handleError(record)
         return True

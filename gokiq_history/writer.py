@@ -5,8 +5,8 @@ A caller only appends to a list under a lock. The thread (started on the first `
 after a fork) writes the buffer every `interval` as one batch (back to back while a batch takes
 longer than that to write); a batch the database refuses
 is put back and written again `RETRY_DELAY` later, and what is beyond `limit` is dropped,
-counted and logged through `DropLog`. Callers do not wait on the database, unless they ask
-to wait for room (`add(wait=...)`: the ingestion API's bulks, for their audit).
+counted and logged through `DropLog`. Callers never wait on the database; one may wait for
+`has_room` first (the ingestion API's bulks, for their audit, on the event loop).
 
 The same thread deletes the expired rows every `RETENTION_INTERVAL`, `RETENTION_BATCH` rows a
 transaction and at most `RETENTION_BATCHES` transactions between two writes: a backlog (a
@@ -55,7 +55,6 @@ class BufferedWriter(Generic[Item]):
         self._on_start = on_start
         self.drops = DropLog(log, name, limit, count_drops)
         self._lock = threading.Lock()
-        self._room = threading.Condition(self._lock)  # notified as each batch is taken
         self._thread: threading.Thread | None = None
         self._writing = True  # the last batch was written (False: the database refused it)
         self._items: list[Item] = []
@@ -63,23 +62,10 @@ class BufferedWriter(Generic[Item]):
         self._stop = threading.Event()
         self._next_retention = 0.0
 
-    def add(self, items: Sequence[Item], wait: float = 0.0) -> None:
-        """Buffer what fits; count the rest as dropped. `wait`: how long a caller that may
-        block (not the event loop) waits for the room first, while the database takes the
-        batches (the thread makes room as it takes each; a database that refuses one is not
-        waited for)."""
-        with self._room:
+    def add(self, items: Sequence[Item]) -> None:
+        """Buffer what fits; count the rest as dropped."""
+        with self._lock:
             self._start()
-            if wait and self.background and len(self._items) + len(items) > self.limit:
-                # An empty buffer is room enough, even for more than `limit` at once.
-                self._room.wait_for(
-                    lambda: (
-                        not self._writing
-                        or not self._items
-                        or len(self._items) + len(items) <= self.limit
-                    ),
-                    wait,
-                )
             room = max(self.limit - len(self._items), 0)
             self._items.extend(items[:room])
             dropped = len(items) - min(room, len(items))
@@ -121,9 +107,8 @@ class BufferedWriter(Generic[Item]):
     def flush(self) -> bool:
         """Write what is buffered now; on an error put it back (within the bound). Returns
         whether the database took it."""
-        with self._room:
+        with self._lock:
             batch, self._items = self._items, []
-            self._room.notify_all()
         if self._extra is not None:
             batch = self._extra() + batch
         if not batch:
@@ -141,9 +126,14 @@ class BufferedWriter(Generic[Item]):
         return True
 
     def _written(self, ok: bool) -> None:
-        with self._room:
-            self._writing = ok
-            self._room.notify_all()
+        self._writing = ok
+
+    def has_room(self, n: int) -> bool:
+        """Whether `n` more items fit now, or no room is coming: the database refused the last
+        batch (a caller that waits for room stops waiting). Against an empty buffer, yes: only
+        `limit` of more than `limit` at once are kept."""
+        with self._lock:
+            return not self._writing or not self._items or len(self._items) + n <= self.limit
 
     def _put_back(self, batch: list[Item]) -> None:
         with self._lock:

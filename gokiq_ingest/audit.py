@@ -3,20 +3,21 @@ class, the queue, the jid or the reason, the source address and the time; never 
 
 Each event is logged at once (one JSON line, `submission accepted` / `submission refused`) and
 written to the history database's `gokiq_ingest_audit` table by a background thread, in
-batches, as the history is: a database that is slow or down never holds up a submission.
-A bulk's thread waits for room in the buffer (`history_buffer` events) while the database
-takes the batches (`router.AUDIT_WAIT`), so a bulk faster than the database slows down rather
-than lose its rows; beyond that, and while the database refuses them, events are dropped,
-counted and logged at most once a minute (`gokiq_history.writer`, the history's buffer).
-Until a batch is written it is only in memory: a crash of gokiq-api loses the table's rows for
-the last `INTERVAL` (or for as long as the database was down), never a job, and each event's
-log line was written when it happened.
+batches, as the history is: a database that is down never holds up a submission. A bulk waits
+on the event loop, up to `router.AUDIT_WAIT`, for room in the buffer (`history_buffer` events)
+while the database takes the batches, so bulks faster than the database slow down rather than
+lose their rows; beyond that, and while the database refuses them, events are dropped, counted
+and logged at most once a minute (`gokiq_history.writer`, the history's buffer). Until a batch
+is written it is only in memory: a crash of gokiq-api loses the table's rows for the last
+`INTERVAL` (or for as long as the database was down), never a job, and each event's log line
+was written when it happened.
 The same thread deletes the events older than `history_retention`. Without `history_url`, only
 the log.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Sequence
@@ -87,6 +88,7 @@ def event(
 
 class Auditor:
     INTERVAL = 0.2
+    ROOM_POLL = 0.005  # while a bulk waits for room: a tenth of a batch's interval or less
 
     def __init__(self, engine, *, retention: float, limit: int, background: bool = True) -> None:
         self.engine, self.retention = engine, retention
@@ -101,13 +103,22 @@ class Auditor:
         )
         self.drops = self.writer.drops
 
-    def record(self, events: Sequence[dict[str, Any]], wait: float = 0.0) -> None:
-        """Log each event and buffer it for the table; `wait`: see `BufferedWriter.add`."""
+    def record(self, events: Sequence[dict[str, Any]]) -> None:
+        """Log each event and buffer it for the table."""
         for e in events if log.isEnabledFor(logging.INFO) else ():
             message = "submission accepted" if e["outcome"] == "accepted" else "submission refused"
             log.info(message, extra={k: v for k, v in e.items() if v is not None and k != "at"})
         if self.engine is not None:
-            self.writer.add(events, wait)
+            self.writer.add(events)
+
+    async def room_for(self, n: int, timeout: float) -> None:
+        """Wait, at most `timeout` seconds and without holding a thread, until `n` more events
+        fit in the buffer, while the database takes the batches (`BufferedWriter.has_room`)."""
+        if self.engine is None:
+            return
+        deadline = time.monotonic() + timeout
+        while not self.writer.has_room(n) and time.monotonic() < deadline:
+            await asyncio.sleep(self.ROOM_POLL)
 
     def flush(self) -> bool:
         return self.writer.flush()

@@ -51,9 +51,10 @@ from .service import Ingest
 
 log = logging.getLogger("gokiq.ingest")
 
-# A bulk faster than the database takes its audit rows waits, answered up to this much later,
-# rather than have its rows dropped: the intake slows to the audit's pace. A database that
-# refuses the rows (down) is not waited for: they are dropped and counted, as the history's.
+# A bulk waits up to this long, on the event loop, for room in the audit's buffer while the
+# database takes its batches, rather than have its rows dropped: bulks faster than the database
+# slow to the audit's pace. A database that refuses the rows (down) is not waited for: they are
+# dropped and counted, as the history's.
 AUDIT_WAIT = 5.0
 
 INGEST_PATHS = ("/v1/jobs", "/v1/jobs/bulk")
@@ -331,6 +332,9 @@ def _router(ingest: Ingest, bearer: HTTPBearer) -> APIRouter:
         def prepare_and_write() -> Any:  # all in one thread: see Submissions
             return context.write_blocking(context.prepare(bulk.jobs), bulk)
 
+        # Before any thread is taken: a bulk waiting here holds none of the thread pool.
+        await ingest.auditor.room_for(len(bulk.jobs), AUDIT_WAIT)
+
         return await run_in_threadpool(prepare_and_write)
 
     return router
@@ -396,7 +400,7 @@ class Context:
             outcome = self.ingest.submissions.write_blocking(*write.args, **write.options)
         except redis.RedisError as exc:
             raise self._not_written(exc, write.jobs) from None
-        return self._written(write, outcome, audit_wait=AUDIT_WAIT)
+        return self._written(write, outcome)
 
     def _not_written(self, exc: redis.RedisError, jobs: list[Prepared]) -> HTTPException:
         if isinstance(exc, Unreachable):  # nothing was sent
@@ -404,16 +408,14 @@ class Context:
         jids = [job.jid for job in jobs]
         return self.unavailable("Redis did not confirm the write", "maybe", jids)
 
-    def _written(self, write: "_Write", outcome: Outcome, audit_wait: float = 0.0) -> Any:
-        """The answer to a write. `audit_wait`: how long a bulk's thread waits for room in the
-        audit's buffer (see AUDIT_WAIT); the event loop never waits."""
+    def _written(self, write: "_Write", outcome: Outcome) -> Any:
         if outcome.throttled:
             raise self._throttled(len(write.jobs), outcome.wait)
         if outcome.replayed is not None:
             return self._replay(outcome.replayed)
         self.ingest.record_history(write.jobs)
         events = [self._event(201, job.job_class, job.queue, job.jid) for job in write.jobs]
-        self.ingest.auditor.record(events, wait=audit_wait)
+        self.ingest.auditor.record(events)
         if write.body is None:
             return JSONResponse(write.reply, write.status)
         return Response(write.body, write.status, media_type=JSONResponse.media_type)

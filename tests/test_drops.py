@@ -3,6 +3,7 @@ history recorder and the ingestion API's audit alike (gokiq_history.drops)."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 
@@ -65,7 +66,8 @@ def test_a_bulk_waits_for_room_in_the_audit_while_the_database_takes_it(tmp_path
     events = [audit.event(201, client="etl", source_ip="::1", jid=str(n)) for n in range(9)]
     try:
         for n in range(0, 9, 3):  # each fills the buffer: the next waits for the thread
-            auditor.record(events[n : n + 3], wait=30)
+            asyncio.run(auditor.room_for(3, timeout=30))
+            auditor.record(events[n : n + 3])
     finally:
         auditor.close()
     assert auditor.drops.total == 0
@@ -81,11 +83,12 @@ def test_a_database_that_refuses_the_audit_is_not_waited_for(tmp_path):
     try:
         auditor.record(events)
         deadline = time.monotonic() + 10
-        while auditor.writer._writing and time.monotonic() < deadline:  # its first batch fails
+        while auditor.writer._writing and time.monotonic() < deadline:  # until a batch fails
             time.sleep(0.01)
         started = time.monotonic()
-        auditor.record(events, wait=30)
+        asyncio.run(auditor.room_for(3, timeout=30))
         waited = time.monotonic() - started
+        auditor.record(events)
     finally:
         auditor.close()
     assert waited < 10  # not the 30 s a bulk waits for a database that takes its rows

@@ -536,3 +536,28 @@ def test_messages_a_cut_pop_took_are_put_back_on_reconnect(tmp_path, monkeypatch
         assert _left_after_reconnect(server, name) == (0, 6)
     finally:
         server.process.terminate()
+
+
+def test_messages_popped_after_a_delivery_that_raises_go_back_to_their_queue(
+    broker_url, redis_server, redis_db
+):
+    """A consumer's callback that raises on a popped message: the raise reaches the caller, as
+    on kombu's own BRPOP path; the ones popped after it go back at once, untouched."""
+    broker = redis_server.client(redis_db + 1)
+    name = "gokiq-kombu-pop-raises"
+    got: list = []
+
+    def on_message(body, message):
+        got.append(message)
+        if body["n"] == 1:
+            raise RuntimeError("the consumer failed")
+
+    with kombu.Connection(broker_url, transport=Transport) as conn:
+        queue = _publish(conn, name, [{"n": n} for n in range(4)])
+        with conn.Consumer(queue, callbacks=[on_message], prefetch_count=5):
+            with pytest.raises(RuntimeError):
+                conn.drain_events(timeout=10)
+            assert [m.payload["n"] for m in got] == [0, 1]
+            assert _unacked(broker) == 2  # the two delivered: their jobs' to ack
+            assert sorted(json.loads(_body(p))["n"] for p in broker.lrange(name, 0, -1)) == [2, 3]
+            assert not conn.default_channel.qos._prerecorded

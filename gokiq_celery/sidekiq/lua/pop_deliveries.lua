@@ -1,4 +1,4 @@
--- The worker's Redis broker (gokiq_celery/kombu_redis.py, BatchPoppingChannel): in one call,
+-- The worker's Redis broker (gokiq_celery/kombu_redis.py, its Channel): in one call,
 -- write the unacked record of the message kombu's BRPOP just delivered, remove the records of
 -- acked messages, and pop up to N more messages, each recorded as kombu records a delivery.
 -- The keys are kombu's (its channel's `unacked_index` zset and `unacked` hash) and the broker
@@ -9,11 +9,16 @@
 -- ARGV[1]: now (float epoch seconds), ARGV[2]: N, how many more to pop at most,
 -- ARGV[3]: the delivered message's tag ('' for none), ARGV[4]: its record,
 -- ARGV[5..]: tags of acked messages whose records go.
--- Returns {list, payload, list, payload, ...}: the messages popped, payloads unchanged.
+-- Returns {list, tag, payload, list, tag, payload, ...}: the messages popped, payloads unchanged
+-- (the tag as read here, so the caller can give a message back without parsing it).
 --
 -- No message leaves its list without its record: each one is read (LINDEX), recorded, and
--- only then popped, so a write Redis refuses (OOM) leaves it in its list, and the messages
--- popped before are still returned (pcall, not call, for their writes). A payload that is not
+-- only then popped. A record Redis refuses to write stops the popping and leaves that message
+-- in its list, the ones popped before still returned (pcall, not call, for their writes);
+-- Redis refuses a script for memory (OOM) only before its first write, so that is the whole
+-- call failing with nothing written. The lists are emptied in BRPOP's key order (priorities,
+-- then the queue cycle): a batch may come from one queue where kombu would alternate, the
+-- next BRPOP's cycle moves on. A payload that is not
 -- a kombu message (no tag) stays where it is, and the popping stops: kombu's BRPOP gets it
 -- next and handles it as it would. The payload is never re-encoded, only read for its tag
 -- and delivery info: Lua's cjson would re-encode floats with 14 significant digits.
@@ -56,6 +61,7 @@ while want > 0 and k <= #KEYS do
     end
     redis.call('RPOP', KEYS[k])
     popped[#popped + 1] = KEYS[k]
+    popped[#popped + 1] = tag
     popped[#popped + 1] = payload
     want = want - 1
   end
