@@ -120,13 +120,10 @@ class BufferedWriter(Generic[Item]):
                 "%s: cannot write %d events yet: %s", self.name, len(batch), short(exc)
             )
             self._put_back(batch)
-            self._written(False)
+            self._writing = False
             return False
-        self._written(True)
+        self._writing = True
         return True
-
-    def _written(self, ok: bool) -> None:
-        self._writing = ok
 
     def has_room(self, n: int) -> bool:
         """Whether `n` more items fit now, or no room is coming: the database refused the last

@@ -135,9 +135,15 @@ def job_request(job: JobRequest | PlainJob) -> JobRequest:
 
 def class_and_queue(job: JobRequest | PlainJob) -> tuple[str, str | None]:
     """The class and the queue as submitted (for the audit of a refusal)."""
+    return _given(job)[:2]
+
+
+def _given(job: JobRequest | PlainJob) -> tuple[str, str | None, Any, bool, Any, Any]:
+    """What a job request gives, model or dict: class, queue, args (None: a `PlainJob`'s,
+    read only if needed), whether it is plain (no kwargs, no option), at, in."""
     if isinstance(job, JobRequest):
-        return job.job_class, job.queue
-    return job["job_class"], job.get("queue")
+        return job.job_class, job.queue, job.args, job.plain(), job.at, job.in_
+    return job["job_class"], job.get("queue"), None, True, job.get("at"), job.get("in_")
 
 
 class Refused(Exception):
@@ -189,12 +195,7 @@ class Preparation:
         job class of the app, arguments that are not strict JSON), 400 (options that do not
         apply)."""
         client, catalog, sidekiq, now = self.client, self.catalog, self.sidekiq, self.now
-        if isinstance(request, JobRequest):
-            job_class, given_queue, args = request.job_class, request.queue, request.args
-            plain, at, in_ = request.plain(), request.at, request.in_
-        else:
-            job_class, given_queue, args = request["job_class"], request.get("queue"), None
-            plain, at, in_ = True, request.get("at"), request.get("in_")
+        job_class, given_queue, args, plain, at, in_ = _given(request)
         name = job_class.removeprefix("::")
         if not client.may_enqueue(name):
             raise Refused(403, f"class {name} is not allowed for client {client.name}")
@@ -280,14 +281,15 @@ class _Template:
         """The payload with `args` and `jid` (hex digits), as `Job.parse` would return it, or
         `Refused` as `_parsed` refuses it."""
         try:
-            args_text: str | None = strict_dumps(args)
-        except ValueError:  # NaN or infinite
+            args_text: str | None = strict_dumps(args)  # NaN or infinite: ValueError
+            if not args_text.isascii():
+                args_text.encode("utf-8")  # a lone surrogate: UnicodeEncodeError, a ValueError
+        except ValueError:
             args_text = None
         if (
             self.fields is None
             or args_text is None
             or args_text.count("[") + args_text.count("{") + self.brackets > MAX_NESTING
-            or not (args_text.isascii() or _encodable(args_text))
         ):
             return _parsed(self.text({"args": dumps(args), "jid": dumps(jid)}))
         text = self.text({"args": args_text, "jid": f'"{jid}"'})
@@ -356,15 +358,6 @@ def _payload(sidekiq: SidekiqClient, item, defaults, now: float, enqueued_at: An
     fields["jid"] = new_jid()
     queued = enqueued_at is not None
     return _parsed(sidekiq.encode(fields, queued=queued, enqueued_at=enqueued_at))
-
-
-def _encodable(text: str) -> bool:
-    """UTF-8 can write it (no lone surrogate, which JSON's \\ud800 escape gives)."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def _parsed(text: str) -> Job:
